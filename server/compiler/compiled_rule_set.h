@@ -1,0 +1,187 @@
+#pragma once
+
+// The compiled, immutable form of a rule set: what the engine evaluates. Built once by the
+// compiler; shared read-only between threads (shared_ptr<const CompiledRuleSet>).
+//
+// Everything the request path needs is resolved here: concept, lab and hypothesis ids are
+// dense indices, codes map to concepts through one hash index, and every rule is listed
+// under the facts that can make it fire (so evaluation cost follows the patient's findings,
+// not the size of the rule set).
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "cds/v1/rules.pb.h"
+
+namespace cds::compiler {
+
+// Key under which a patient's coded term is looked up: "<SYSTEM>|<code>", system upper-case.
+// REQUIRES: `system` already normalised (see NormalizeSystem).
+std::string CodeKey(const std::string& system, const std::string& code);
+
+// Upper-cases a system name and infers it from a CURIE prefix when empty ("HP:" -> "HPO",
+// "OMIM:" -> "OMIM", "ORPHA:" -> "ORPHA"). Returns "" when it cannot.
+std::string NormalizeSystem(const std::string& system, const std::string& code);
+
+// Converts an Age to days. Error text names no value (callers add the field path).
+// Returns nullopt for an unset Age; an error string for a malformed one.
+struct AgeDays {
+  bool set = false;
+  double days = 0;
+  std::string error;  // non-empty when malformed
+};
+AgeDays ToDays(const cds::v1::Age& age);
+
+// A [from, to) age interval in days; unbounded ends are +-infinity.
+struct DayRange {
+  double from = -1e300;
+  double to = 1e300;
+  bool Contains(double days) const { return days >= from && days < to; }
+  bool unbounded() const { return from <= -1e300 && to >= 1e300; }
+};
+
+// Index into CompiledRuleSet::conditions.
+using ConditionId = int32_t;
+
+struct CompiledCondition {
+  enum class Kind : uint8_t {
+    kFinding,
+    kLab,
+    kSex,
+    kAge,
+    kFamily,
+    kConsanguinity,
+    kAll,
+    kAny,
+    kNot,
+    kAtLeast,
+    kProbability,
+  };
+  enum class LabThreshold : uint8_t {
+    kAboveUpperTimes,
+    kBelowLowerTimes,
+    kAbove,
+    kBelow,
+  };
+  Kind kind = Kind::kAll;
+  // kFinding: concept index. kLab: lab index. kProbability: hypothesis index.
+  // kFamily: concept index of the affected condition, or -1.
+  int32_t ref = -1;
+  // kAtLeast: required count. kSex: cds::v1::Sex value. kProbability: in_top (0 = any).
+  // kFamily: min_count. kConsanguinity: 1 for "consanguineous", 0 for "not".
+  int32_t count = 0;
+  // kLab: threshold value or factor. kProbability: minimum posterior.
+  double value = 0;
+  LabThreshold lab_threshold = LabThreshold::kAbove;
+  // kFinding: onset range. kLab: ages at measurement that count. kAge: patient age.
+  DayRange ages;
+  // kFamily.
+  cds::v1::FamilyHistoryCondition::Line family_line =
+      cds::v1::FamilyHistoryCondition::ANY_LINE;
+  cds::v1::Sex family_sex = cds::v1::SEX_UNSPECIFIED;
+  bool family_or_died_in_infancy = false;
+  // kAll, kAny, kNot, kAtLeast.
+  std::vector<ConditionId> children;
+  // Readable form, for explanations ("Chronic diarrhoea present", "Total IgE > 10 x ULN").
+  std::string description;
+};
+
+struct CompiledConcept {
+  std::string id;
+  std::string label;
+};
+
+struct CompiledReferenceLimit {
+  DayRange ages;
+  std::optional<double> lower;
+  std::optional<double> upper;
+};
+
+struct CompiledLab {
+  std::string id;
+  std::string label;
+  std::string canonical_unit;
+  // Unit (as written, and lower-cased) -> factor to the canonical unit.
+  absl::flat_hash_map<std::string, double> unit_factors;
+  std::vector<CompiledReferenceLimit> limits;
+};
+
+struct CompiledEvidence {
+  std::string id;  // "<hypothesis id>/<evidence id>"
+  std::string description;
+  ConditionId condition = -1;
+  double lr_positive = 1;  // applied when the condition is TRUE
+  double lr_negative = 1;  // applied when the condition is FALSE
+  int32_t hypothesis = -1;
+  // Correlated-evidence group within the hypothesis, or -1.
+  int32_t group = -1;
+  std::string source;  // "ruleset.textproto:123"
+};
+
+struct CompiledHypothesis {
+  std::string id;
+  std::string title;
+  cds::v1::Code code;
+  std::string detail;
+  double pretest_probability = 0;
+  std::optional<double> max_probability;
+  std::vector<int32_t> evidence;  // indices into CompiledRuleSet::evidence
+  std::vector<cds::v1::Reference> references;
+  int32_t group_count = 0;
+};
+
+struct CompiledAction {
+  std::string id;
+  cds::v1::SuggestionKind kind = cds::v1::TEST;
+  cds::v1::Code code;
+  std::string title;
+  std::string detail;
+  cds::v1::Urgency urgency = cds::v1::INFO;
+  int32_t priority = 0;
+  ConditionId condition = -1;
+  std::vector<cds::v1::Reference> references;
+  std::string source;
+};
+
+// Where an evidence item or action is listed in the trigger index.
+struct RuleRef {
+  enum class Kind : uint8_t { kEvidence, kAction };
+  Kind kind;
+  int32_t index;
+};
+
+struct CompiledRuleSet {
+  std::string name;
+  std::string version;
+  std::string digest;  // "sha256:<hex>"
+  cds::v1::RuleSet definition;  // as authored
+  cds::v1::RuleSetTests tests;  // embedded test cases (may be empty)
+  std::string disclaimer;
+  double min_probability_to_show = 0.01;
+
+  std::vector<CompiledConcept> concepts;
+  std::vector<CompiledLab> labs;
+  std::vector<CompiledHypothesis> hypotheses;
+  std::vector<CompiledEvidence> evidence;
+  std::vector<CompiledAction> actions;
+  std::vector<CompiledCondition> conditions;
+
+  // CodeKey -> concept indices the code belongs to.
+  absl::flat_hash_map<std::string, std::vector<int32_t>> concepts_by_code;
+  // CodeKey of an assay -> lab index.
+  absl::flat_hash_map<std::string, int32_t> labs_by_code;
+
+  // Trigger index: the rules to evaluate when a fact of this kind is known.
+  std::vector<std::vector<RuleRef>> rules_by_concept;     // per concept
+  std::vector<std::vector<RuleRef>> rules_by_lab;         // per lab
+  std::vector<std::vector<RuleRef>> actions_by_hypothesis;  // per hypothesis (probability leaves)
+  std::vector<RuleRef> rules_on_sex;
+  std::vector<RuleRef> rules_on_age;
+  std::vector<RuleRef> rules_on_family;         // family history taken
+  std::vector<RuleRef> rules_on_consanguinity;  // consanguinity recorded
+};
+
+}  // namespace cds::compiler

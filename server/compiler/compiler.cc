@@ -1,0 +1,1132 @@
+#include "server/compiler/compiler.h"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <regex>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
+
+namespace cds::compiler {
+namespace {
+
+using ::google::protobuf::Message;
+using ::google::protobuf::TextFormat;
+
+// Where a message sits in its source file: its parse-info tree (for its fields' locations)
+// and its own first line.
+struct Src {
+  const TextFormat::ParseInfoTree* tree = nullptr;
+  int line = 0;
+  int column = 0;
+};
+
+// The location of `field` (element `index` when repeated) of `parent`, and its tree when
+// the field is a message.
+Src Child(const Src& parent, const Message& parent_msg, const char* field, int index = -1) {
+  Src child;
+  if (parent.tree == nullptr) return child;
+  const auto* fd = parent_msg.GetDescriptor()->FindFieldByName(field);
+  if (fd == nullptr) return child;
+  const auto loc = parent.tree->GetLocation(fd, index);
+  if (loc.line >= 0) {
+    child.line = loc.line + 1;
+    child.column = loc.column + 1;
+  } else {
+    child.line = parent.line;
+  }
+  if (fd->type() == google::protobuf::FieldDescriptor::TYPE_MESSAGE) {
+    child.tree = parent.tree->GetTreeForNested(fd, index);
+  }
+  return child;
+}
+
+// Collects the text-format parser's errors as issues.
+class IssueCollector : public google::protobuf::io::ErrorCollector {
+ public:
+  IssueCollector(std::string file, std::vector<Issue>* issues)
+      : file_(std::move(file)), issues_(issues) {}
+  void AddError(int line, google::protobuf::io::ColumnNumber column,
+                const std::string& message) override {
+    issues_->push_back(Issue{Issue::Severity::kError, file_, line + 1, column + 1, "",
+                             absl::StrCat("syntax: ", message)});
+  }
+  void AddWarning(int line, google::protobuf::io::ColumnNumber column,
+                  const std::string& message) override {
+    issues_->push_back(Issue{Issue::Severity::kWarning, file_, line + 1, column + 1, "",
+                             absl::StrCat("syntax: ", message)});
+  }
+
+ private:
+  std::string file_;
+  std::vector<Issue>* issues_;
+};
+
+bool IsIdentifier(const std::string& id) {
+  static const std::regex* const kId = new std::regex("^[a-z][a-z0-9_]*$");
+  return std::regex_match(id, *kId);
+}
+
+bool IsSemver(const std::string& version) {
+  static const std::regex* const kSemver =
+      new std::regex("^(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)$");
+  return std::regex_match(version, *kSemver);
+}
+
+bool IsProbability(double p) { return std::isfinite(p) && p > 0 && p < 1; }
+
+std::string FormatNumber(double v) { return absl::StrFormat("%g", v); }
+
+std::string FormatDays(double days) {
+  if (days >= 365.25 && std::fabs(days / 365.25 - std::round(days / 365.25)) < 0.01) {
+    return absl::StrCat(FormatNumber(std::round(days / 365.25)), " y");
+  }
+  if (days >= 30 && std::fabs(days / 30.44 - std::round(days / 30.44)) < 0.05) {
+    return absl::StrCat(FormatNumber(std::round(days / 30.44)), " mo");
+  }
+  return absl::StrCat(FormatNumber(days), " d");
+}
+
+std::string DescribeRange(const DayRange& range) {
+  const bool has_from = range.from > -1e300;
+  const bool has_to = range.to < 1e300;
+  if (has_from && has_to) return absl::StrCat(FormatDays(range.from), "-", FormatDays(range.to));
+  if (has_to) return absl::StrCat("before ", FormatDays(range.to));
+  if (has_from) return absl::StrCat("from ", FormatDays(range.from));
+  return "";
+}
+
+std::string SexName(cds::v1::Sex sex) {
+  switch (sex) {
+    case cds::v1::MALE: return "male";
+    case cds::v1::FEMALE: return "female";
+    case cds::v1::OTHER_SEX: return "other";
+    case cds::v1::UNKNOWN_SEX: return "unknown";
+    default: return "unspecified";
+  }
+}
+
+// The whole compilation of one rule set: passes over the parsed messages that append to
+// `issues_` and fill `out_`.
+class Compilation {
+ public:
+  explicit Compilation(const RuleSetSource& source) : source_(source) {}
+
+  CompileResult Run() {
+    out_ = std::make_shared<CompiledRuleSet>();
+    ParseFiles();
+    if (parsed_rule_set_) {
+      CheckMetadata();
+      IndexReferences();
+      CompileConcepts();
+      CompileLabs();
+      CompileHypotheses();
+      CompileActions();
+      CheckTests();
+      LintUnusedConcepts();
+      BuildTriggerIndex();
+    }
+    CompileResult result;
+    result.issues = std::move(issues_);
+    const bool has_error =
+        std::any_of(result.issues.begin(), result.issues.end(),
+                    [](const Issue& i) { return i.severity == Issue::Severity::kError; });
+    if (!has_error) {
+      out_->digest = DigestFiles(source_.files);
+      result.rule_set = std::move(out_);
+    }
+    return result;
+  }
+
+ private:
+  // ---- issue reporting ----------------------------------------------------------------
+  void Error(const std::string& file, const Src& at, const std::string& rule_id,
+             const std::string& message) {
+    issues_.push_back(Issue{Issue::Severity::kError, file, at.line, at.column, rule_id, message});
+  }
+  void Warn(const std::string& file, const Src& at, const std::string& rule_id,
+            const std::string& message) {
+    issues_.push_back(
+        Issue{Issue::Severity::kWarning, file, at.line, at.column, rule_id, message});
+  }
+
+  // ---- pass: parse --------------------------------------------------------------------
+  void ParseFiles() {
+    const SourceFile* rules_file = nullptr;
+    const SourceFile* tests_file = nullptr;
+    for (const SourceFile& f : source_.files) {
+      if (f.path == kRuleSetFile) {
+        rules_file = &f;
+      } else if (f.path == kTestsFile) {
+        tests_file = &f;
+      } else {
+        Warn(f.path, Src{}, "", "file is not part of a rule set and is ignored");
+      }
+    }
+    if (rules_file == nullptr) {
+      Error(kRuleSetFile, Src{}, "", "missing: a rule set needs a ruleset.textproto");
+      return;
+    }
+    if (Parse(*rules_file, &out_->definition, &rules_tree_)) parsed_rule_set_ = true;
+    if (tests_file != nullptr && Parse(*tests_file, &out_->tests, &tests_tree_)) {
+      parsed_tests_ = true;
+    }
+  }
+
+  bool Parse(const SourceFile& file, Message* message, TextFormat::ParseInfoTree* tree) {
+    IssueCollector collector(file.path, &issues_);
+    TextFormat::Parser parser;
+    parser.RecordErrorsTo(&collector);
+    parser.WriteLocationsTo(tree);
+    // Unknown fields and extensions are errors (the parser's default); say so explicitly.
+    parser.AllowUnknownField(false);
+    parser.AllowUnknownExtension(false);
+    return parser.ParseFromString(file.content, message);
+  }
+
+  // ---- pass: metadata -----------------------------------------------------------------
+  void CheckMetadata() {
+    const cds::v1::RuleSet& rs = out_->definition;
+    const Src root{&rules_tree_, 1, 1};
+    if (!rs.has_metadata()) {
+      Error(kRuleSetFile, root, "", "metadata is missing");
+      return;
+    }
+    const Src at = Child(root, rs, "metadata");
+    const auto& md = rs.metadata();
+    if (!IsIdentifier(md.name())) {
+      Error(kRuleSetFile, Child(at, md, "name"), "",
+            "metadata.name must be a lower-case identifier ([a-z][a-z0-9_]*)");
+    } else if (!source_.expected_name.empty() && md.name() != source_.expected_name) {
+      Error(kRuleSetFile, Child(at, md, "name"), "",
+            absl::StrCat("metadata.name '", md.name(), "' does not match its directory '",
+                         source_.expected_name, "'"));
+    }
+    if (!IsSemver(md.version())) {
+      Error(kRuleSetFile, Child(at, md, "version"), "",
+            "metadata.version must be a semantic version MAJOR.MINOR.PATCH");
+    } else if (!source_.expected_version.empty() && md.version() != source_.expected_version) {
+      Error(kRuleSetFile, Child(at, md, "version"), "",
+            absl::StrCat("metadata.version '", md.version(), "' does not match its directory '",
+                         source_.expected_version, "'"));
+    }
+    if (md.status() == cds::v1::RuleSetMetadata::STATUS_UNSPECIFIED) {
+      Error(kRuleSetFile, at, "", "metadata.status is required (DRAFT, ACTIVE or RETIRED)");
+    }
+    if (md.title().empty()) Error(kRuleSetFile, at, "", "metadata.title is required");
+    if (md.disclaimer().empty()) {
+      Error(kRuleSetFile, at, "",
+            "metadata.disclaimer is required: users must be told the output supports, and does "
+            "not replace, a clinician's judgement");
+    }
+    const double min_show = md.min_probability_to_show();
+    if (!std::isfinite(min_show) || min_show < 0 || min_show >= 1) {
+      Error(kRuleSetFile, Child(at, md, "min_probability_to_show"), "",
+            "metadata.min_probability_to_show must be in [0, 1)");
+    } else if (min_show > 0) {
+      CheckProvenance(md.min_probability_provenance(), md.has_min_probability_provenance(),
+                      Child(at, md, "min_probability_to_show"), "",
+                      "metadata.min_probability_to_show");
+    }
+    out_->name = md.name();
+    out_->version = md.version();
+    out_->disclaimer = md.disclaimer();
+    out_->min_probability_to_show = min_show > 0 ? min_show : 0.01;
+    for (int i = 0; i < md.reference_ids_size(); ++i) {
+      pending_reference_checks_.push_back(
+          {md.reference_ids(i), Child(at, md, "reference_ids", i), ""});
+    }
+  }
+
+  // ---- pass: references ---------------------------------------------------------------
+  void IndexReferences() {
+    const cds::v1::RuleSet& rs = out_->definition;
+    const Src root{&rules_tree_, 1, 1};
+    for (int i = 0; i < rs.references_size(); ++i) {
+      const auto& ref = rs.references(i);
+      const Src at = Child(root, rs, "references", i);
+      if (ref.id().empty()) {
+        Error(kRuleSetFile, at, "", "reference without an id");
+        continue;
+      }
+      if (ref.citation().empty()) {
+        Error(kRuleSetFile, at, ref.id(), "reference has no citation");
+      }
+      if (!references_.emplace(ref.id(), i).second) {
+        Error(kRuleSetFile, at, ref.id(), absl::StrCat("duplicate reference id '", ref.id(), "'"));
+      }
+    }
+    for (const auto& check : pending_reference_checks_) {
+      CheckReferenceId(check.id, check.at, check.rule_id);
+    }
+  }
+
+  void CheckReferenceId(const std::string& id, const Src& at, const std::string& rule_id) {
+    if (!references_.contains(id)) {
+      Error(kRuleSetFile, at, rule_id, absl::StrCat("unknown reference id '", id, "'"));
+    }
+  }
+
+  std::vector<cds::v1::Reference> ResolveReferences(
+      const google::protobuf::RepeatedPtrField<std::string>& ids, const Src& at,
+      const Message& msg, const char* field, const std::string& rule_id) {
+    std::vector<cds::v1::Reference> refs;
+    for (int i = 0; i < ids.size(); ++i) {
+      auto it = references_.find(ids[i]);
+      if (it == references_.end()) {
+        CheckReferenceId(ids[i], Child(at, msg, field, i), rule_id);
+        continue;
+      }
+      refs.push_back(out_->definition.references(it->second));
+    }
+    return refs;
+  }
+
+  // Every number needs a source or an explicit assumption.
+  void CheckProvenance(const cds::v1::Provenance& p, bool present, const Src& at,
+                       const std::string& rule_id, const std::string& what) {
+    if (!present || (p.reference_ids().empty() && !p.assumption())) {
+      Error(kRuleSetFile, at, rule_id,
+            absl::StrCat(what, " needs a provenance: cite reference_ids or mark it "
+                               "assumption: true"));
+      return;
+    }
+    if (p.assumption() && p.note().empty()) {
+      Warn(kRuleSetFile, at, rule_id, absl::StrCat(what, " is an assumption without a note"));
+    }
+    for (const std::string& id : p.reference_ids()) CheckReferenceId(id, at, rule_id);
+  }
+
+  // ---- pass: concepts -----------------------------------------------------------------
+  void CompileConcepts() {
+    const cds::v1::RuleSet& rs = out_->definition;
+    const Src root{&rules_tree_, 1, 1};
+    for (int i = 0; i < rs.concepts_size(); ++i) {
+      const auto& concept_def = rs.concepts(i);
+      const Src at = Child(root, rs, "concepts", i);
+      if (!IsIdentifier(concept_def.id())) {
+        Error(kRuleSetFile, at, concept_def.id(),
+              "concept id must be a lower-case identifier ([a-z][a-z0-9_]*)");
+        continue;
+      }
+      const int32_t index = static_cast<int32_t>(out_->concepts.size());
+      if (!concept_index_.emplace(concept_def.id(), index).second) {
+        Error(kRuleSetFile, at, concept_def.id(),
+              absl::StrCat("duplicate concept id '", concept_def.id(), "'"));
+        continue;
+      }
+      out_->concepts.push_back(
+          CompiledConcept{concept_def.id(),
+                          concept_def.label().empty() ? concept_def.id() : concept_def.label()});
+      concept_locations_.push_back(at);
+      if (concept_def.codes().empty()) {
+        Error(kRuleSetFile, at, concept_def.id(), "concept has no codes");
+      }
+      for (int c = 0; c < concept_def.codes_size(); ++c) {
+        const auto& code = concept_def.codes(c);
+        const Src code_at = Child(at, concept_def, "codes", c);
+        std::string key;
+        if (!CheckCode(code, code_at, concept_def.id(), &key)) continue;
+        auto& list = out_->concepts_by_code[key];
+        if (std::find(list.begin(), list.end(), index) != list.end()) {
+          Warn(kRuleSetFile, code_at, concept_def.id(),
+               absl::StrCat("code ", code.code(), " is listed twice"));
+          continue;
+        }
+        list.push_back(index);
+      }
+    }
+  }
+
+  bool CheckCode(const cds::v1::Code& code, const Src& at, const std::string& rule_id,
+                 std::string* key) {
+    if (code.code().empty()) {
+      Error(kRuleSetFile, at, rule_id, "code without a code value");
+      return false;
+    }
+    const std::string system = NormalizeSystem(code.system(), code.code());
+    if (system.empty()) {
+      Error(kRuleSetFile, at, rule_id, absl::StrCat("code ", code.code(), " has no system"));
+      return false;
+    }
+    static const std::regex* const kHpo = new std::regex("^HP:[0-9]{7}$");
+    if (system == "HPO" && !std::regex_match(code.code(), *kHpo)) {
+      Error(kRuleSetFile, at, rule_id,
+            absl::StrCat("HPO code '", code.code(), "' is not of the form HP:0000000"));
+      return false;
+    }
+    *key = CodeKey(system, code.code());
+    return true;
+  }
+
+  // ---- pass: labs ---------------------------------------------------------------------
+  void CompileLabs() {
+    const cds::v1::RuleSet& rs = out_->definition;
+    const Src root{&rules_tree_, 1, 1};
+    for (int i = 0; i < rs.labs_size(); ++i) {
+      const auto& lab = rs.labs(i);
+      const Src at = Child(root, rs, "labs", i);
+      if (!IsIdentifier(lab.id())) {
+        Error(kRuleSetFile, at, lab.id(), "lab id must be a lower-case identifier");
+        continue;
+      }
+      const int32_t index = static_cast<int32_t>(out_->labs.size());
+      if (!lab_index_.emplace(lab.id(), index).second) {
+        Error(kRuleSetFile, at, lab.id(), absl::StrCat("duplicate lab id '", lab.id(), "'"));
+        continue;
+      }
+      CompiledLab compiled;
+      compiled.id = lab.id();
+      compiled.label = lab.label().empty() ? lab.id() : lab.label();
+      compiled.canonical_unit = lab.canonical_unit();
+      if (lab.canonical_unit().empty()) {
+        Error(kRuleSetFile, at, lab.id(), "lab has no canonical_unit");
+      } else {
+        compiled.unit_factors[absl::AsciiStrToLower(lab.canonical_unit())] = 1.0;
+      }
+      if (lab.codes().empty()) Error(kRuleSetFile, at, lab.id(), "lab has no codes");
+      for (int c = 0; c < lab.codes_size(); ++c) {
+        std::string key;
+        const Src code_at = Child(at, lab, "codes", c);
+        if (!CheckCode(lab.codes(c), code_at, lab.id(), &key)) continue;
+        if (!out_->labs_by_code.emplace(key, index).second) {
+          Error(kRuleSetFile, code_at, lab.id(),
+                absl::StrCat("code ", lab.codes(c).code(), " already belongs to another lab"));
+        }
+      }
+      for (int c = 0; c < lab.conversions_size(); ++c) {
+        const auto& conv = lab.conversions(c);
+        const Src conv_at = Child(at, lab, "conversions", c);
+        if (conv.unit().empty()) {
+          Error(kRuleSetFile, conv_at, lab.id(), "conversion without a unit");
+          continue;
+        }
+        if (!std::isfinite(conv.factor()) || conv.factor() <= 0) {
+          Error(kRuleSetFile, conv_at, lab.id(),
+                absl::StrCat("conversion factor for '", conv.unit(), "' must be positive"));
+          continue;
+        }
+        CheckProvenance(conv.provenance(), conv.has_provenance(), conv_at, lab.id(),
+                        absl::StrCat("conversion from '", conv.unit(), "'"));
+        if (!compiled.unit_factors.emplace(absl::AsciiStrToLower(conv.unit()), conv.factor())
+                 .second) {
+          Error(kRuleSetFile, conv_at, lab.id(),
+                absl::StrCat("unit '", conv.unit(), "' is converted twice"));
+        }
+      }
+      for (int l = 0; l < lab.limits_size(); ++l) {
+        const auto& limit = lab.limits(l);
+        const Src limit_at = Child(at, lab, "limits", l);
+        CompiledReferenceLimit compiled_limit;
+        if (!CompileAgeRange(limit.age(), limit_at, lab.id(), "limit age", &compiled_limit.ages)) {
+          continue;
+        }
+        if (!limit.has_lower() && !limit.has_upper()) {
+          Error(kRuleSetFile, limit_at, lab.id(), "reference limit has neither lower nor upper");
+          continue;
+        }
+        if ((limit.has_lower() && !std::isfinite(limit.lower())) ||
+            (limit.has_upper() && !std::isfinite(limit.upper())) ||
+            (limit.has_lower() && limit.has_upper() && limit.lower() > limit.upper())) {
+          Error(kRuleSetFile, limit_at, lab.id(), "reference limit lower must not exceed upper");
+          continue;
+        }
+        CheckProvenance(limit.provenance(), limit.has_provenance(), limit_at, lab.id(),
+                        "reference limit");
+        if (limit.has_lower()) compiled_limit.lower = limit.lower();
+        if (limit.has_upper()) compiled_limit.upper = limit.upper();
+        for (const auto& other : compiled.limits) {
+          if (other.ages.from < compiled_limit.ages.to &&
+              compiled_limit.ages.from < other.ages.to) {
+            Error(kRuleSetFile, limit_at, lab.id(), "reference limits overlap in age");
+            break;
+          }
+        }
+        compiled.limits.push_back(compiled_limit);
+      }
+      out_->labs.push_back(std::move(compiled));
+    }
+  }
+
+  bool CompileAgeRange(const cds::v1::AgeRange& range, const Src& at, const std::string& rule_id,
+                       const std::string& what, DayRange* out) {
+    if (range.has_from()) {
+      const AgeDays from = ToDays(range.from());
+      if (!from.error.empty()) {
+        Error(kRuleSetFile, at, rule_id, absl::StrCat(what, " 'from' ", from.error));
+        return false;
+      }
+      if (from.set) out->from = from.days;
+    }
+    if (range.has_to()) {
+      const AgeDays to = ToDays(range.to());
+      if (!to.error.empty()) {
+        Error(kRuleSetFile, at, rule_id, absl::StrCat(what, " 'to' ", to.error));
+        return false;
+      }
+      if (to.set) out->to = to.days;
+    }
+    if (out->from >= out->to) {
+      Error(kRuleSetFile, at, rule_id, absl::StrCat(what, " is empty ('from' is not before 'to')"));
+      return false;
+    }
+    return true;
+  }
+
+  // ---- pass: conditions ---------------------------------------------------------------
+  // Compiles `cond` into out_->conditions; returns its id or -1 on error (already reported).
+  ConditionId CompileCondition(const cds::v1::Condition& cond, const Src& at,
+                               const std::string& rule_id, bool allow_probability) {
+    CompiledCondition c;
+    using K = CompiledCondition::Kind;
+    switch (cond.kind_case()) {
+      case cds::v1::Condition::KIND_NOT_SET:
+        Error(kRuleSetFile, at, rule_id, "condition is empty (set finding, lab, sex, all, ...)");
+        return -1;
+      case cds::v1::Condition::kFinding: {
+        const auto& f = cond.finding();
+        const Src f_at = Child(at, cond, "finding");
+        auto it = concept_index_.find(f.concept());
+        if (it == concept_index_.end()) {
+          Error(kRuleSetFile, f_at, rule_id, absl::StrCat("unknown concept '", f.concept(), "'"));
+          return -1;
+        }
+        c.kind = K::kFinding;
+        c.ref = it->second;
+        used_concepts_.insert(it->second);
+        if (f.has_onset() &&
+            !CompileAgeRange(f.onset(), Child(f_at, f, "onset"), rule_id, "onset", &c.ages)) {
+          return -1;
+        }
+        c.description = out_->concepts[c.ref].label;
+        if (!c.ages.unbounded()) {
+          absl::StrAppend(&c.description, " (onset ", DescribeRange(c.ages), ")");
+        }
+        break;
+      }
+      case cds::v1::Condition::kLab: {
+        const auto& l = cond.lab();
+        const Src l_at = Child(at, cond, "lab");
+        auto it = lab_index_.find(l.lab());
+        if (it == lab_index_.end()) {
+          Error(kRuleSetFile, l_at, rule_id, absl::StrCat("unknown lab '", l.lab(), "'"));
+          return -1;
+        }
+        c.kind = K::kLab;
+        c.ref = it->second;
+        const CompiledLab& lab = out_->labs[c.ref];
+        bool needs_upper = false;
+        bool needs_lower = false;
+        switch (l.threshold_case()) {
+          case cds::v1::LabCondition::THRESHOLD_NOT_SET:
+            Error(kRuleSetFile, l_at, rule_id, "lab condition has no threshold");
+            return -1;
+          case cds::v1::LabCondition::kAboveUpperLimitTimes:
+            c.lab_threshold = CompiledCondition::LabThreshold::kAboveUpperTimes;
+            c.value = l.above_upper_limit_times();
+            needs_upper = true;
+            c.description = c.value == 1
+                                ? absl::StrCat(lab.label, " above the upper limit for age")
+                                : absl::StrCat(lab.label, " above ", FormatNumber(c.value),
+                                               " x the upper limit for age");
+            break;
+          case cds::v1::LabCondition::kBelowLowerLimitTimes:
+            c.lab_threshold = CompiledCondition::LabThreshold::kBelowLowerTimes;
+            c.value = l.below_lower_limit_times();
+            needs_lower = true;
+            c.description = c.value == 1
+                                ? absl::StrCat(lab.label, " below the lower limit for age")
+                                : absl::StrCat(lab.label, " below ", FormatNumber(c.value),
+                                               " x the lower limit for age");
+            break;
+          case cds::v1::LabCondition::kAbove:
+            c.lab_threshold = CompiledCondition::LabThreshold::kAbove;
+            c.value = l.above();
+            c.description =
+                absl::StrCat(lab.label, " > ", FormatNumber(c.value), " ", lab.canonical_unit);
+            break;
+          case cds::v1::LabCondition::kBelow:
+            c.lab_threshold = CompiledCondition::LabThreshold::kBelow;
+            c.value = l.below();
+            c.description =
+                absl::StrCat(lab.label, " < ", FormatNumber(c.value), " ", lab.canonical_unit);
+            break;
+        }
+        if (!std::isfinite(c.value) || c.value < 0 ||
+            ((needs_upper || needs_lower) && c.value <= 0)) {
+          Error(kRuleSetFile, l_at, rule_id, "lab threshold must be a positive finite number");
+          return -1;
+        }
+        const bool has_upper = std::any_of(lab.limits.begin(), lab.limits.end(),
+                                           [](const auto& lim) { return lim.upper.has_value(); });
+        const bool has_lower = std::any_of(lab.limits.begin(), lab.limits.end(),
+                                           [](const auto& lim) { return lim.lower.has_value(); });
+        if ((needs_upper && !has_upper) || (needs_lower && !has_lower)) {
+          Warn(kRuleSetFile, l_at, rule_id,
+               absl::StrCat("lab '", lab.id,
+                            "' has no default reference limit for this threshold: it fires only "
+                            "when the laboratory supplies its own range"));
+        }
+        if (l.has_measured_at() &&
+            !CompileAgeRange(l.measured_at(), Child(l_at, l, "measured_at"), rule_id,
+                             "measured_at", &c.ages)) {
+          return -1;
+        }
+        if (!c.ages.unbounded()) {
+          absl::StrAppend(&c.description, " (measured ", DescribeRange(c.ages), ")");
+        }
+        break;
+      }
+      case cds::v1::Condition::kSex:
+        if (cond.sex() != cds::v1::MALE && cond.sex() != cds::v1::FEMALE &&
+            cond.sex() != cds::v1::OTHER_SEX) {
+          Error(kRuleSetFile, at, rule_id, "sex condition must be MALE, FEMALE or OTHER_SEX");
+          return -1;
+        }
+        c.kind = K::kSex;
+        c.count = cond.sex();
+        c.description = absl::StrCat("Sex ", SexName(cond.sex()));
+        break;
+      case cds::v1::Condition::kAge:
+        c.kind = K::kAge;
+        if (!CompileAgeRange(cond.age(), Child(at, cond, "age"), rule_id, "age", &c.ages)) {
+          return -1;
+        }
+        if (c.ages.unbounded()) {
+          Error(kRuleSetFile, at, rule_id, "age condition needs 'from' or 'to'");
+          return -1;
+        }
+        c.description = absl::StrCat("Age ", DescribeRange(c.ages));
+        break;
+      case cds::v1::Condition::kFamily: {
+        const auto& fam = cond.family();
+        const Src fam_at = Child(at, cond, "family");
+        c.kind = K::kFamily;
+        if (fam.line() == cds::v1::FamilyHistoryCondition::LINE_UNSPECIFIED) {
+          Error(kRuleSetFile, fam_at, rule_id, "family condition needs line (ANY_LINE or MATERNAL_X_LINE)");
+          return -1;
+        }
+        c.family_line = fam.line();
+        c.family_sex = fam.sex();
+        c.family_or_died_in_infancy = fam.or_died_in_infancy();
+        if (!fam.affected_concept().empty()) {
+          auto it = concept_index_.find(fam.affected_concept());
+          if (it == concept_index_.end()) {
+            Error(kRuleSetFile, fam_at, rule_id,
+                  absl::StrCat("unknown concept '", fam.affected_concept(), "'"));
+            return -1;
+          }
+          c.ref = it->second;
+          used_concepts_.insert(it->second);
+        } else if (!fam.or_died_in_infancy()) {
+          Error(kRuleSetFile, fam_at, rule_id,
+                "family condition needs affected_concept or or_died_in_infancy");
+          return -1;
+        }
+        if (fam.min_count() < 0) {
+          Error(kRuleSetFile, fam_at, rule_id, "family min_count must not be negative");
+          return -1;
+        }
+        c.count = fam.min_count() == 0 ? 1 : fam.min_count();
+        std::string who = fam.sex() == cds::v1::MALE     ? "male relative"
+                          : fam.sex() == cds::v1::FEMALE ? "female relative"
+                                                         : "relative";
+        std::string what = c.ref >= 0 ? out_->concepts[c.ref].label : "";
+        if (fam.or_died_in_infancy()) {
+          what = what.empty() ? "death in infancy" : absl::StrCat(what, " or death in infancy");
+        }
+        c.description = absl::StrCat(
+            c.count > 1 ? absl::StrCat(c.count, "+ ") : "", who,
+            fam.line() == cds::v1::FamilyHistoryCondition::MATERNAL_X_LINE
+                ? " in the maternal X line"
+                : "",
+            " with ", what);
+        break;
+      }
+      case cds::v1::Condition::kConsanguinity:
+        c.kind = K::kConsanguinity;
+        c.count = cond.consanguinity() ? 1 : 0;
+        c.description = cond.consanguinity() ? "Consanguineous parents" : "Parents not consanguineous";
+        break;
+      case cds::v1::Condition::kAll:
+      case cds::v1::Condition::kAny: {
+        const bool is_all = cond.kind_case() == cds::v1::Condition::kAll;
+        const auto& list = is_all ? cond.all() : cond.any();
+        const Src list_at = Child(at, cond, is_all ? "all" : "any");
+        if (list.conditions().empty()) {
+          Error(kRuleSetFile, list_at, rule_id,
+                absl::StrCat(is_all ? "all" : "any", " has no conditions"));
+          return -1;
+        }
+        c.kind = is_all ? K::kAll : K::kAny;
+        if (!CompileChildren(list.conditions(), list_at, list, rule_id, allow_probability,
+                             &c.children)) {
+          return -1;
+        }
+        c.description = JoinChildren(c.children, is_all ? " and " : " or ");
+        break;
+      }
+      case cds::v1::Condition::kNot: {
+        c.kind = K::kNot;
+        const ConditionId child =
+            CompileCondition(cond.not_(), Child(at, cond, "not"), rule_id, allow_probability);
+        if (child < 0) return -1;
+        c.children.push_back(child);
+        c.description = absl::StrCat("not (", out_->conditions[child].description, ")");
+        break;
+      }
+      case cds::v1::Condition::kAtLeast: {
+        const auto& al = cond.at_least();
+        const Src al_at = Child(at, cond, "at_least");
+        if (al.count() < 1 || al.count() > al.conditions_size()) {
+          Error(kRuleSetFile, al_at, rule_id,
+                absl::StrCat("at_least count must be between 1 and the number of conditions (",
+                             al.conditions_size(), ")"));
+          return -1;
+        }
+        c.kind = K::kAtLeast;
+        c.count = al.count();
+        if (!CompileChildren(al.conditions(), al_at, al, rule_id, allow_probability,
+                             &c.children)) {
+          return -1;
+        }
+        c.description =
+            absl::StrCat("at least ", al.count(), " of: ", JoinChildren(c.children, "; "));
+        break;
+      }
+      case cds::v1::Condition::kProbability: {
+        const auto& p = cond.probability();
+        const Src p_at = Child(at, cond, "probability");
+        if (!allow_probability) {
+          Error(kRuleSetFile, p_at, rule_id,
+                "probability conditions are allowed only in action rules");
+          return -1;
+        }
+        auto it = hypothesis_index_.find(p.hypothesis());
+        if (it == hypothesis_index_.end()) {
+          Error(kRuleSetFile, p_at, rule_id,
+                absl::StrCat("unknown hypothesis '", p.hypothesis(), "'"));
+          return -1;
+        }
+        if (!std::isfinite(p.at_least()) || p.at_least() < 0 || p.at_least() > 1) {
+          Error(kRuleSetFile, p_at, rule_id, "probability at_least must be in [0, 1]");
+          return -1;
+        }
+        if (p.in_top() < 0) {
+          Error(kRuleSetFile, p_at, rule_id, "probability in_top must not be negative");
+          return -1;
+        }
+        c.kind = K::kProbability;
+        c.ref = it->second;
+        c.value = p.at_least();
+        c.count = p.in_top();
+        c.description = absl::StrCat("P(", out_->hypotheses[c.ref].title, ") >= ",
+                                     FormatNumber(c.value));
+        if (c.count > 0) absl::StrAppend(&c.description, ", within the top ", c.count);
+        break;
+      }
+    }
+    const ConditionId id = static_cast<ConditionId>(out_->conditions.size());
+    out_->conditions.push_back(std::move(c));
+    return id;
+  }
+
+  bool CompileChildren(const google::protobuf::RepeatedPtrField<cds::v1::Condition>& children,
+                       const Src& at, const Message& parent, const std::string& rule_id,
+                       bool allow_probability, std::vector<ConditionId>* out) {
+    bool ok = true;
+    for (int i = 0; i < children.size(); ++i) {
+      const ConditionId id = CompileCondition(children[i], Child(at, parent, "conditions", i),
+                                              rule_id, allow_probability);
+      if (id < 0) {
+        ok = false;
+        continue;
+      }
+      out->push_back(id);
+    }
+    return ok;
+  }
+
+  std::string JoinChildren(const std::vector<ConditionId>& children, const char* sep) {
+    std::vector<std::string> parts;
+    for (ConditionId id : children) parts.push_back(out_->conditions[id].description);
+    return absl::StrJoin(parts, sep);
+  }
+
+  // ---- pass: hypotheses ---------------------------------------------------------------
+  void CompileHypotheses() {
+    const cds::v1::RuleSet& rs = out_->definition;
+    const Src root{&rules_tree_, 1, 1};
+    // Ids first, so that probability conditions in actions can refer to any hypothesis.
+    for (int i = 0; i < rs.hypotheses_size(); ++i) {
+      const auto& h = rs.hypotheses(i);
+      const Src at = Child(root, rs, "hypotheses", i);
+      if (!IsIdentifier(h.id())) {
+        Error(kRuleSetFile, at, h.id(), "hypothesis id must be a lower-case identifier");
+        continue;
+      }
+      if (!rule_ids_.insert(h.id()).second) {
+        Error(kRuleSetFile, at, h.id(), absl::StrCat("duplicate rule id '", h.id(), "'"));
+        continue;
+      }
+      hypothesis_index_.emplace(h.id(), static_cast<int32_t>(out_->hypotheses.size()));
+      CompiledHypothesis compiled;
+      compiled.id = h.id();
+      compiled.title = h.title().empty() ? h.id() : h.title();
+      out_->hypotheses.push_back(std::move(compiled));
+      hypothesis_sources_.push_back(i);
+    }
+    double pretest_sum = 0;
+    for (size_t hi = 0; hi < out_->hypotheses.size(); ++hi) {
+      const auto& h = rs.hypotheses(hypothesis_sources_[hi]);
+      const Src at = Child(root, rs, "hypotheses", hypothesis_sources_[hi]);
+      CompiledHypothesis& compiled = out_->hypotheses[hi];
+      if (h.title().empty()) Error(kRuleSetFile, at, h.id(), "hypothesis has no title");
+      if (h.has_code()) {
+        std::string key;
+        CheckCode(h.code(), Child(at, h, "code"), h.id(), &key);
+        compiled.code = h.code();
+        compiled.code.set_system(NormalizeSystem(h.code().system(), h.code().code()));
+      } else {
+        Warn(kRuleSetFile, at, h.id(), "hypothesis has no disease code (OMIM or ORPHA)");
+      }
+      compiled.detail = h.detail();
+      if (!IsProbability(h.pretest_probability())) {
+        Error(kRuleSetFile, Child(at, h, "pretest_probability"), h.id(),
+              "pretest_probability must be in (0, 1)");
+      } else {
+        pretest_sum += h.pretest_probability();
+      }
+      CheckProvenance(h.pretest_provenance(), h.has_pretest_provenance(),
+                      Child(at, h, "pretest_probability"), h.id(), "pretest_probability");
+      compiled.pretest_probability = h.pretest_probability();
+      if (h.has_max_probability()) {
+        if (!std::isfinite(h.max_probability()) || h.max_probability() <= 0 ||
+            h.max_probability() > 1) {
+          Error(kRuleSetFile, Child(at, h, "max_probability"), h.id(),
+                "max_probability must be in (0, 1]");
+        } else {
+          compiled.max_probability = h.max_probability();
+        }
+        CheckProvenance(h.max_probability_provenance(), h.has_max_probability_provenance(),
+                        Child(at, h, "max_probability"), h.id(), "max_probability");
+      }
+      compiled.references = ResolveReferences(h.reference_ids(), at, h, "reference_ids", h.id());
+      absl::flat_hash_map<std::string, int32_t> groups;
+      absl::flat_hash_set<std::string> evidence_ids;
+      for (int e = 0; e < h.evidence_size(); ++e) {
+        const auto& ev = h.evidence(e);
+        const Src ev_at = Child(at, h, "evidence", e);
+        const std::string rule_id = absl::StrCat(h.id(), "/", ev.id());
+        if (!IsIdentifier(ev.id())) {
+          Error(kRuleSetFile, ev_at, rule_id, "evidence id must be a lower-case identifier");
+          continue;
+        }
+        if (!evidence_ids.insert(ev.id()).second) {
+          Error(kRuleSetFile, ev_at, rule_id, absl::StrCat("duplicate evidence id '", ev.id(), "'"));
+          continue;
+        }
+        CompiledEvidence compiled_ev;
+        compiled_ev.id = rule_id;
+        compiled_ev.hypothesis = static_cast<int32_t>(hi);
+        compiled_ev.source = absl::StrCat(kRuleSetFile, ":", ev_at.line);
+        if (!ev.has_when()) {
+          Error(kRuleSetFile, ev_at, rule_id, "evidence has no 'when' condition");
+          continue;
+        }
+        compiled_ev.condition = CompileCondition(ev.when(), Child(ev_at, ev, "when"), rule_id,
+                                                 /*allow_probability=*/false);
+        compiled_ev.description =
+            !ev.description().empty()
+                ? ev.description()
+                : (compiled_ev.condition >= 0 ? out_->conditions[compiled_ev.condition].description
+                                              : ev.id());
+        if (!CompileWeight(ev, ev_at, rule_id, &compiled_ev)) continue;
+        CheckProvenance(ev.provenance(), ev.has_provenance(), ev_at, rule_id, "evidence weight");
+        if (!ev.group().empty()) {
+          auto [it, inserted] =
+              groups.emplace(ev.group(), static_cast<int32_t>(groups.size()));
+          compiled_ev.group = it->second;
+        }
+        if (compiled_ev.condition < 0) continue;
+        compiled.evidence.push_back(static_cast<int32_t>(out_->evidence.size()));
+        out_->evidence.push_back(std::move(compiled_ev));
+      }
+      compiled.group_count = static_cast<int32_t>(groups.size());
+      if (h.evidence().empty()) Warn(kRuleSetFile, at, h.id(), "hypothesis has no evidence");
+    }
+    if (pretest_sum >= 1) {
+      Error(kRuleSetFile, root, "",
+            absl::StrCat("pretest probabilities sum to ", FormatNumber(pretest_sum),
+                         ": the differential needs them to sum to less than 1"));
+    }
+  }
+
+  bool CompileWeight(const cds::v1::EvidenceRule& ev, const Src& at, const std::string& rule_id,
+                     CompiledEvidence* out) {
+    switch (ev.weight_case()) {
+      case cds::v1::EvidenceRule::WEIGHT_NOT_SET:
+        Error(kRuleSetFile, at, rule_id, "evidence needs frequencies or likelihood_ratios");
+        return false;
+      case cds::v1::EvidenceRule::kFrequencies: {
+        const auto& f = ev.frequencies();
+        const Src f_at = Child(at, ev, "frequencies");
+        if (!IsProbability(f.in_hypothesis()) || !IsProbability(f.in_comparison())) {
+          Error(kRuleSetFile, f_at, rule_id,
+                "frequencies must be in (0, 1) exclusive (a frequency of 0 or 1 would make one "
+                "finding decide alone)");
+          return false;
+        }
+        out->lr_positive = f.in_hypothesis() / f.in_comparison();
+        out->lr_negative = (1 - f.in_hypothesis()) / (1 - f.in_comparison());
+        break;
+      }
+      case cds::v1::EvidenceRule::kLikelihoodRatios: {
+        const auto& lr = ev.likelihood_ratios();
+        const Src lr_at = Child(at, ev, "likelihood_ratios");
+        if (!lr.has_positive() && !lr.has_negative()) {
+          Error(kRuleSetFile, lr_at, rule_id, "likelihood_ratios needs positive or negative");
+          return false;
+        }
+        if ((lr.has_positive() && (!std::isfinite(lr.positive()) || lr.positive() <= 0)) ||
+            (lr.has_negative() && (!std::isfinite(lr.negative()) || lr.negative() <= 0))) {
+          Error(kRuleSetFile, lr_at, rule_id, "likelihood ratios must be positive and finite");
+          return false;
+        }
+        out->lr_positive = lr.has_positive() ? lr.positive() : 1.0;
+        out->lr_negative = lr.has_negative() ? lr.negative() : 1.0;
+        break;
+      }
+    }
+    // Implausible strength is usually a typo (e.g. a percentage written as a fraction).
+    constexpr double kImplausibleLr = 1000;
+    if (out->lr_positive > kImplausibleLr || out->lr_positive < 1 / kImplausibleLr ||
+        out->lr_negative > kImplausibleLr || out->lr_negative < 1 / kImplausibleLr) {
+      Warn(kRuleSetFile, at, rule_id,
+           absl::StrCat("implausible likelihood ratio (LR+ ", FormatNumber(out->lr_positive),
+                        ", LR- ", FormatNumber(out->lr_negative), ")"));
+    }
+    return true;
+  }
+
+  // ---- pass: actions ------------------------------------------------------------------
+  void CompileActions() {
+    const cds::v1::RuleSet& rs = out_->definition;
+    const Src root{&rules_tree_, 1, 1};
+    for (int i = 0; i < rs.actions_size(); ++i) {
+      const auto& a = rs.actions(i);
+      const Src at = Child(root, rs, "actions", i);
+      if (!IsIdentifier(a.id())) {
+        Error(kRuleSetFile, at, a.id(), "action id must be a lower-case identifier");
+        continue;
+      }
+      if (!rule_ids_.insert(a.id()).second) {
+        Error(kRuleSetFile, at, a.id(), absl::StrCat("duplicate rule id '", a.id(), "'"));
+        continue;
+      }
+      CompiledAction compiled;
+      compiled.id = a.id();
+      compiled.kind = a.kind();
+      if (a.kind() != cds::v1::TEST && a.kind() != cds::v1::REFERRAL &&
+          a.kind() != cds::v1::TREATMENT && a.kind() != cds::v1::ALERT) {
+        Error(kRuleSetFile, at, a.id(), "action kind must be TEST, REFERRAL, TREATMENT or ALERT");
+      }
+      if (a.urgency() == cds::v1::URGENCY_UNSPECIFIED) {
+        Error(kRuleSetFile, at, a.id(), "action urgency is required (INFO, WARNING, CRITICAL)");
+      }
+      if (a.title().empty()) Error(kRuleSetFile, at, a.id(), "action has no title");
+      if (a.has_code()) {
+        std::string key;
+        CheckCode(a.code(), Child(at, a, "code"), a.id(), &key);
+        compiled.code = a.code();
+        compiled.code.set_system(NormalizeSystem(a.code().system(), a.code().code()));
+      }
+      compiled.title = a.title();
+      compiled.detail = a.detail();
+      compiled.urgency = a.urgency();
+      compiled.priority = a.priority();
+      compiled.source = absl::StrCat(kRuleSetFile, ":", at.line);
+      compiled.references = ResolveReferences(a.reference_ids(), at, a, "reference_ids", a.id());
+      if (!a.has_when()) {
+        Error(kRuleSetFile, at, a.id(), "action has no 'when' condition");
+        continue;
+      }
+      compiled.condition =
+          CompileCondition(a.when(), Child(at, a, "when"), a.id(), /*allow_probability=*/true);
+      if (compiled.condition < 0) continue;
+      out_->actions.push_back(std::move(compiled));
+    }
+  }
+
+  // ---- pass: embedded test cases ------------------------------------------------------
+  void CheckTests() {
+    if (!parsed_tests_) return;
+    const auto& tests = out_->tests;
+    const Src root{&tests_tree_, 1, 1};
+    absl::flat_hash_set<std::string> names;
+    auto check_hypothesis = [&](const std::string& id, const Src& at, const std::string& name) {
+      if (!hypothesis_index_.contains(id)) {
+        issues_.push_back(Issue{Issue::Severity::kError, kTestsFile, at.line, at.column, name,
+                                absl::StrCat("unknown hypothesis '", id, "'")});
+      }
+    };
+    auto check_action = [&](const std::string& id, const Src& at, const std::string& name) {
+      const bool known = std::any_of(out_->actions.begin(), out_->actions.end(),
+                                     [&](const CompiledAction& a) { return a.id == id; });
+      if (!known) {
+        issues_.push_back(Issue{Issue::Severity::kError, kTestsFile, at.line, at.column, name,
+                                absl::StrCat("unknown action '", id, "'")});
+      }
+    };
+    for (int i = 0; i < tests.cases_size(); ++i) {
+      const auto& tc = tests.cases(i);
+      const Src at = Child(root, tests, "cases", i);
+      if (tc.name().empty() || !names.insert(tc.name()).second) {
+        issues_.push_back(Issue{Issue::Severity::kError, kTestsFile, at.line, at.column, tc.name(),
+                                "test case needs a unique name"});
+      }
+      if (!tc.has_patient()) {
+        issues_.push_back(Issue{Issue::Severity::kError, kTestsFile, at.line, at.column, tc.name(),
+                                "test case has no patient"});
+      }
+      const auto& ex = tc.expect();
+      const Src ex_at = Child(at, tc, "expect");
+      if (!ex.top_diagnosis().empty()) check_hypothesis(ex.top_diagnosis(), ex_at, tc.name());
+      for (const auto& id : ex.not_top_diagnosis()) check_hypothesis(id, ex_at, tc.name());
+      for (const auto& id : ex.diagnoses_in_top()) check_hypothesis(id, ex_at, tc.name());
+      for (const auto& bound : ex.probabilities()) check_hypothesis(bound.hypothesis(), ex_at, tc.name());
+      for (const auto& id : ex.actions()) check_action(id, ex_at, tc.name());
+      for (const auto& id : ex.absent_actions()) check_action(id, ex_at, tc.name());
+      for (const auto& id : ex.actions_in_top()) check_action(id, ex_at, tc.name());
+    }
+  }
+
+  // ---- lint ---------------------------------------------------------------------------
+  void LintUnusedConcepts() {
+    for (size_t i = 0; i < out_->concepts.size(); ++i) {
+      if (!used_concepts_.contains(static_cast<int32_t>(i))) {
+        Warn(kRuleSetFile, concept_locations_[i], out_->concepts[i].id,
+             "concept is not used by any rule");
+      }
+    }
+  }
+
+  // ---- pass: index --------------------------------------------------------------------
+  // Lists each evidence item and action under every fact that can give one of its leaves a
+  // known value; a rule none of whose facts are known evaluates to UNKNOWN and is skipped.
+  void BuildTriggerIndex() {
+    out_->rules_by_concept.assign(out_->concepts.size(), {});
+    out_->rules_by_lab.assign(out_->labs.size(), {});
+    out_->actions_by_hypothesis.assign(out_->hypotheses.size(), {});
+    for (size_t i = 0; i < out_->evidence.size(); ++i) {
+      IndexRule(out_->evidence[i].condition, RuleRef{RuleRef::Kind::kEvidence, static_cast<int32_t>(i)});
+    }
+    for (size_t i = 0; i < out_->actions.size(); ++i) {
+      IndexRule(out_->actions[i].condition, RuleRef{RuleRef::Kind::kAction, static_cast<int32_t>(i)});
+    }
+  }
+
+  void IndexRule(ConditionId root, RuleRef ref) {
+    // Each list gets the rule at most once.
+    absl::flat_hash_set<std::pair<int, int32_t>> seen;
+    std::vector<ConditionId> stack = {root};
+    while (!stack.empty()) {
+      const CompiledCondition& c = out_->conditions[stack.back()];
+      stack.pop_back();
+      using K = CompiledCondition::Kind;
+      std::vector<RuleRef>* list = nullptr;
+      std::pair<int, int32_t> key;
+      switch (c.kind) {
+        case K::kFinding: list = &out_->rules_by_concept[c.ref]; key = {0, c.ref}; break;
+        case K::kLab: list = &out_->rules_by_lab[c.ref]; key = {1, c.ref}; break;
+        case K::kProbability: list = &out_->actions_by_hypothesis[c.ref]; key = {2, c.ref}; break;
+        case K::kSex: list = &out_->rules_on_sex; key = {3, 0}; break;
+        case K::kAge: list = &out_->rules_on_age; key = {4, 0}; break;
+        case K::kFamily: list = &out_->rules_on_family; key = {5, 0}; break;
+        case K::kConsanguinity: list = &out_->rules_on_consanguinity; key = {6, 0}; break;
+        case K::kAll:
+        case K::kAny:
+        case K::kNot:
+        case K::kAtLeast:
+          stack.insert(stack.end(), c.children.begin(), c.children.end());
+          break;
+      }
+      if (list != nullptr && seen.insert(key).second) list->push_back(ref);
+    }
+  }
+
+  struct PendingReference {
+    std::string id;
+    Src at;
+    std::string rule_id;
+  };
+
+  const RuleSetSource& source_;
+  std::shared_ptr<CompiledRuleSet> out_;
+  std::vector<Issue> issues_;
+  TextFormat::ParseInfoTree rules_tree_;
+  TextFormat::ParseInfoTree tests_tree_;
+  bool parsed_rule_set_ = false;
+  bool parsed_tests_ = false;
+  std::vector<PendingReference> pending_reference_checks_;
+  absl::flat_hash_map<std::string, int> references_;
+  absl::flat_hash_map<std::string, int32_t> concept_index_;
+  std::vector<Src> concept_locations_;
+  absl::flat_hash_set<int32_t> used_concepts_;
+  absl::flat_hash_map<std::string, int32_t> lab_index_;
+  absl::flat_hash_map<std::string, int32_t> hypothesis_index_;
+  std::vector<int> hypothesis_sources_;
+  absl::flat_hash_set<std::string> rule_ids_;
+};
+
+}  // namespace
+
+std::string Issue::ToString() const {
+  std::string where = file;
+  if (line > 0) absl::StrAppend(&where, ":", line);
+  if (line > 0 && column > 0) absl::StrAppend(&where, ":", column);
+  return absl::StrCat(where, ": ", severity == Severity::kError ? "error" : "warning", ": ",
+                      rule_id.empty() ? "" : absl::StrCat("[", rule_id, "] "), message);
+}
+
+std::string CompileResult::IssuesToString() const {
+  std::vector<std::string> lines;
+  for (const Issue& issue : issues) lines.push_back(issue.ToString());
+  return absl::StrJoin(lines, "\n");
+}
+
+CompileResult Compile(const RuleSetSource& source) { return Compilation(source).Run(); }
+
+std::string DigestFiles(const std::vector<SourceFile>& files) {
+  std::vector<const SourceFile*> sorted;
+  for (const SourceFile& f : files) sorted.push_back(&f);
+  std::sort(sorted.begin(), sorted.end(),
+            [](const SourceFile* a, const SourceFile* b) { return a->path < b->path; });
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  for (const SourceFile* f : sorted) {
+    const std::string header = absl::StrCat(f->path, std::string(1, '\0'), f->content.size(),
+                                            std::string(1, '\0'));
+    EVP_DigestUpdate(ctx, header.data(), header.size());
+    EVP_DigestUpdate(ctx, f->content.data(), f->content.size());
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(ctx, digest, &length);
+  EVP_MD_CTX_free(ctx);
+  std::string hex = "sha256:";
+  for (unsigned int i = 0; i < length; ++i) absl::StrAppendFormat(&hex, "%02x", digest[i]);
+  return hex;
+}
+
+}  // namespace cds::compiler

@@ -1,0 +1,448 @@
+#include "server/compiler/compiler.h"
+
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace cds::compiler {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::Contains;
+using ::testing::Field;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::Not;
+
+constexpr char kMetadata[] = R"pb(
+  metadata {
+    name: "demo"
+    version: "1.0.0"
+    status: ACTIVE
+    title: "Demo"
+    disclaimer: "Decision support only."
+  }
+  references { id: "SRC" citation: "A source." }
+)pb";
+
+constexpr char kValidBody[] = R"pb(
+  concepts {
+    id: "diarrhoea"
+    label: "Chronic diarrhoea"
+    codes { system: "HPO" code: "HP:0002028" }
+  }
+  labs {
+    id: "ige"
+    label: "Total IgE"
+    codes { system: "LOINC" code: "19113-0" }
+    canonical_unit: "[IU]/mL"
+    conversions { unit: "kU/L" factor: 1 provenance { reference_ids: "SRC" } }
+    limits { age { to { days: 183 } } upper: 13 provenance { reference_ids: "SRC" } }
+  }
+  hypotheses {
+    id: "ipex"
+    title: "IPEX"
+    code { system: "OMIM" code: "OMIM:304790" }
+    pretest_probability: 0.05
+    pretest_provenance { assumption: true note: "demo" }
+    evidence {
+      id: "diarrhoea"
+      when { finding { concept: "diarrhoea" } }
+      frequencies { in_hypothesis: 0.9 in_comparison: 0.3 }
+      provenance { reference_ids: "SRC" }
+    }
+    evidence {
+      id: "ige"
+      when { lab { lab: "ige" above_upper_limit_times: 1 } }
+      likelihood_ratios { positive: 3 negative: 0.5 }
+      provenance { reference_ids: "SRC" }
+    }
+  }
+  actions {
+    id: "refer"
+    kind: REFERRAL
+    title: "Refer"
+    urgency: WARNING
+    when { probability { hypothesis: "ipex" at_least: 0.2 } }
+  }
+)pb";
+
+CompileResult CompileText(const std::string& rules, const std::string& tests = "") {
+  RuleSetSource source;
+  source.expected_name = "demo";
+  source.expected_version = "1.0.0";
+  source.files.push_back({kRuleSetFile, rules});
+  if (!tests.empty()) source.files.push_back({kTestsFile, tests});
+  return Compile(source);
+}
+
+// The messages of all error issues.
+std::vector<std::string> Errors(const CompileResult& result) {
+  std::vector<std::string> out;
+  for (const Issue& i : result.issues) {
+    if (i.severity == Issue::Severity::kError) out.push_back(i.message);
+  }
+  return out;
+}
+
+TEST(CompilerTest, CompilesValidRuleSet) {
+  const CompileResult result = CompileText(std::string(kMetadata) + kValidBody);
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  const CompiledRuleSet& rs = *result.rule_set;
+  EXPECT_EQ(rs.name, "demo");
+  EXPECT_EQ(rs.version, "1.0.0");
+  EXPECT_THAT(rs.digest, HasSubstr("sha256:"));
+  EXPECT_EQ(rs.digest.size(), 7u + 64u);
+  ASSERT_EQ(rs.hypotheses.size(), 1u);
+  ASSERT_EQ(rs.evidence.size(), 2u);
+  EXPECT_DOUBLE_EQ(rs.evidence[0].lr_positive, 3.0);
+  EXPECT_DOUBLE_EQ(rs.evidence[0].lr_negative, 0.1 / 0.7);
+  EXPECT_DOUBLE_EQ(rs.evidence[1].lr_positive, 3.0);
+  EXPECT_DOUBLE_EQ(rs.evidence[1].lr_negative, 0.5);
+  EXPECT_EQ(rs.evidence[0].id, "ipex/diarrhoea");
+  EXPECT_THAT(rs.evidence[0].source, HasSubstr("ruleset.textproto:"));
+  EXPECT_TRUE(rs.concepts_by_code.contains("HPO|HP:0002028"));
+  EXPECT_TRUE(rs.labs_by_code.contains("LOINC|19113-0"));
+  // Trigger index: the finding rule under its concept, the lab rule under its lab, the
+  // action under its hypothesis.
+  EXPECT_EQ(rs.rules_by_concept[0].size(), 1u);
+  EXPECT_EQ(rs.rules_by_lab[0].size(), 1u);
+  EXPECT_EQ(rs.actions_by_hypothesis[0].size(), 1u);
+}
+
+TEST(CompilerTest, DigestDependsOnContentNotOrder) {
+  std::vector<SourceFile> a = {{"a", "1"}, {"b", "2"}};
+  std::vector<SourceFile> b = {{"b", "2"}, {"a", "1"}};
+  std::vector<SourceFile> c = {{"a", "1"}, {"b", "3"}};
+  std::vector<SourceFile> d = {{"a", "12"}, {"b", ""}};
+  EXPECT_EQ(DigestFiles(a), DigestFiles(b));
+  EXPECT_NE(DigestFiles(a), DigestFiles(c));
+  EXPECT_NE(DigestFiles(a), DigestFiles(d));  // lengths are framed
+}
+
+TEST(CompilerTest, MissingRuleSetFile) {
+  RuleSetSource source;
+  source.files.push_back({"notes.txt", "x"});
+  const CompileResult result = Compile(source);
+  EXPECT_FALSE(result.ok());
+  EXPECT_THAT(Errors(result), Contains(HasSubstr("needs a ruleset.textproto")));
+}
+
+TEST(CompilerTest, SyntaxErrorHasLineAndColumn) {
+  const CompileResult result = CompileText("metadata {\n  name: \"demo\"\n  version 1.0.0\n}\n");
+  ASSERT_FALSE(result.ok());
+  ASSERT_FALSE(result.issues.empty());
+  EXPECT_EQ(result.issues[0].file, "ruleset.textproto");
+  EXPECT_EQ(result.issues[0].line, 3);
+  EXPECT_GT(result.issues[0].column, 0);
+  EXPECT_THAT(result.issues[0].message, HasSubstr("syntax"));
+}
+
+TEST(CompilerTest, UnknownFieldIsRejected) {
+  const CompileResult result = CompileText(std::string(kMetadata) + "concepts { idd: \"x\" }");
+  EXPECT_FALSE(result.ok());
+  EXPECT_THAT(result.IssuesToString(), HasSubstr("idd"));
+}
+
+TEST(CompilerTest, MetadataErrorsAreAllReported) {
+  const CompileResult result = CompileText(R"pb(
+    metadata { name: "Other" version: "1.0" }
+  )pb");
+  ASSERT_FALSE(result.ok());
+  const auto errors = Errors(result);
+  EXPECT_THAT(errors, Contains(HasSubstr("lower-case identifier")));
+  EXPECT_THAT(errors, Contains(HasSubstr("semantic version")));
+  EXPECT_THAT(errors, Contains(HasSubstr("status is required")));
+  EXPECT_THAT(errors, Contains(HasSubstr("title is required")));
+  EXPECT_THAT(errors, Contains(HasSubstr("disclaimer is required")));
+}
+
+TEST(CompilerTest, MissingMetadata) {
+  EXPECT_THAT(Errors(CompileText("")), Contains(HasSubstr("metadata is missing")));
+}
+
+TEST(CompilerTest, NameAndVersionMustMatchDirectory) {
+  std::string text = std::string(kMetadata) + kValidBody;
+  RuleSetSource source;
+  source.expected_name = "ipex";
+  source.expected_version = "2.0.0";
+  source.files.push_back({kRuleSetFile, text});
+  const auto errors = Errors(Compile(source));
+  EXPECT_THAT(errors, Contains(HasSubstr("does not match its directory 'ipex'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("does not match its directory '2.0.0'")));
+}
+
+TEST(CompilerTest, DuplicateIdsAndUnknownReferences) {
+  const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
+    references { id: "SRC" citation: "again" }
+    references { id: "NOCITE" }
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000002" } }
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1
+      pretest_provenance { reference_ids: "MISSING" }
+      reference_ids: "ALSO_MISSING"
+    }
+    actions { id: "h" kind: TEST title: "T" urgency: INFO when { finding { concept: "c" } } }
+  )pb");
+  const auto errors = Errors(result);
+  EXPECT_THAT(errors, Contains(HasSubstr("duplicate reference id 'SRC'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("no citation")));
+  EXPECT_THAT(errors, Contains(HasSubstr("duplicate concept id 'c'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown reference id 'MISSING'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown reference id 'ALSO_MISSING'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("duplicate rule id 'h'")));
+}
+
+TEST(CompilerTest, ErrorsCarryLineAndRuleId) {
+  const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    hypotheses {
+      id: "h"
+      title: "H"
+      pretest_probability: 0.1
+      pretest_provenance { assumption: true note: "x" }
+      evidence {
+        id: "e"
+        when { finding { concept: "nope" } }
+        likelihood_ratios { positive: 2 }
+        provenance { assumption: true note: "x" }
+      }
+    }
+  )pb");
+  ASSERT_FALSE(result.ok());
+  bool found = false;
+  for (const Issue& issue : result.issues) {
+    if (issue.message == "unknown concept 'nope'") {
+      found = true;
+      EXPECT_EQ(issue.rule_id, "h/e");
+      EXPECT_EQ(issue.line, 19);  // the `finding` line within the file
+    }
+  }
+  EXPECT_TRUE(found) << result.IssuesToString();
+}
+
+TEST(CompilerTest, CodeErrors) {
+  const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "empty" }
+    concepts { id: "bad_hpo" codes { system: "HPO" code: "HP:12" } }
+    concepts { id: "no_system" codes { code: "12345" } }
+    concepts { id: "no_code" codes { system: "HPO" } }
+    concepts { id: "Bad-Id" codes { system: "HPO" code: "HP:0000001" } }
+  )pb"));
+  EXPECT_THAT(errors, Contains(HasSubstr("concept has no codes")));
+  EXPECT_THAT(errors, Contains(HasSubstr("not of the form HP:0000000")));
+  EXPECT_THAT(errors, Contains(HasSubstr("has no system")));
+  EXPECT_THAT(errors, Contains(HasSubstr("code without a code value")));
+  EXPECT_THAT(errors, Contains(HasSubstr("concept id must be a lower-case identifier")));
+}
+
+TEST(CompilerTest, LabErrors) {
+  const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
+    labs { id: "a" }
+    labs {
+      id: "b"
+      canonical_unit: "g/L"
+      codes { system: "LOINC" code: "1" }
+      conversions { unit: "g/dL" factor: -10 }
+      conversions { unit: "" factor: 1 }
+      conversions { unit: "mg/L" factor: 0.001 }
+      limits { upper: 5 }
+      limits { age { from { days: 10 } to { days: 5 } } upper: 5 provenance { reference_ids: "SRC" } }
+      limits { lower: 9 upper: 5 provenance { reference_ids: "SRC" } }
+      limits { provenance { reference_ids: "SRC" } }
+      limits { age { to { days: 100 } } upper: 1 provenance { reference_ids: "SRC" } }
+      limits { age { to { days: 50 } } upper: 1 provenance { reference_ids: "SRC" } }
+    }
+    labs { id: "c" canonical_unit: "x" codes { system: "LOINC" code: "1" } }
+    labs { id: "b" canonical_unit: "x" codes { system: "LOINC" code: "2" } }
+  )pb"));
+  EXPECT_THAT(errors, Contains(HasSubstr("lab has no canonical_unit")));
+  EXPECT_THAT(errors, Contains(HasSubstr("lab has no codes")));
+  EXPECT_THAT(errors, Contains(HasSubstr("must be positive")));
+  EXPECT_THAT(errors, Contains(HasSubstr("conversion without a unit")));
+  EXPECT_THAT(errors, Contains(HasSubstr("conversion from 'mg/L' needs a provenance")));
+  EXPECT_THAT(errors, Contains(HasSubstr("reference limit needs a provenance")));
+  EXPECT_THAT(errors, Contains(HasSubstr("limit age is empty")));
+  EXPECT_THAT(errors, Contains(HasSubstr("lower must not exceed upper")));
+  EXPECT_THAT(errors, Contains(HasSubstr("neither lower nor upper")));
+  EXPECT_THAT(errors, Contains(HasSubstr("overlap in age")));
+  EXPECT_THAT(errors, Contains(HasSubstr("already belongs to another lab")));
+  EXPECT_THAT(errors, Contains(HasSubstr("duplicate lab id 'b'")));
+}
+
+TEST(CompilerTest, HypothesisAndEvidenceErrors) {
+  const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    hypotheses {
+      id: "h1"
+      pretest_probability: 1.5
+      max_probability: 2
+      evidence { id: "no_when" likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "no_weight" when { finding { concept: "c" } } provenance { reference_ids: "SRC" } }
+      evidence {
+        id: "bad_freq"
+        when { finding { concept: "c" } }
+        frequencies { in_hypothesis: 1 in_comparison: 0.2 }
+        provenance { reference_ids: "SRC" }
+      }
+      evidence { id: "bad_lr" when { finding { concept: "c" } } likelihood_ratios { positive: -1 } provenance { reference_ids: "SRC" } }
+      evidence { id: "empty_lr" when { finding { concept: "c" } } likelihood_ratios { } provenance { reference_ids: "SRC" } }
+      evidence { id: "no_source" when { finding { concept: "c" } } likelihood_ratios { positive: 2 } }
+      evidence { id: "no_source" when { finding { concept: "c" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "Bad" when { finding { concept: "c" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+    }
+    hypotheses { id: "h2" title: "H2" pretest_probability: 0.6 pretest_provenance { assumption: true note: "x" } }
+    hypotheses { id: "h3" title: "H3" pretest_probability: 0.5 pretest_provenance { assumption: true note: "x" } }
+  )pb"));
+  EXPECT_THAT(errors, Contains(HasSubstr("hypothesis has no title")));
+  EXPECT_THAT(errors, Contains(HasSubstr("pretest_probability must be in (0, 1)")));
+  EXPECT_THAT(errors, Contains(HasSubstr("pretest_probability needs a provenance")));
+  EXPECT_THAT(errors, Contains(HasSubstr("max_probability must be in (0, 1]")));
+  EXPECT_THAT(errors, Contains(HasSubstr("max_probability needs a provenance")));
+  EXPECT_THAT(errors, Contains(HasSubstr("evidence has no 'when' condition")));
+  EXPECT_THAT(errors, Contains(HasSubstr("needs frequencies or likelihood_ratios")));
+  EXPECT_THAT(errors, Contains(HasSubstr("frequencies must be in (0, 1)")));
+  EXPECT_THAT(errors, Contains(HasSubstr("must be positive and finite")));
+  EXPECT_THAT(errors, Contains(HasSubstr("needs positive or negative")));
+  EXPECT_THAT(errors, Contains(HasSubstr("evidence weight needs a provenance")));
+  EXPECT_THAT(errors, Contains(HasSubstr("duplicate evidence id 'no_source'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("evidence id must be a lower-case identifier")));
+  EXPECT_THAT(errors, Contains(HasSubstr("pretest probabilities sum to 1.1")));
+}
+
+TEST(CompilerTest, ConditionErrors) {
+  const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    labs { id: "l" canonical_unit: "u" codes { system: "LOINC" code: "1" } }
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      evidence { id: "e1" when { } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e2" when { lab { lab: "nope" above: 1 } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e3" when { lab { lab: "l" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e4" when { lab { lab: "l" above_upper_limit_times: -1 } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e5" when { sex: UNKNOWN_SEX } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e6" when { age { } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e7" when { family { sex: MALE affected_concept: "c" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e8" when { family { line: ANY_LINE } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e9" when { family { line: ANY_LINE affected_concept: "zz" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e10" when { all { } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e11" when { any { } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e12" when { at_least { count: 3 conditions { sex: MALE } } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e13" when { probability { hypothesis: "h" at_least: 0.5 } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e14" when { finding { concept: "c" onset { from { days: -3 } } } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e15" when { finding { concept: "c" onset { to { iso8601_duration: "3 months" } } } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e16" when { not { } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+    }
+    actions { id: "a1" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "zz" at_least: 0.5 } } }
+    actions { id: "a2" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "h" at_least: 1.5 } } }
+    actions { id: "a3" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "h" in_top: -1 } } }
+  )pb"));
+  EXPECT_THAT(errors, Contains(HasSubstr("condition is empty")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown lab 'nope'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("lab condition has no threshold")));
+  EXPECT_THAT(errors, Contains(HasSubstr("positive finite number")));
+  EXPECT_THAT(errors, Contains(HasSubstr("sex condition must be MALE, FEMALE or OTHER_SEX")));
+  EXPECT_THAT(errors, Contains(HasSubstr("age condition needs 'from' or 'to'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("family condition needs line")));
+  EXPECT_THAT(errors, Contains(HasSubstr("needs affected_concept or or_died_in_infancy")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown concept 'zz'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("all has no conditions")));
+  EXPECT_THAT(errors, Contains(HasSubstr("any has no conditions")));
+  EXPECT_THAT(errors, Contains(HasSubstr("at_least count must be between 1 and the number")));
+  EXPECT_THAT(errors, Contains(HasSubstr("allowed only in action rules")));
+  EXPECT_THAT(errors, Contains(HasSubstr("onset 'from' must not be negative")));
+  EXPECT_THAT(errors, Contains(HasSubstr("is not an ISO 8601 duration")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown hypothesis 'zz'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("probability at_least must be in [0, 1]")));
+  EXPECT_THAT(errors, Contains(HasSubstr("in_top must not be negative")));
+}
+
+TEST(CompilerTest, ActionErrors) {
+  const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    actions { id: "a1" kind: DIAGNOSIS title: "A" urgency: INFO when { finding { concept: "c" } } }
+    actions { id: "a2" kind: TEST urgency: INFO when { finding { concept: "c" } } }
+    actions { id: "a3" kind: TEST title: "A" when { finding { concept: "c" } } }
+    actions { id: "a4" kind: TEST title: "A" urgency: INFO }
+    actions { id: "a5" kind: TEST title: "A" urgency: INFO reference_ids: "NOPE" when { finding { concept: "c" } } }
+  )pb"));
+  EXPECT_THAT(errors, Contains(HasSubstr("action kind must be TEST, REFERRAL, TREATMENT or ALERT")));
+  EXPECT_THAT(errors, Contains(HasSubstr("action has no title")));
+  EXPECT_THAT(errors, Contains(HasSubstr("action urgency is required")));
+  EXPECT_THAT(errors, Contains(HasSubstr("action has no 'when' condition")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown reference id 'NOPE'")));
+}
+
+TEST(CompilerTest, TestCaseErrors) {
+  const CompileResult result = CompileText(std::string(kMetadata) + kValidBody, R"pb(
+    cases { name: "a" patient { sex: MALE } expect { top_diagnosis: "nope" actions: "nada" } }
+    cases { name: "a" expect { not_top_diagnosis: "ipex" } }
+  )pb");
+  const auto errors = Errors(result);
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown hypothesis 'nope'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown action 'nada'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unique name")));
+  EXPECT_THAT(errors, Contains(HasSubstr("test case has no patient")));
+  for (const Issue& issue : result.issues) {
+    if (issue.message == "unknown hypothesis 'nope'") {
+      EXPECT_EQ(issue.file, "tests.textproto");
+    }
+  }
+}
+
+TEST(CompilerTest, WarningsDoNotFailCompilation) {
+  const CompileResult result = CompileText(std::string(kMetadata) + kValidBody + R"pb(
+    concepts { id: "unused" codes { system: "HPO" code: "HP:0000003" } }
+  )pb");
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  EXPECT_THAT(result.issues,
+              Contains(AllOf(Field(&Issue::severity, Issue::Severity::kWarning),
+                             Field(&Issue::message, HasSubstr("not used by any rule")))));
+}
+
+TEST(CompilerTest, ImplausibleLikelihoodRatioIsAWarning) {
+  const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      evidence { id: "e" when { finding { concept: "c" } } likelihood_ratios { positive: 5000 } provenance { reference_ids: "SRC" } }
+    }
+  )pb");
+  ASSERT_TRUE(result.ok());
+  EXPECT_THAT(result.IssuesToString(), HasSubstr("implausible likelihood ratio"));
+}
+
+TEST(CompilerTest, AgeConversion) {
+  cds::v1::Age age;
+  age.set_iso8601_duration("P1Y2M3D");
+  AgeDays days = ToDays(age);
+  EXPECT_TRUE(days.set);
+  EXPECT_TRUE(days.error.empty());
+  EXPECT_NEAR(days.days, 365.25 + 2 * 30.44 + 3, 1e-9);
+  age.set_iso8601_duration("P2W");
+  EXPECT_NEAR(ToDays(age).days, 14, 1e-9);
+  age.set_iso8601_duration("PT36H");
+  EXPECT_NEAR(ToDays(age).days, 1.5, 1e-9);
+  for (const char* bad : {"P", "1Y", "P1X", "PY", "P1Y2", "PT1D", "P1.2.3D"}) {
+    age.set_iso8601_duration(bad);
+    EXPECT_FALSE(ToDays(age).error.empty()) << bad;
+  }
+  age.set_days(-1);
+  EXPECT_FALSE(ToDays(age).error.empty());
+  age.set_days(std::numeric_limits<double>::infinity());
+  EXPECT_FALSE(ToDays(age).error.empty());
+  EXPECT_FALSE(ToDays(cds::v1::Age()).set);
+}
+
+TEST(CompilerTest, NormalizesSystems) {
+  EXPECT_EQ(NormalizeSystem("hpo", "HP:1"), "HPO");
+  EXPECT_EQ(NormalizeSystem("", "HP:0000001"), "HPO");
+  EXPECT_EQ(NormalizeSystem("", "OMIM:304790"), "OMIM");
+  EXPECT_EQ(NormalizeSystem("SNOMED CT", "1"), "SNOMEDCT");
+  EXPECT_EQ(NormalizeSystem("", "12345"), "");
+}
+
+}  // namespace
+}  // namespace cds::compiler

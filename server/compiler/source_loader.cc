@@ -1,0 +1,65 @@
+#include "server/compiler/source_loader.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <system_error>
+
+#include "absl/strings/str_cat.h"
+
+namespace cds::compiler {
+namespace fs = std::filesystem;
+
+absl::StatusOr<RuleSetSource> LoadRuleSetDir(const std::string& dir) {
+  std::error_code ec;
+  const fs::path path = fs::path(dir).lexically_normal();
+  if (!fs::is_directory(path, ec)) {
+    return absl::NotFoundError(absl::StrCat("rule-set directory not found: ", dir));
+  }
+  RuleSetSource source;
+  fs::path trimmed = path;
+  if (trimmed.filename().empty()) trimmed = trimmed.parent_path();
+  source.expected_version = trimmed.filename().string();
+  source.expected_name = trimmed.parent_path().filename().string();
+  for (const auto& entry : fs::directory_iterator(path, ec)) {
+    if (!entry.is_regular_file()) continue;
+    std::ifstream in(entry.path(), std::ios::binary);
+    if (!in) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("cannot read ", entry.path().string()));
+    }
+    std::ostringstream content;
+    content << in.rdbuf();
+    source.files.push_back(SourceFile{entry.path().filename().string(), content.str()});
+  }
+  if (ec) {
+    return absl::UnavailableError(absl::StrCat("cannot list ", dir, ": ", ec.message()));
+  }
+  std::sort(source.files.begin(), source.files.end(),
+            [](const SourceFile& a, const SourceFile& b) { return a.path < b.path; });
+  return source;
+}
+
+absl::StatusOr<std::vector<std::string>> FindRuleSetDirs(const std::string& root) {
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) {
+    return absl::NotFoundError(absl::StrCat("rules directory not found: ", root));
+  }
+  std::vector<std::string> dirs;
+  for (const auto& name_dir : fs::directory_iterator(root, ec)) {
+    if (!name_dir.is_directory()) continue;
+    std::error_code inner;
+    for (const auto& version_dir : fs::directory_iterator(name_dir.path(), inner)) {
+      if (!version_dir.is_directory()) continue;
+      if (fs::is_regular_file(version_dir.path() / kRuleSetFile)) {
+        dirs.push_back(version_dir.path().string());
+      }
+    }
+  }
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot list ", root, ": ", ec.message()));
+  std::sort(dirs.begin(), dirs.end());
+  return dirs;
+}
+
+}  // namespace cds::compiler

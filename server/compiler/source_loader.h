@@ -1,0 +1,20 @@
+#pragma once
+
+// Reads rule-set directories from disk into RuleSetSource values for the compiler.
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/compiler/compiler.h"
+
+namespace cds::compiler {
+
+// Reads every regular file directly in `dir` (a rules/<name>/<version>/ directory).
+// The expected name and version are taken from the last two path components.
+absl::StatusOr<RuleSetSource> LoadRuleSetDir(const std::string& dir);
+
+// Lists the <root>/<name>/<version>/ directories that hold a ruleset.textproto, sorted.
+absl::StatusOr<std::vector<std::string>> FindRuleSetDirs(const std::string& root);
+
+}  // namespace cds::compiler

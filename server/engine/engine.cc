@@ -1,0 +1,771 @@
+#include "server/engine/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace cds::engine {
+namespace {
+
+using compiler::CompiledCondition;
+using compiler::CompiledRuleSet;
+using compiler::ConditionId;
+using compiler::RuleRef;
+using cds::v1::Finding;
+using cds::v1::Relative;
+
+// Input limits: far above any real patient, low enough to bound the work per call.
+constexpr int kMaxFindings = 2000;
+constexpr int kMaxMeasurements = 1000;
+constexpr int kMaxRelatives = 200;
+constexpr int kMaxConditionsPerRelative = 100;
+constexpr size_t kMaxReferenceLength = 256;
+constexpr size_t kMaxCodeLength = 128;
+constexpr double kNan = std::numeric_limits<double>::quiet_NaN();
+
+// Three-valued (Kleene) truth.
+enum class Tri : uint8_t { kFalse, kTrue, kUnknown };
+
+struct FindingFact {
+  Finding::Status status;
+  double onset_days;  // NaN when unknown
+  int index;          // into patient.findings
+};
+
+struct LabFact {
+  double value;     // in the lab's canonical unit
+  double age_days;  // NaN when unknown
+  std::optional<double> lower;  // the reporting lab's own range, canonical unit
+  std::optional<double> upper;
+  int index;  // into patient.measurements
+};
+
+// What the patient record says, resolved against one rule set. Built per request; sizes
+// follow the patient's record, not the rule set.
+struct Facts {
+  const cds::v1::Patient* patient = nullptr;
+  cds::v1::Sex sex = cds::v1::UNKNOWN_SEX;
+  double age_days = kNan;
+  absl::flat_hash_map<int32_t, std::vector<FindingFact>> findings;  // by concept
+  absl::flat_hash_map<int32_t, std::vector<LabFact>> labs;          // by lab
+  const cds::v1::FamilyHistory* family = nullptr;  // null when no history was taken
+  // Filled after the diagnoses are scored; read by probability conditions.
+  std::vector<double> posterior;
+  std::vector<int> diagnosis_rank;  // 0-based rank of each hypothesis
+};
+
+std::string Fmt(double v) { return absl::StrFormat("%.3g", v); }
+
+std::string FieldPath(const char* repeated, int index, const char* rest = "") {
+  return absl::StrCat("patient.", repeated, "[", index, "]", rest);
+}
+
+absl::Status Invalid(const std::string& field, const std::string& problem) {
+  return absl::InvalidArgumentError(absl::StrCat(field, " ", problem));
+}
+
+absl::Status CheckAge(const cds::v1::Age& age, const std::string& field) {
+  const compiler::AgeDays days = compiler::ToDays(age);
+  if (!days.error.empty()) return Invalid(field, days.error);
+  return absl::OkStatus();
+}
+
+absl::Status CheckCode(const cds::v1::Code& code, const std::string& field) {
+  if (code.code().empty()) return Invalid(field + ".code", "is required");
+  if (code.code().size() > kMaxCodeLength || code.system().size() > kMaxCodeLength) {
+    return Invalid(field, "is longer than 128 characters");
+  }
+  if (compiler::NormalizeSystem(code.system(), code.code()).empty()) {
+    return Invalid(field + ".system",
+                   "is required unless the code is a CURIE with a known prefix (HP:, OMIM:, "
+                   "ORPHA:)");
+  }
+  return absl::OkStatus();
+}
+
+// Relationships that share the patient's maternal X chromosome lineage.
+bool OnMaternalXLine(Relative::Relationship r) {
+  switch (r) {
+    case Relative::MOTHER:
+    case Relative::BROTHER:
+    case Relative::SISTER:
+    case Relative::MATERNAL_HALF_BROTHER:
+    case Relative::MATERNAL_HALF_SISTER:
+    case Relative::MATERNAL_UNCLE:
+    case Relative::MATERNAL_AUNT:
+    case Relative::MATERNAL_GRANDFATHER:
+    case Relative::MATERNAL_GRANDMOTHER:
+    case Relative::MATERNAL_GREAT_UNCLE:
+    case Relative::MATERNAL_COUSIN_VIA_AUNT:
+    case Relative::SISTERS_SON:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The relative's sex as recorded, or as implied by the relationship.
+cds::v1::Sex RelativeSex(const Relative& relative) {
+  if (relative.sex() == cds::v1::MALE || relative.sex() == cds::v1::FEMALE) return relative.sex();
+  switch (relative.relationship()) {
+    case Relative::FATHER:
+    case Relative::BROTHER:
+    case Relative::MATERNAL_HALF_BROTHER:
+    case Relative::MATERNAL_UNCLE:
+    case Relative::MATERNAL_GRANDFATHER:
+    case Relative::MATERNAL_GREAT_UNCLE:
+    case Relative::SISTERS_SON:
+    case Relative::SON:
+    case Relative::PATERNAL_UNCLE:
+    case Relative::PATERNAL_GRANDFATHER:
+      return cds::v1::MALE;
+    case Relative::MOTHER:
+    case Relative::SISTER:
+    case Relative::MATERNAL_HALF_SISTER:
+    case Relative::MATERNAL_AUNT:
+    case Relative::MATERNAL_GRANDMOTHER:
+    case Relative::DAUGHTER:
+    case Relative::PATERNAL_AUNT:
+    case Relative::PATERNAL_GRANDMOTHER:
+      return cds::v1::FEMALE;
+    default:
+      return cds::v1::UNKNOWN_SEX;
+  }
+}
+
+// The reference limit for a measurement: the reporting lab's own range when supplied,
+// otherwise the rule set's default for the age at measurement.
+std::optional<double> Limit(const compiler::CompiledLab& lab, const LabFact& fact, bool upper) {
+  if (upper && fact.upper) return fact.upper;
+  if (!upper && fact.lower) return fact.lower;
+  if (std::isnan(fact.age_days)) return std::nullopt;
+  for (const auto& limit : lab.limits) {
+    if (limit.ages.Contains(fact.age_days)) return upper ? limit.upper : limit.lower;
+  }
+  return std::nullopt;
+}
+
+class Evaluator {
+ public:
+  Evaluator(const CompiledRuleSet& rs, const Facts& facts) : rs_(rs), facts_(facts) {}
+
+  Tri Eval(ConditionId id) const {
+    const CompiledCondition& c = rs_.conditions[id];
+    using K = CompiledCondition::Kind;
+    switch (c.kind) {
+      case K::kFinding: return EvalFinding(c, nullptr);
+      case K::kLab: return EvalLab(c, nullptr);
+      case K::kSex:
+        if (facts_.sex == cds::v1::UNKNOWN_SEX) return Tri::kUnknown;
+        return facts_.sex == c.count ? Tri::kTrue : Tri::kFalse;
+      case K::kAge:
+        if (std::isnan(facts_.age_days)) return Tri::kUnknown;
+        return c.ages.Contains(facts_.age_days) ? Tri::kTrue : Tri::kFalse;
+      case K::kFamily: return EvalFamily(c);
+      case K::kConsanguinity: {
+        if (facts_.family == nullptr) return Tri::kUnknown;
+        const auto value = facts_.family->consanguinity();
+        if (value == cds::v1::FamilyHistory::CONSANGUINITY_UNSPECIFIED) return Tri::kUnknown;
+        const bool consanguineous = value == cds::v1::FamilyHistory::CONSANGUINEOUS;
+        return consanguineous == (c.count == 1) ? Tri::kTrue : Tri::kFalse;
+      }
+      case K::kAll: {
+        bool unknown = false;
+        for (ConditionId child : c.children) {
+          const Tri t = Eval(child);
+          if (t == Tri::kFalse) return Tri::kFalse;
+          if (t == Tri::kUnknown) unknown = true;
+        }
+        return unknown ? Tri::kUnknown : Tri::kTrue;
+      }
+      case K::kAny: {
+        bool unknown = false;
+        for (ConditionId child : c.children) {
+          const Tri t = Eval(child);
+          if (t == Tri::kTrue) return Tri::kTrue;
+          if (t == Tri::kUnknown) unknown = true;
+        }
+        return unknown ? Tri::kUnknown : Tri::kFalse;
+      }
+      case K::kNot: {
+        const Tri t = Eval(c.children[0]);
+        if (t == Tri::kUnknown) return t;
+        return t == Tri::kTrue ? Tri::kFalse : Tri::kTrue;
+      }
+      case K::kAtLeast: {
+        int trues = 0;
+        int unknowns = 0;
+        for (ConditionId child : c.children) {
+          const Tri t = Eval(child);
+          if (t == Tri::kTrue) ++trues;
+          if (t == Tri::kUnknown) ++unknowns;
+        }
+        if (trues >= c.count) return Tri::kTrue;
+        if (trues + unknowns < c.count) return Tri::kFalse;
+        return Tri::kUnknown;
+      }
+      case K::kProbability: {
+        if (facts_.posterior.empty()) return Tri::kUnknown;
+        const bool high_enough = facts_.posterior[c.ref] >= c.value;
+        const bool in_top = c.count == 0 || facts_.diagnosis_rank[c.ref] < c.count;
+        return high_enough && in_top ? Tri::kTrue : Tri::kFalse;
+      }
+    }
+    return Tri::kUnknown;
+  }
+
+  // Leaves that hold (outside any `not`), with the patient codes they matched: the reasons
+  // shown for an action or a matched evidence item.
+  void CollectReasons(ConditionId id, std::vector<std::string>* reasons,
+                      std::vector<int>* finding_indices) const {
+    const CompiledCondition& c = rs_.conditions[id];
+    using K = CompiledCondition::Kind;
+    switch (c.kind) {
+      case K::kAll:
+      case K::kAny:
+      case K::kAtLeast:
+        for (ConditionId child : c.children) {
+          if (Eval(child) == Tri::kTrue) CollectReasons(child, reasons, finding_indices);
+        }
+        return;
+      case K::kNot:
+        reasons->push_back(c.description);
+        return;
+      case K::kFinding:
+        if (EvalFinding(c, finding_indices) == Tri::kTrue) reasons->push_back(c.description);
+        return;
+      case K::kLab: {
+        std::string detail;
+        if (EvalLab(c, &detail) == Tri::kTrue) reasons->push_back(detail);
+        return;
+      }
+      default:
+        if (Eval(id) == Tri::kTrue) reasons->push_back(c.description);
+        return;
+    }
+  }
+
+  // The patient's codes that made a finding leaf (anywhere under `id`) TRUE or FALSE.
+  void CollectFindingCodes(ConditionId id, std::vector<int>* finding_indices) const {
+    const CompiledCondition& c = rs_.conditions[id];
+    if (c.kind == CompiledCondition::Kind::kFinding) {
+      auto it = facts_.findings.find(c.ref);
+      if (it == facts_.findings.end()) return;
+      for (const FindingFact& f : it->second) {
+        if (f.status != Finding::UNKNOWN) finding_indices->push_back(f.index);
+      }
+      return;
+    }
+    for (ConditionId child : c.children) CollectFindingCodes(child, finding_indices);
+  }
+
+  // Describes the deciding measurement of a lab leaf, e.g. "Total IgE 850 [IU]/mL (upper
+  // limit for age 13)".
+  std::string DescribeLab(ConditionId id) const {
+    std::string detail;
+    EvalLab(rs_.conditions[id], &detail);
+    return detail;
+  }
+
+ private:
+  Tri EvalFinding(const CompiledCondition& c, std::vector<int>* matched) const {
+    auto it = facts_.findings.find(c.ref);
+    if (it == facts_.findings.end()) return Tri::kUnknown;
+    const bool any_onset = c.ages.unbounded();
+    bool truth = false;
+    bool unknown = false;
+    bool falsity = false;
+    for (const FindingFact& f : it->second) {
+      switch (f.status) {
+        case Finding::PRESENT:
+          if (any_onset || (!std::isnan(f.onset_days) && c.ages.Contains(f.onset_days))) {
+            truth = true;
+            if (matched != nullptr) matched->push_back(f.index);
+          } else if (std::isnan(f.onset_days)) {
+            unknown = true;
+          } else {
+            falsity = true;
+          }
+          break;
+        case Finding::EXCLUDED:
+          falsity = true;
+          break;
+        default:
+          break;
+      }
+    }
+    if (truth) return Tri::kTrue;
+    if (unknown) return Tri::kUnknown;
+    return falsity ? Tri::kFalse : Tri::kUnknown;
+  }
+
+  Tri EvalLab(const CompiledCondition& c, std::string* detail) const {
+    auto it = facts_.labs.find(c.ref);
+    if (it == facts_.labs.end()) return Tri::kUnknown;
+    const compiler::CompiledLab& lab = rs_.labs[c.ref];
+    // The latest measurement taken at an age the condition accepts.
+    const LabFact* latest = nullptr;
+    for (const LabFact& fact : it->second) {
+      if (!c.ages.unbounded() && (std::isnan(fact.age_days) || !c.ages.Contains(fact.age_days))) {
+        continue;
+      }
+      if (latest == nullptr || std::isnan(latest->age_days) ||
+          (!std::isnan(fact.age_days) && fact.age_days >= latest->age_days)) {
+        latest = &fact;
+      }
+    }
+    if (latest == nullptr) return Tri::kUnknown;
+    using T = CompiledCondition::LabThreshold;
+    double threshold = c.value;
+    std::string limit_text;
+    if (c.lab_threshold == T::kAboveUpperTimes || c.lab_threshold == T::kBelowLowerTimes) {
+      const bool upper = c.lab_threshold == T::kAboveUpperTimes;
+      const std::optional<double> limit = Limit(lab, *latest, upper);
+      if (!limit) return Tri::kUnknown;
+      threshold = c.value * *limit;
+      limit_text = absl::StrCat(upper ? "upper" : "lower", " limit for age ", Fmt(*limit));
+    }
+    const bool above = c.lab_threshold == T::kAboveUpperTimes || c.lab_threshold == T::kAbove;
+    const bool holds = above ? latest->value > threshold : latest->value < threshold;
+    if (detail != nullptr) {
+      *detail = absl::StrCat(lab.label, " ", Fmt(latest->value), " ", lab.canonical_unit,
+                             holds ? (above ? " > " : " < ") : (above ? " <= " : " >= "),
+                             Fmt(threshold),
+                             limit_text.empty() ? "" : absl::StrCat(" (", limit_text, ")"));
+    }
+    return holds ? Tri::kTrue : Tri::kFalse;
+  }
+
+  Tri EvalFamily(const CompiledCondition& c) const {
+    if (facts_.family == nullptr) return Tri::kUnknown;
+    int count = 0;
+    for (const Relative& relative : facts_.family->relatives()) {
+      if (c.family_line == cds::v1::FamilyHistoryCondition::MATERNAL_X_LINE &&
+          !OnMaternalXLine(relative.relationship())) {
+        continue;
+      }
+      if (c.family_sex != cds::v1::SEX_UNSPECIFIED && RelativeSex(relative) != c.family_sex) {
+        continue;
+      }
+      bool affected = c.family_or_died_in_infancy && relative.died_in_infancy();
+      if (!affected && c.ref >= 0) {
+        for (const cds::v1::Code& code : relative.conditions()) {
+          auto hit = rs_.concepts_by_code.find(
+              compiler::CodeKey(compiler::NormalizeSystem(code.system(), code.code()), code.code()));
+          if (hit != rs_.concepts_by_code.end() &&
+              std::find(hit->second.begin(), hit->second.end(), c.ref) != hit->second.end()) {
+            affected = true;
+            break;
+          }
+        }
+      }
+      if (affected) ++count;
+    }
+    return count >= c.count ? Tri::kTrue : Tri::kFalse;
+  }
+
+  const CompiledRuleSet& rs_;
+  const Facts& facts_;
+};
+
+void AddWarning(cds::v1::EvaluateResponse* response, cds::v1::Warning::Kind kind,
+                std::string field, std::string message) {
+  auto* w = response->add_warnings();
+  w->set_kind(kind);
+  w->set_field(std::move(field));
+  w->set_message(std::move(message));
+}
+
+// Resolves the patient's record against the rule set, adding warnings for what it
+// cannot use.
+Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
+                 cds::v1::EvaluateResponse* response) {
+  Facts facts;
+  facts.patient = &patient;
+  facts.sex = patient.sex() == cds::v1::OTHER_SEX ? cds::v1::OTHER_SEX : patient.sex();
+  const compiler::AgeDays age = compiler::ToDays(patient.age());
+  if (age.set) facts.age_days = age.days;
+  if (patient.has_family_history()) facts.family = &patient.family_history();
+
+  for (int i = 0; i < patient.findings_size(); ++i) {
+    const Finding& f = patient.findings(i);
+    if (f.status() == Finding::UNKNOWN) continue;
+    const std::string key = compiler::CodeKey(
+        compiler::NormalizeSystem(f.term().system(), f.term().code()), f.term().code());
+    auto it = rs.concepts_by_code.find(key);
+    if (it == rs.concepts_by_code.end()) {
+      AddWarning(response, cds::v1::Warning::UNKNOWN_CODE, FieldPath("findings", i, ".term"),
+                 absl::StrCat("code ", f.term().code(), " is not known to rule set ", rs.name, " ",
+                              rs.version, "; it did not affect the result"));
+      continue;
+    }
+    const compiler::AgeDays onset = compiler::ToDays(f.onset());
+    for (int32_t concept_index : it->second) {
+      facts.findings[concept_index].push_back(
+          FindingFact{f.status(), onset.set ? onset.days : kNan, i});
+    }
+  }
+
+  for (int i = 0; i < patient.measurements_size(); ++i) {
+    const cds::v1::Measurement& m = patient.measurements(i);
+    const std::string key = compiler::CodeKey(
+        compiler::NormalizeSystem(m.assay().system(), m.assay().code()), m.assay().code());
+    auto it = rs.labs_by_code.find(key);
+    if (it == rs.labs_by_code.end()) {
+      AddWarning(response, cds::v1::Warning::UNUSED_MEASUREMENT,
+                 FieldPath("measurements", i, ".assay"),
+                 absl::StrCat("assay ", m.assay().code(), " is not used by rule set ", rs.name,
+                              " ", rs.version));
+      continue;
+    }
+    const compiler::CompiledLab& lab = rs.labs[it->second];
+    auto factor = lab.unit_factors.find(absl::AsciiStrToLower(m.unit()));
+    if (factor == lab.unit_factors.end()) {
+      AddWarning(response, cds::v1::Warning::UNCONVERTIBLE_UNIT,
+                 FieldPath("measurements", i, ".unit"),
+                 absl::StrCat("unit '", m.unit(), "' cannot be converted to ", lab.canonical_unit,
+                              " for ", lab.label, "; the measurement was ignored"));
+      continue;
+    }
+    const compiler::AgeDays at = compiler::ToDays(m.age());
+    LabFact fact{m.value() * factor->second, at.set ? at.days : facts.age_days, {}, {}, i};
+    if (m.has_reference_range()) {
+      if (m.reference_range().has_low()) fact.lower = m.reference_range().low() * factor->second;
+      if (m.reference_range().has_high()) fact.upper = m.reference_range().high() * factor->second;
+    }
+    facts.labs[it->second].push_back(fact);
+  }
+  return facts;
+}
+
+// Warns about missing data that the rule set's evidence would use.
+void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts,
+                        cds::v1::EvaluateResponse* response) {
+  if (facts.sex == cds::v1::UNKNOWN_SEX && !rs.rules_on_sex.empty()) {
+    AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.sex",
+               "sex is not known; the rule set weighs it");
+  }
+  if (std::isnan(facts.age_days) && !rs.rules_on_age.empty()) {
+    AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.age",
+               "age is not known; the rule set weighs it");
+  }
+  if (facts.family == nullptr && !rs.rules_on_family.empty()) {
+    AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.family_history",
+               "no family history was recorded; affected relatives would change the suggestions");
+  }
+  for (size_t lab = 0; lab < rs.labs.size(); ++lab) {
+    const bool used_by_evidence =
+        std::any_of(rs.rules_by_lab[lab].begin(), rs.rules_by_lab[lab].end(),
+                    [](const RuleRef& r) { return r.kind == RuleRef::Kind::kEvidence; });
+    if (used_by_evidence && !facts.labs.contains(static_cast<int32_t>(lab))) {
+      AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.measurements",
+                 absl::StrCat("no usable ", rs.labs[lab].label,
+                              " measurement; it would change the suggestions"));
+    }
+  }
+}
+
+// One applied evidence item, for scoring and explanation.
+struct Applied {
+  int32_t evidence;
+  bool matched;  // condition TRUE (else FALSE)
+  double log_lr;
+  bool superseded = false;
+};
+
+int UrgencyOrder(cds::v1::Urgency u) { return -static_cast<int>(u); }
+
+void FillCode(const cds::v1::Code& code, cds::v1::Code* out) {
+  if (!code.code().empty()) *out = code;
+}
+
+}  // namespace
+
+absl::Status ValidatePatient(const cds::v1::Patient& patient) {
+  if (patient.reference().size() > kMaxReferenceLength) {
+    return Invalid("patient.reference", "is longer than 256 characters");
+  }
+  if (patient.sex() == cds::v1::SEX_UNSPECIFIED) {
+    return Invalid("patient.sex", "is required (UNKNOWN_SEX when not known)");
+  }
+  if (!cds::v1::Sex_IsValid(patient.sex())) return Invalid("patient.sex", "is not a known value");
+  absl::Status status = CheckAge(patient.age(), "patient.age");
+  if (!status.ok()) return status;
+  const compiler::AgeDays age = compiler::ToDays(patient.age());
+  if (patient.findings_size() > kMaxFindings) {
+    return Invalid("patient.findings", absl::StrCat("has more than ", kMaxFindings, " entries"));
+  }
+  if (patient.measurements_size() > kMaxMeasurements) {
+    return Invalid("patient.measurements",
+                   absl::StrCat("has more than ", kMaxMeasurements, " entries"));
+  }
+  for (int i = 0; i < patient.findings_size(); ++i) {
+    const Finding& f = patient.findings(i);
+    if (!f.has_term()) return Invalid(FieldPath("findings", i, ".term"), "is required");
+    status = CheckCode(f.term(), FieldPath("findings", i, ".term"));
+    if (!status.ok()) return status;
+    if (f.status() == Finding::STATUS_UNSPECIFIED || !Finding::Status_IsValid(f.status())) {
+      return Invalid(FieldPath("findings", i, ".status"),
+                     "is required (PRESENT, EXCLUDED or UNKNOWN)");
+    }
+    status = CheckAge(f.onset(), FieldPath("findings", i, ".onset"));
+    if (!status.ok()) return status;
+    const compiler::AgeDays onset = compiler::ToDays(f.onset());
+    if (onset.set && age.set && onset.days > age.days + 1) {
+      return Invalid(FieldPath("findings", i, ".onset"), "is later than patient.age");
+    }
+  }
+  for (int i = 0; i < patient.measurements_size(); ++i) {
+    const cds::v1::Measurement& m = patient.measurements(i);
+    if (!m.has_assay()) return Invalid(FieldPath("measurements", i, ".assay"), "is required");
+    status = CheckCode(m.assay(), FieldPath("measurements", i, ".assay"));
+    if (!status.ok()) return status;
+    if (!std::isfinite(m.value()) || m.value() < 0) {
+      return Invalid(FieldPath("measurements", i, ".value"),
+                     "must be a finite, non-negative number");
+    }
+    if (m.unit().empty()) return Invalid(FieldPath("measurements", i, ".unit"), "is required");
+    if (m.unit().size() > kMaxCodeLength) {
+      return Invalid(FieldPath("measurements", i, ".unit"), "is longer than 128 characters");
+    }
+    status = CheckAge(m.age(), FieldPath("measurements", i, ".age"));
+    if (!status.ok()) return status;
+    if (m.has_reference_range()) {
+      const auto& r = m.reference_range();
+      if ((r.has_low() && (!std::isfinite(r.low()) || r.low() < 0)) ||
+          (r.has_high() && (!std::isfinite(r.high()) || r.high() < 0)) ||
+          (r.has_low() && r.has_high() && r.low() > r.high())) {
+        return Invalid(FieldPath("measurements", i, ".reference_range"),
+                       "must have finite, non-negative bounds with low <= high");
+      }
+    }
+  }
+  if (patient.has_family_history()) {
+    const auto& family = patient.family_history();
+    if (family.relatives_size() > kMaxRelatives) {
+      return Invalid("patient.family_history.relatives",
+                     absl::StrCat("has more than ", kMaxRelatives, " entries"));
+    }
+    if (!cds::v1::FamilyHistory::Consanguinity_IsValid(family.consanguinity())) {
+      return Invalid("patient.family_history.consanguinity", "is not a known value");
+    }
+    for (int i = 0; i < family.relatives_size(); ++i) {
+      const Relative& r = family.relatives(i);
+      const std::string field = absl::StrCat("patient.family_history.relatives[", i, "]");
+      if (r.relationship() == Relative::RELATIONSHIP_UNSPECIFIED ||
+          !Relative::Relationship_IsValid(r.relationship())) {
+        return Invalid(field + ".relationship", "is required");
+      }
+      if (!cds::v1::Sex_IsValid(r.sex())) return Invalid(field + ".sex", "is not a known value");
+      if (r.conditions_size() > kMaxConditionsPerRelative) {
+        return Invalid(field + ".conditions", "has too many entries");
+      }
+      for (int c = 0; c < r.conditions_size(); ++c) {
+        status = CheckCode(r.conditions(c), absl::StrCat(field, ".conditions[", c, "]"));
+        if (!status.ok()) return status;
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
+                      const EvaluateOptions& options, cds::v1::EvaluateResponse* response) {
+  absl::Status valid = ValidatePatient(patient);
+  if (!valid.ok()) return valid;
+
+  auto* ref = response->mutable_rule_set();
+  ref->set_name(rs.name);
+  ref->set_version(rs.version);
+  ref->set_digest(rs.digest);
+  response->set_disclaimer(rs.disclaimer);
+
+  Facts facts = BuildFacts(rs, patient, response);
+  WarnMissingKeyData(rs, facts, response);
+  const Evaluator evaluator(rs, facts);
+
+  // 1. Candidate rules: those listed under a fact the patient record makes known.
+  absl::flat_hash_set<int32_t> evidence_candidates;
+  absl::flat_hash_set<int32_t> action_candidates;
+  auto add = [&](const std::vector<RuleRef>& refs) {
+    for (const RuleRef& r : refs) {
+      (r.kind == RuleRef::Kind::kEvidence ? evidence_candidates : action_candidates)
+          .insert(r.index);
+    }
+  };
+  for (const auto& [concept_index, unused] : facts.findings) add(rs.rules_by_concept[concept_index]);
+  for (const auto& [lab, unused] : facts.labs) add(rs.rules_by_lab[lab]);
+  if (facts.sex != cds::v1::UNKNOWN_SEX) add(rs.rules_on_sex);
+  if (!std::isnan(facts.age_days)) add(rs.rules_on_age);
+  if (facts.family != nullptr) {
+    add(rs.rules_on_family);
+    if (facts.family->consanguinity() != cds::v1::FamilyHistory::CONSANGUINITY_UNSPECIFIED) {
+      add(rs.rules_on_consanguinity);
+    }
+  }
+
+  // 2. Score: sum of log likelihood ratios per hypothesis; within a correlated group only
+  // the strongest item counts.
+  std::vector<int32_t> ordered(evidence_candidates.begin(), evidence_candidates.end());
+  std::sort(ordered.begin(), ordered.end());  // deterministic explanations
+  const size_t n = rs.hypotheses.size();
+  std::vector<double> log_lr(n, 0.0);
+  std::vector<std::vector<Applied>> applied(n);
+  absl::flat_hash_map<std::pair<int32_t, int32_t>, size_t> group_best;  // (h, group) -> index
+  for (int32_t e : ordered) {
+    const compiler::CompiledEvidence& ev = rs.evidence[e];
+    const Tri t = evaluator.Eval(ev.condition);
+    if (t == Tri::kUnknown) continue;
+    const double lr = t == Tri::kTrue ? ev.lr_positive : ev.lr_negative;
+    if (lr == 1.0) continue;
+    auto& list = applied[ev.hypothesis];
+    list.push_back(Applied{e, t == Tri::kTrue, std::log(lr)});
+    if (ev.group >= 0) {
+      auto [it, inserted] = group_best.emplace(std::make_pair(ev.hypothesis, ev.group), list.size() - 1);
+      if (!inserted) {
+        Applied& best = list[it->second];
+        if (std::fabs(list.back().log_lr) > std::fabs(best.log_lr)) {
+          best.superseded = true;
+          it->second = list.size() - 1;
+        } else {
+          list.back().superseded = true;
+        }
+      }
+    }
+  }
+  for (size_t h = 0; h < n; ++h) {
+    for (const Applied& a : applied[h]) {
+      if (!a.superseded) log_lr[h] += a.log_lr;
+    }
+  }
+
+  // 3. Posterior over the differential plus "none of these".
+  double pretest_sum = 0;
+  for (const auto& h : rs.hypotheses) pretest_sum += h.pretest_probability;
+  std::vector<double> weight(n);
+  double total = std::max(0.0, 1.0 - pretest_sum);
+  for (size_t h = 0; h < n; ++h) {
+    weight[h] = rs.hypotheses[h].pretest_probability * std::exp(log_lr[h]);
+    total += weight[h];
+  }
+  facts.posterior.resize(n);
+  for (size_t h = 0; h < n; ++h) {
+    double p = total > 0 ? weight[h] / total : 0;
+    if (rs.hypotheses[h].max_probability) p = std::min(p, *rs.hypotheses[h].max_probability);
+    facts.posterior[h] = p;
+  }
+  std::vector<int32_t> diagnosis_order(n);
+  for (size_t h = 0; h < n; ++h) diagnosis_order[h] = static_cast<int32_t>(h);
+  std::sort(diagnosis_order.begin(), diagnosis_order.end(), [&](int32_t a, int32_t b) {
+    if (facts.posterior[a] != facts.posterior[b]) return facts.posterior[a] > facts.posterior[b];
+    return rs.hypotheses[a].id < rs.hypotheses[b].id;
+  });
+  facts.diagnosis_rank.resize(n);
+  for (size_t r = 0; r < n; ++r) facts.diagnosis_rank[diagnosis_order[r]] = static_cast<int>(r);
+
+  // 4. Actions whose conditions hold.
+  for (size_t h = 0; h < n; ++h) {
+    if (!applied[h].empty()) add(rs.actions_by_hypothesis[h]);
+  }
+  std::vector<int32_t> fired;
+  for (int32_t a : action_candidates) {
+    if (evaluator.Eval(rs.actions[a].condition) == Tri::kTrue) fired.push_back(a);
+  }
+  auto action_less = [&](int32_t a, int32_t b) {
+    const auto& x = rs.actions[a];
+    const auto& y = rs.actions[b];
+    if (x.urgency != y.urgency) return UrgencyOrder(x.urgency) < UrgencyOrder(y.urgency);
+    if (x.priority != y.priority) return x.priority < y.priority;
+    return x.id < y.id;
+  };
+  std::sort(fired.begin(), fired.end(), action_less);
+
+  // 5. Suggestions in rank order: alerts, diagnoses, then the other actions.
+  auto emit_action = [&](int32_t a) {
+    const compiler::CompiledAction& action = rs.actions[a];
+    auto* s = response->add_suggestions();
+    s->set_kind(action.kind);
+    s->set_rule_id(action.id);
+    FillCode(action.code, s->mutable_code());
+    s->set_title(action.title);
+    s->set_detail(action.detail);
+    s->set_urgency(action.urgency);
+    if (!options.explain) return;
+    std::vector<std::string> reasons;
+    std::vector<int> finding_indices;
+    evaluator.CollectReasons(action.condition, &reasons, &finding_indices);
+    for (const std::string& reason : reasons) {
+      auto* e = s->add_evidence();
+      e->set_rule_id(action.id);
+      e->set_description(reason);
+      e->set_effect(cds::v1::Evidence::MATCHED);
+      e->set_source(action.source);
+    }
+    if (!finding_indices.empty() && s->evidence_size() > 0) {
+      std::sort(finding_indices.begin(), finding_indices.end());
+      finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
+                            finding_indices.end());
+      for (int i : finding_indices) *s->mutable_evidence(0)->add_matched_codes() = patient.findings(i).term();
+    }
+    for (const auto& r : action.references) *s->add_references() = r;
+  };
+  for (int32_t a : fired) {
+    if (rs.actions[a].kind == cds::v1::ALERT) emit_action(a);
+  }
+  constexpr size_t kAlwaysShownDiagnoses = 3;
+  for (size_t r = 0; r < n; ++r) {
+    const int32_t h = diagnosis_order[r];
+    if (r >= kAlwaysShownDiagnoses && facts.posterior[h] < rs.min_probability_to_show) break;
+    const compiler::CompiledHypothesis& hyp = rs.hypotheses[h];
+    auto* s = response->add_suggestions();
+    s->set_kind(cds::v1::DIAGNOSIS);
+    s->set_rule_id(hyp.id);
+    FillCode(hyp.code, s->mutable_code());
+    s->set_title(hyp.title);
+    s->set_detail(hyp.detail);
+    s->set_urgency(cds::v1::INFO);
+    s->set_probability(facts.posterior[h]);
+    s->set_pretest_probability(hyp.pretest_probability);
+    if (!options.explain) continue;
+    std::vector<Applied> items = applied[h];
+    std::sort(items.begin(), items.end(), [&](const Applied& x, const Applied& y) {
+      if (x.superseded != y.superseded) return !x.superseded;
+      if (std::fabs(x.log_lr) != std::fabs(y.log_lr)) return std::fabs(x.log_lr) > std::fabs(y.log_lr);
+      return rs.evidence[x.evidence].id < rs.evidence[y.evidence].id;
+    });
+    for (const Applied& item : items) {
+      const compiler::CompiledEvidence& ev = rs.evidence[item.evidence];
+      auto* e = s->add_evidence();
+      e->set_rule_id(ev.id);
+      e->set_description(ev.description);
+      e->set_effect(item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED);
+      e->set_likelihood_ratio(item.superseded ? 1.0 : std::exp(item.log_lr));
+      e->set_superseded(item.superseded);
+      e->set_source(ev.source);
+      std::vector<int> finding_indices;
+      evaluator.CollectFindingCodes(ev.condition, &finding_indices);
+      std::sort(finding_indices.begin(), finding_indices.end());
+      finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
+                            finding_indices.end());
+      for (int i : finding_indices) *e->add_matched_codes() = patient.findings(i).term();
+    }
+    for (const auto& r : hyp.references) *s->add_references() = r;
+  }
+  for (int32_t a : fired) {
+    if (rs.actions[a].kind != cds::v1::ALERT) emit_action(a);
+  }
+  for (int i = 0; i < response->suggestions_size(); ++i) {
+    response->mutable_suggestions(i)->set_rank(i + 1);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace cds::engine

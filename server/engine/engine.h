@@ -1,0 +1,42 @@
+#pragma once
+
+// Evaluates one patient against a compiled rule set. Pure and thread-safe: no I/O, no
+// locks, no gRPC; the rule set is shared read-only and every call has its own inputs.
+//
+// Model (the likelihood-ratio model LIRICAL uses): each hypothesis starts at its pretest
+// probability; each evidence item whose condition is TRUE multiplies its odds by LR+, each
+// whose condition is FALSE by LR-, and an UNKNOWN one leaves them alone. Within a
+// correlated group only the item with the largest |log LR| counts. The hypotheses form a
+// differential with a remaining "none of these" class holding the rest of the pretest
+// mass, so P(h | findings) = p_h LR_h / (sum_j p_j LR_j + p_none); then the hypothesis'
+// optional ceiling applies.
+//
+// Ranking: ALERTs (urgency, then priority, then id), then DIAGNOSES (posterior descending,
+// then id), then TESTs, REFERRALs and TREATMENTs together (urgency descending, priority
+// ascending, then id).
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "cds/v1/service.pb.h"
+#include "server/compiler/compiled_rule_set.h"
+
+namespace cds::engine {
+
+struct EvaluateOptions {
+  // Fill Suggestion.evidence and references. Off for throughput-only callers.
+  bool explain = true;
+};
+
+// Validates `patient` (INVALID_ARGUMENT naming the field, never echoing patient data) and
+// evaluates it. On success fills `response` (suggestions, warnings, rule_set ref,
+// disclaimer); the caller sets evaluation_id and evaluated_at.
+absl::Status Evaluate(const compiler::CompiledRuleSet& rule_set, const cds::v1::Patient& patient,
+                      const EvaluateOptions& options, cds::v1::EvaluateResponse* response);
+
+// Checks a patient for malformed input without evaluating it: unset enums, negative or
+// non-finite values and ages, missing codes. The message names the field path only.
+absl::Status ValidatePatient(const cds::v1::Patient& patient);
+
+}  // namespace cds::engine

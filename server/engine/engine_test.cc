@@ -1,0 +1,470 @@
+#include "server/engine/engine.h"
+
+#include <cmath>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "google/protobuf/text_format.h"
+#include "gtest/gtest.h"
+#include "server/compiler/compiler.h"
+#include "server/engine/case_runner.h"
+
+namespace cds::engine {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::Not;
+
+constexpr char kHeader[] = R"pb(
+  metadata { name: "t" version: "1.0.0" status: ACTIVE title: "T" disclaimer: "Support only." }
+  references { id: "SRC" citation: "A source." }
+  concepts { id: "diarrhoea" label: "Chronic diarrhoea" codes { system: "HPO" code: "HP:0002028" } codes { system: "HPO" code: "HP:0002041" } }
+  concepts { id: "diabetes" label: "Diabetes" codes { system: "HPO" code: "HP:0000819" } }
+  concepts { id: "eczema" label: "Eczema" codes { system: "HPO" code: "HP:0000964" } }
+  concepts { id: "ipex_like" label: "IPEX-like illness" codes { system: "OMIM" code: "OMIM:304790" } }
+  labs {
+    id: "ige"
+    label: "Total IgE"
+    codes { system: "LOINC" code: "19113-0" }
+    canonical_unit: "[IU]/mL"
+    conversions { unit: "kU/L" factor: 1 provenance { reference_ids: "SRC" } }
+    conversions { unit: "ng/mL" factor: 0.4 provenance { reference_ids: "SRC" } }
+    limits { age { to { days: 183 } } upper: 13 provenance { reference_ids: "SRC" } }
+    limits { age { from { days: 183 } } upper: 100 provenance { reference_ids: "SRC" } }
+  }
+)pb";
+
+std::shared_ptr<const compiler::CompiledRuleSet> Build(const std::string& body) {
+  compiler::RuleSetSource source;
+  source.files.push_back({compiler::kRuleSetFile, std::string(kHeader) + body});
+  compiler::CompileResult result = compiler::Compile(source);
+  EXPECT_TRUE(result.ok()) << result.IssuesToString();
+  return result.rule_set;
+}
+
+// One hypothesis "h" (pretest 0.1) with one evidence item whose condition is `when`,
+// LR+ 4 and LR- 0.5; plus "other" (pretest 0.1, no evidence).
+std::shared_ptr<const compiler::CompiledRuleSet> OneRule(const std::string& when) {
+  return Build(R"pb(
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "e" when { )pb" + when + R"pb( } likelihood_ratios { positive: 4 negative: 0.5 } provenance { reference_ids: "SRC" } }
+    }
+    hypotheses { id: "other" title: "Other" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" } }
+  )pb");
+}
+
+cds::v1::Patient ParsePatient(const std::string& text) {
+  cds::v1::Patient patient;
+  EXPECT_TRUE(google::protobuf::TextFormat::ParseFromString(text, &patient)) << text;
+  return patient;
+}
+
+cds::v1::EvaluateResponse EvaluateText(const compiler::CompiledRuleSet& rs, const std::string& patient_text,
+                              EvaluateOptions options = {}) {
+  cds::v1::EvaluateResponse response;
+  const absl::Status status = Evaluate(rs, ParsePatient(patient_text), options, &response);
+  EXPECT_TRUE(status.ok()) << status;
+  return response;
+}
+
+double Probability(const cds::v1::EvaluateResponse& r, const std::string& id) {
+  for (const auto& s : r.suggestions()) {
+    if (s.kind() == cds::v1::DIAGNOSIS && s.rule_id() == id) return s.probability();
+  }
+  return -1;
+}
+
+// Posterior of "h" in OneRule for a likelihood ratio `lr`: differential of h (0.1),
+// other (0.1) and none (0.8).
+double Expected(double lr) { return 0.1 * lr / (0.1 * lr + 0.1 + 0.8); }
+
+// Which LR the condition produced: 4 (TRUE), 0.5 (FALSE) or 1 (UNKNOWN).
+double AppliedLr(const compiler::CompiledRuleSet& rs, const std::string& patient) {
+  const double p = Probability(EvaluateText(rs, patient), "h");
+  for (double lr : {4.0, 0.5, 1.0}) {
+    if (std::fabs(p - Expected(lr)) < 1e-12) return lr;
+  }
+  ADD_FAILURE() << "unexpected posterior " << p;
+  return -1;
+}
+
+TEST(EngineTest, OddsArithmeticOverTheDifferential) {
+  auto rs = Build(R"pb(
+    hypotheses {
+      id: "a" title: "A" pretest_probability: 0.2 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "d" when { finding { concept: "diarrhoea" } } frequencies { in_hypothesis: 0.9 in_comparison: 0.3 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e" when { finding { concept: "eczema" } } likelihood_ratios { positive: 2 negative: 0.25 } provenance { reference_ids: "SRC" } }
+    }
+    hypotheses {
+      id: "b" title: "B" pretest_probability: 0.3 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "d" when { finding { concept: "diarrhoea" } } likelihood_ratios { positive: 0.5 } provenance { reference_ids: "SRC" } }
+    }
+  )pb");
+  // Diarrhoea present (LR 3 for a, 0.5 for b), eczema excluded (LR 0.25 for a).
+  const auto r = EvaluateText(*rs, R"pb(
+    sex: MALE
+    findings { term { system: "HPO" code: "HP:0002041" } status: PRESENT }
+    findings { term { system: "HPO" code: "HP:0000964" } status: EXCLUDED }
+  )pb");
+  const double wa = 0.2 * 3 * 0.25;
+  const double wb = 0.3 * 0.5;
+  const double z = wa + wb + 0.5;
+  EXPECT_NEAR(Probability(r, "a"), wa / z, 1e-12);
+  EXPECT_NEAR(Probability(r, "b"), wb / z, 1e-12);
+  // Explanations: each item with its LR, the matched codes and the rule's source line.
+  const auto& a = r.suggestions(0);
+  ASSERT_EQ(a.rule_id(), "a");
+  ASSERT_EQ(a.evidence_size(), 2);
+  EXPECT_EQ(a.evidence(0).rule_id(), "a/e");  // |log 0.25| > |log 3|
+  EXPECT_EQ(a.evidence(0).effect(), cds::v1::Evidence::NOT_MATCHED);
+  EXPECT_NEAR(a.evidence(0).likelihood_ratio(), 0.25, 1e-12);
+  EXPECT_EQ(a.evidence(1).effect(), cds::v1::Evidence::MATCHED);
+  EXPECT_NEAR(a.evidence(1).likelihood_ratio(), 3, 1e-12);
+  ASSERT_EQ(a.evidence(1).matched_codes_size(), 1);
+  EXPECT_EQ(a.evidence(1).matched_codes(0).code(), "HP:0002041");
+  EXPECT_THAT(a.evidence(1).source(), HasSubstr("ruleset.textproto:"));
+  EXPECT_NEAR(a.pretest_probability(), 0.2, 1e-12);
+}
+
+TEST(EngineTest, NoFindingsLeavesPretestProbabilities) {
+  auto rs = OneRule("finding { concept: \"diarrhoea\" }");
+  const auto r = EvaluateText(*rs, "sex: UNKNOWN_SEX");
+  EXPECT_NEAR(Probability(r, "h"), 0.1, 1e-12);
+  EXPECT_NEAR(Probability(r, "other"), 0.1, 1e-12);
+}
+
+TEST(EngineTest, FindingCondition) {
+  auto rs = OneRule("finding { concept: \"diarrhoea\" }");
+  EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0002028" } status: PRESENT })pb"), 4);
+  EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE findings { term { code: "HP:0002028" } status: PRESENT })pb"), 4);
+  EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0002028" } status: EXCLUDED })pb"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0002028" } status: UNKNOWN })pb"), 1);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE"), 1);
+  // Present under one code beats excluded under another.
+  EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE
+    findings { term { system: "HPO" code: "HP:0002028" } status: EXCLUDED }
+    findings { term { system: "HPO" code: "HP:0002041" } status: PRESENT })pb"), 4);
+}
+
+TEST(EngineTest, FindingOnsetCondition) {
+  auto rs = OneRule("finding { concept: \"diabetes\" onset { to { days: 183 } } }");
+  const std::string f = R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0000819" } status: PRESENT )pb";
+  EXPECT_EQ(AppliedLr(*rs, f + "onset { days: 20 } }"), 4);
+  EXPECT_EQ(AppliedLr(*rs, f + "onset { iso8601_duration: \"P2M\" } }"), 4);
+  EXPECT_EQ(AppliedLr(*rs, f + "onset { days: 400 } } age { days: 500 }"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, f + "}"), 1);  // onset unknown
+}
+
+TEST(EngineTest, LabConditionUsesAgeLimitsAndUnits) {
+  auto rs = OneRule("lab { lab: \"ige\" above_upper_limit_times: 1 measured_at { from { days: 30 } } }");
+  auto lab = [](const std::string& value, const std::string& unit, int age_days) {
+    return "sex: MALE measurements { assay { system: \"LOINC\" code: \"19113-0\" } value: " + value +
+           " unit: \"" + unit + "\" age { days: " + std::to_string(age_days) + " } }";
+  };
+  EXPECT_EQ(AppliedLr(*rs, lab("50", "kU/L", 60)), 4);       // > 13 at 2 months
+  EXPECT_EQ(AppliedLr(*rs, lab("50", "kU/L", 400)), 0.5);    // <= 100 after 6 months
+  EXPECT_EQ(AppliedLr(*rs, lab("50", "ng/mL", 60)), 4);      // 20 IU/mL
+  EXPECT_EQ(AppliedLr(*rs, lab("25", "ng/mL", 60)), 0.5);    // 10 IU/mL
+  EXPECT_EQ(AppliedLr(*rs, lab("500", "kU/L", 10)), 1);      // too early to count
+  EXPECT_EQ(AppliedLr(*rs, lab("50", "[iu]/ml", 60)), 4);    // units match case-insensitively
+  // The reporting lab's own range overrides the default limit.
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE measurements { assay { system: \"LOINC\" code: \"19113-0\" } "
+                           "value: 50 unit: \"kU/L\" age { days: 60 } reference_range { high: 60 } }"),
+            0.5);
+  // The latest measurement decides.
+  EXPECT_EQ(AppliedLr(*rs, lab("50", "kU/L", 60) + " measurements { assay { system: \"LOINC\" code: "
+                                                   "\"19113-0\" } value: 5 unit: \"kU/L\" age { days: 90 } }"),
+            0.5);
+}
+
+TEST(EngineTest, LabWithUnconvertibleUnitIsIgnoredWithWarning) {
+  auto rs = OneRule("lab { lab: \"ige\" above: 10 }");
+  const auto r = EvaluateText(*rs, R"pb(sex: MALE measurements { assay { system: "LOINC" code: "19113-0" } value: 50 unit: "mg/dL" age { days: 60 } })pb");
+  EXPECT_NEAR(Probability(r, "h"), Expected(1), 1e-12);
+  bool warned = false;
+  for (const auto& w : r.warnings()) {
+    if (w.kind() == cds::v1::Warning::UNCONVERTIBLE_UNIT) {
+      warned = true;
+      EXPECT_EQ(w.field(), "patient.measurements[0].unit");
+    }
+  }
+  EXPECT_TRUE(warned);
+}
+
+TEST(EngineTest, SexCondition) {
+  auto rs = OneRule("sex: MALE");
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE"), 4);
+  EXPECT_EQ(AppliedLr(*rs, "sex: FEMALE"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, "sex: UNKNOWN_SEX"), 1);
+}
+
+TEST(EngineTest, AgeCondition) {
+  auto rs = OneRule("age { to { days: 365 } }");
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE age { days: 30 }"), 4);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE age { iso8601_duration: \"P3Y\" }"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE"), 1);
+}
+
+TEST(EngineTest, FamilyConditionFollowsTheMaternalXLine) {
+  auto rs = OneRule(
+      "family { line: MATERNAL_X_LINE sex: MALE affected_concept: \"ipex_like\" or_died_in_infancy: true }");
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE"), 1);  // no history taken
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { }"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: MATERNAL_UNCLE died_in_infancy: true } }"), 4);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: BROTHER conditions { code: \"OMIM:304790\" } } }"), 4);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: MATERNAL_COUSIN_VIA_AUNT sex: MALE died_in_infancy: true } }"), 4);
+  // Not on the maternal X line, or not male.
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: PATERNAL_UNCLE died_in_infancy: true } }"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: FATHER conditions { code: \"OMIM:304790\" } } }"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: MATERNAL_COUSIN_VIA_UNCLE sex: MALE died_in_infancy: true } }"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: SISTER died_in_infancy: true } }"), 0.5);
+}
+
+TEST(EngineTest, FamilyConditionMinCount) {
+  auto rs = OneRule("family { line: ANY_LINE or_died_in_infancy: true min_count: 2 }");
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: BROTHER died_in_infancy: true } }"), 0.5);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { relatives { relationship: BROTHER died_in_infancy: true } relatives { relationship: FATHER died_in_infancy: true } }"), 4);
+}
+
+TEST(EngineTest, ConsanguinityCondition) {
+  auto rs = OneRule("consanguinity: true");
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE"), 1);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { }"), 1);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { consanguinity: CONSANGUINEOUS }"), 4);
+  EXPECT_EQ(AppliedLr(*rs, "sex: MALE family_history { consanguinity: NOT_CONSANGUINEOUS }"), 0.5);
+}
+
+// Kleene logic over two findings: d (diarrhoea) and e (eczema), each present (P),
+// excluded (X) or not recorded (-).
+std::string Two(char d, char e) {
+  std::string text = "sex: MALE ";
+  auto add = [&](char state, const char* code) {
+    if (state == '-') return;
+    text += std::string("findings { term { system: \"HPO\" code: \"") + code + "\" } status: " +
+            (state == 'P' ? "PRESENT" : "EXCLUDED") + " } ";
+  };
+  add(d, "HP:0002028");
+  add(e, "HP:0000964");
+  return text;
+}
+
+TEST(EngineTest, AllAnyNotAtLeast) {
+  const std::string d = "{ finding { concept: \"diarrhoea\" } }";
+  const std::string e = "{ finding { concept: \"eczema\" } }";
+  auto all = OneRule("all { conditions " + d + " conditions " + e + " }");
+  EXPECT_EQ(AppliedLr(*all, Two('P', 'P')), 4);
+  EXPECT_EQ(AppliedLr(*all, Two('P', '-')), 1);
+  EXPECT_EQ(AppliedLr(*all, Two('X', '-')), 0.5);
+  auto any = OneRule("any { conditions " + d + " conditions " + e + " }");
+  EXPECT_EQ(AppliedLr(*any, Two('P', '-')), 4);
+  EXPECT_EQ(AppliedLr(*any, Two('X', '-')), 1);
+  EXPECT_EQ(AppliedLr(*any, Two('X', 'X')), 0.5);
+  auto negation = OneRule("not " + d);
+  EXPECT_EQ(AppliedLr(*negation, Two('X', '-')), 4);
+  EXPECT_EQ(AppliedLr(*negation, Two('P', '-')), 0.5);
+  EXPECT_EQ(AppliedLr(*negation, Two('-', '-')), 1);
+  auto at_least = OneRule("at_least { count: 2 conditions " + d + " conditions " + e +
+                          " conditions { sex: MALE } }");
+  EXPECT_EQ(AppliedLr(*at_least, Two('P', '-')), 4);   // diarrhoea + male
+  EXPECT_EQ(AppliedLr(*at_least, Two('X', '-')), 1);   // male, eczema unknown
+  EXPECT_EQ(AppliedLr(*at_least, Two('X', 'X')), 0.5);
+}
+
+TEST(EngineTest, CorrelatedGroupCountsOnlyTheStrongest) {
+  auto rs = Build(R"pb(
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "weak" group: "atopy" when { finding { concept: "eczema" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "strong" group: "atopy" when { lab { lab: "ige" above: 10 } } likelihood_ratios { positive: 8 } provenance { reference_ids: "SRC" } }
+    }
+  )pb");
+  const auto r = EvaluateText(*rs, R"pb(sex: MALE
+    findings { term { system: "HPO" code: "HP:0000964" } status: PRESENT }
+    measurements { assay { system: "LOINC" code: "19113-0" } value: 50 unit: "kU/L" age { days: 60 } })pb");
+  EXPECT_NEAR(Probability(r, "h"), 0.8 / (0.8 + 0.9), 1e-12);
+  const auto& s = r.suggestions(0);
+  ASSERT_EQ(s.evidence_size(), 2);
+  EXPECT_EQ(s.evidence(0).rule_id(), "h/strong");
+  EXPECT_FALSE(s.evidence(0).superseded());
+  EXPECT_EQ(s.evidence(1).rule_id(), "h/weak");
+  EXPECT_TRUE(s.evidence(1).superseded());
+  EXPECT_EQ(s.evidence(1).likelihood_ratio(), 1.0);
+}
+
+TEST(EngineTest, MaxProbabilityCapsThePosterior) {
+  auto rs = Build(R"pb(
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.5 pretest_provenance { assumption: true note: "t" }
+      max_probability: 0.9 max_probability_provenance { assumption: true note: "t" }
+      evidence { id: "e" when { sex: MALE } likelihood_ratios { positive: 100 } provenance { reference_ids: "SRC" } }
+    }
+  )pb");
+  EXPECT_NEAR(Probability(EvaluateText(*rs, "sex: MALE"), "h"), 0.9, 1e-12);
+}
+
+TEST(EngineTest, RankingIsDeterministic) {
+  auto rs = Build(R"pb(
+    hypotheses { id: "zeta" title: "Z" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" } }
+    hypotheses { id: "alpha" title: "A" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" } }
+    hypotheses { id: "mid" title: "M" pretest_probability: 0.2 pretest_provenance { assumption: true note: "t" } }
+    actions { id: "t_b" kind: TEST title: "T" urgency: WARNING priority: 1 when { sex: MALE } }
+    actions { id: "t_a" kind: TEST title: "T" urgency: WARNING priority: 1 when { sex: MALE } }
+    actions { id: "t_first" kind: REFERRAL title: "T" urgency: WARNING priority: 0 when { sex: MALE } }
+    actions { id: "t_info" kind: TREATMENT title: "T" urgency: INFO priority: -5 when { sex: MALE } }
+    actions { id: "t_crit" kind: TEST title: "T" urgency: CRITICAL priority: 9 when { sex: MALE } }
+    actions { id: "alert_w" kind: ALERT title: "A" urgency: WARNING when { sex: MALE } }
+    actions { id: "alert_c" kind: ALERT title: "A" urgency: CRITICAL when { sex: MALE } }
+  )pb");
+  const auto r = EvaluateText(*rs, "sex: MALE");
+  std::vector<std::string> order;
+  for (const auto& s : r.suggestions()) order.push_back(s.rule_id());
+  EXPECT_THAT(order, ElementsAre("alert_c", "alert_w", "mid", "alpha", "zeta", "t_crit", "t_first",
+                                 "t_a", "t_b", "t_info"));
+  for (int i = 0; i < r.suggestions_size(); ++i) EXPECT_EQ(r.suggestions(i).rank(), i + 1);
+}
+
+TEST(EngineTest, ProbabilityConditionsDriveActions) {
+  auto rs = Build(R"pb(
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.05 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "d" when { finding { concept: "diarrhoea" } } likelihood_ratios { positive: 20 negative: 0.1 } provenance { reference_ids: "SRC" } }
+    }
+    hypotheses { id: "g" title: "G" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" } }
+    actions { id: "test_h" kind: TEST title: "Test for H" urgency: WARNING reference_ids: "SRC"
+              when { all { conditions { probability { hypothesis: "h" at_least: 0.3 in_top: 1 } } conditions { sex: MALE } } } }
+  )pb");
+  const auto fired = EvaluateText(*rs, R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0002028" } status: PRESENT })pb");
+  const auto& last = fired.suggestions(fired.suggestions_size() - 1);
+  EXPECT_EQ(last.rule_id(), "test_h");
+  EXPECT_EQ(last.kind(), cds::v1::TEST);
+  ASSERT_GE(last.evidence_size(), 2);  // both leaves explain it
+  EXPECT_EQ(last.references_size(), 1);
+  const auto quiet = EvaluateText(*rs, R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0002028" } status: EXCLUDED })pb");
+  for (const auto& s : quiet.suggestions()) EXPECT_NE(s.rule_id(), "test_h");
+  const auto female = EvaluateText(*rs, R"pb(sex: FEMALE findings { term { system: "HPO" code: "HP:0002028" } status: PRESENT })pb");
+  for (const auto& s : female.suggestions()) EXPECT_NE(s.rule_id(), "test_h");
+}
+
+TEST(EngineTest, ExplanationsCanBeTurnedOff) {
+  auto rs = OneRule("finding { concept: \"diarrhoea\" }");
+  EvaluateOptions options;
+  options.explain = false;
+  const auto r = EvaluateText(*rs, R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0002028" } status: PRESENT })pb", options);
+  for (const auto& s : r.suggestions()) EXPECT_EQ(s.evidence_size(), 0);
+  EXPECT_NEAR(Probability(r, "h"), Expected(4), 1e-12);
+}
+
+TEST(EngineTest, ResponseNamesRuleSetAndWarnsAboutUnknownCodesAndMissingData) {
+  auto rs = Build(R"pb(
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "ige" when { lab { lab: "ige" above: 100 } } likelihood_ratios { positive: 3 } provenance { reference_ids: "SRC" } }
+      evidence { id: "fam" when { family { line: ANY_LINE or_died_in_infancy: true } } likelihood_ratios { positive: 3 } provenance { reference_ids: "SRC" } }
+      evidence { id: "sex" when { sex: MALE } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+    }
+  )pb");
+  const auto r = EvaluateText(*rs, R"pb(sex: UNKNOWN_SEX
+    findings { term { system: "HPO" code: "HP:9999999" } status: PRESENT }
+    measurements { assay { system: "LOINC" code: "0000-0" } value: 1 unit: "g/L" })pb");
+  EXPECT_EQ(r.rule_set().name(), "t");
+  EXPECT_EQ(r.rule_set().version(), "1.0.0");
+  EXPECT_EQ(r.rule_set().digest(), rs->digest);
+  EXPECT_EQ(r.disclaimer(), "Support only.");
+  std::vector<std::string> fields;
+  for (const auto& w : r.warnings()) fields.push_back(w.field());
+  EXPECT_THAT(fields, testing::UnorderedElementsAre(
+                          "patient.findings[0].term", "patient.measurements[0].assay", "patient.sex",
+                          "patient.family_history", "patient.measurements"));
+}
+
+TEST(EngineTest, AlwaysListsAlternatives) {
+  auto rs = OneRule("sex: MALE");
+  const auto r = EvaluateText(*rs, "sex: FEMALE");
+  int diagnoses = 0;
+  for (const auto& s : r.suggestions()) diagnoses += s.kind() == cds::v1::DIAGNOSIS;
+  EXPECT_EQ(diagnoses, 2);
+}
+
+struct InvalidCase {
+  const char* patient;
+  const char* field;
+};
+
+class InvalidPatientTest : public testing::TestWithParam<InvalidCase> {};
+
+TEST_P(InvalidPatientTest, IsRejectedNamingTheField) {
+  auto rs = OneRule("sex: MALE");
+  cds::v1::EvaluateResponse response;
+  const absl::Status status =
+      Evaluate(*rs, ParsePatient(GetParam().patient), EvaluateOptions{}, &response);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(status.message()), HasSubstr(GetParam().field));
+  // No patient data: the distinctive reference and values never appear.
+  EXPECT_THAT(std::string(status.message()), Not(HasSubstr("SECRET")));
+  EXPECT_THAT(std::string(status.message()), Not(HasSubstr("12345.6")));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Malformed, InvalidPatientTest,
+    testing::Values(
+        InvalidCase{"reference: \"SECRET\"", "patient.sex"},
+        InvalidCase{"reference: \"SECRET\" sex: 99", "patient.sex"},
+        InvalidCase{"sex: MALE age { days: -12345.6 }", "patient.age"},
+        InvalidCase{"sex: MALE age { days: nan }", "patient.age"},
+        InvalidCase{"sex: MALE age { iso8601_duration: \"SECRET\" }", "patient.age"},
+        InvalidCase{"sex: MALE findings { status: PRESENT }", "patient.findings[0].term"},
+        InvalidCase{"sex: MALE findings { term { system: \"HPO\" } status: PRESENT }",
+                    "patient.findings[0].term.code"},
+        InvalidCase{"sex: MALE findings { term { code: \"SECRET\" } status: PRESENT }",
+                    "patient.findings[0].term.system"},
+        InvalidCase{"sex: MALE findings { term { code: \"HP:0000001\" } }",
+                    "patient.findings[0].status"},
+        InvalidCase{"sex: MALE findings { term { code: \"HP:0000001\" } status: PRESENT onset { days: -1 } }",
+                    "patient.findings[0].onset"},
+        InvalidCase{"sex: MALE age { days: 10 } findings { term { code: \"HP:0000001\" } status: PRESENT onset { days: 100 } }",
+                    "patient.findings[0].onset"},
+        InvalidCase{"sex: MALE measurements { value: 1 unit: \"g/L\" }", "patient.measurements[0].assay"},
+        InvalidCase{"sex: MALE measurements { assay { system: \"LOINC\" code: \"1\" } value: inf unit: \"g/L\" }",
+                    "patient.measurements[0].value"},
+        InvalidCase{"sex: MALE measurements { assay { system: \"LOINC\" code: \"1\" } value: -12345.6 unit: \"g/L\" }",
+                    "patient.measurements[0].value"},
+        InvalidCase{"sex: MALE measurements { assay { system: \"LOINC\" code: \"1\" } value: 1 }",
+                    "patient.measurements[0].unit"},
+        InvalidCase{"sex: MALE measurements { assay { system: \"LOINC\" code: \"1\" } value: 1 unit: \"g\" reference_range { low: 5 high: 1 } }",
+                    "patient.measurements[0].reference_range"},
+        InvalidCase{"sex: MALE family_history { relatives { sex: MALE } }",
+                    "patient.family_history.relatives[0].relationship"},
+        InvalidCase{"sex: MALE family_history { relatives { relationship: BROTHER conditions { system: \"OMIM\" } } }",
+                    "patient.family_history.relatives[0].conditions[0].code"}));
+
+TEST(CaseRunnerTest, ReportsEachUnmetExpectation) {
+  auto rs = OneRule("finding { concept: \"diarrhoea\" }");
+  cds::v1::RuleSetTests tests;
+  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(R"pb(
+    cases {
+      name: "passes"
+      patient { sex: MALE findings { term { code: "HP:0002028" } status: PRESENT } }
+      expect { top_diagnosis: "h" diagnoses_in_top: "other" probabilities { hypothesis: "h" at_least: 0.3 at_most: 0.4 } }
+    }
+    cases {
+      name: "fails"
+      patient { sex: MALE findings { term { code: "HP:0002028" } status: EXCLUDED } }
+      expect { top_diagnosis: "h" not_top_diagnosis: "other" actions: "nope" probabilities { hypothesis: "h" at_least: 0.5 } }
+    }
+    cases { name: "invalid" patient { } expect { top_diagnosis: "h" } }
+  )pb", &tests));
+  const auto results = RunCases(*rs, tests);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_TRUE(results[0].passed) << testing::PrintToString(results[0].failures);
+  EXPECT_FALSE(results[1].passed);
+  EXPECT_EQ(results[1].failures.size(), 4u) << testing::PrintToString(results[1].failures);
+  EXPECT_FALSE(results[2].passed);
+  EXPECT_THAT(results[2].failures[0], HasSubstr("patient.sex"));
+  EXPECT_FALSE(AllPassed(results));
+}
+
+}  // namespace
+}  // namespace cds::engine
