@@ -11,6 +11,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 
 namespace cds::engine {
 namespace {
@@ -267,12 +268,16 @@ class Evaluator {
     for (ConditionId child : c.children) CollectFindingCodes(child, finding_indices);
   }
 
-  // Describes the deciding measurement of a lab leaf, e.g. "Total IgE 850 [IU]/mL (upper
-  // limit for age 13)".
-  std::string DescribeLab(ConditionId id) const {
-    std::string detail;
-    EvalLab(rs_.conditions[id], &detail);
-    return detail;
+  // Describes the deciding measurement of each lab leaf under `id` that had data, e.g.
+  // "Total IgE 850 [IU]/mL > 13 (upper limit for age 13)".
+  void CollectLabDetails(ConditionId id, std::vector<std::string>* details) const {
+    const CompiledCondition& c = rs_.conditions[id];
+    if (c.kind == CompiledCondition::Kind::kLab) {
+      std::string detail;
+      if (EvalLab(c, &detail) != Tri::kUnknown) details->push_back(std::move(detail));
+      return;
+    }
+    for (ConditionId child : c.children) CollectLabDetails(child, details);
   }
 
  private:
@@ -745,7 +750,11 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       const compiler::CompiledEvidence& ev = rs.evidence[item.evidence];
       auto* e = s->add_evidence();
       e->set_rule_id(ev.id);
-      e->set_description(ev.description);
+      std::vector<std::string> lab_details;
+      evaluator.CollectLabDetails(ev.condition, &lab_details);
+      e->set_description(lab_details.empty()
+                             ? ev.description
+                             : absl::StrCat(ev.description, ": ", absl::StrJoin(lab_details, "; ")));
       e->set_effect(item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED);
       e->set_likelihood_ratio(item.superseded ? 1.0 : std::exp(item.log_lr));
       e->set_superseded(item.superseded);

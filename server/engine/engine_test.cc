@@ -288,6 +288,7 @@ TEST(EngineTest, CorrelatedGroupCountsOnlyTheStrongest) {
   const auto& s = r.suggestions(0);
   ASSERT_EQ(s.evidence_size(), 2);
   EXPECT_EQ(s.evidence(0).rule_id(), "h/strong");
+  EXPECT_THAT(s.evidence(0).description(), HasSubstr("Total IgE 50 [IU]/mL > 10"));
   EXPECT_FALSE(s.evidence(0).superseded());
   EXPECT_EQ(s.evidence(1).rule_id(), "h/weak");
   EXPECT_TRUE(s.evidence(1).superseded());
