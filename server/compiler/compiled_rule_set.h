@@ -15,6 +15,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "cds/v1/rules.pb.h"
+#include "server/ontology/ontology.h"
 
 namespace cds::compiler {
 
@@ -169,8 +170,14 @@ struct CompiledRuleSet {
   std::vector<CompiledAction> actions;
   std::vector<CompiledCondition> conditions;
 
-  // CodeKey -> concept indices the code belongs to.
+  // The ontology the concepts were expanded with (null when codes match exactly).
+  std::shared_ptr<const ontology::Ontology> ontology;
+  // CodeKey -> concepts a PRESENT finding with this code matches (the concept's codes, and
+  // with an ontology their descendants and those terms' alternative and obsolete ids).
   absl::flat_hash_map<std::string, std::vector<int32_t>> concepts_by_code;
+  // CodeKey -> concepts an EXCLUDED finding with this code rules out (the concept's codes,
+  // and with an ontology their ancestors and aliases).
+  absl::flat_hash_map<std::string, std::vector<int32_t>> concepts_by_excluded_code;
   // CodeKey of an assay -> lab index.
   absl::flat_hash_map<std::string, int32_t> labs_by_code;
 

@@ -11,6 +11,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -238,6 +239,22 @@ class Compilation {
                       Child(at, md, "min_probability_to_show"), "",
                       "metadata.min_probability_to_show");
     }
+    if (!md.ontology().empty()) {
+      if (!source_.ontology_provider) {
+        Error(kRuleSetFile, Child(at, md, "ontology"), "",
+              absl::StrCat("metadata.ontology '", md.ontology(),
+                           "' is named but no ontology directory is available"));
+      } else {
+        auto loaded = source_.ontology_provider(md.ontology());
+        if (!loaded.ok()) {
+          Error(kRuleSetFile, Child(at, md, "ontology"), "",
+                absl::StrCat("metadata.ontology '", md.ontology(),
+                             "' cannot be loaded: ", loaded.status().message()));
+        } else {
+          out_->ontology = *std::move(loaded);
+        }
+      }
+    }
     out_->name = md.name();
     out_->version = md.version();
     out_->disclaimer = md.disclaimer();
@@ -337,15 +354,60 @@ class Compilation {
         const Src code_at = Child(at, concept_def, "codes", c);
         std::string key;
         if (!CheckCode(code, code_at, concept_def.id(), &key)) continue;
-        auto& list = out_->concepts_by_code[key];
-        if (std::find(list.begin(), list.end(), index) != list.end()) {
+        const auto& present = out_->concepts_by_code[key];
+        if (std::find(present.begin(), present.end(), index) != present.end() &&
+            out_->ontology == nullptr) {
           Warn(kRuleSetFile, code_at, concept_def.id(),
                absl::StrCat("code ", code.code(), " is listed twice"));
           continue;
         }
-        list.push_back(index);
+        if (out_->ontology != nullptr && absl::StartsWith(key, "HPO|")) {
+          IndexThroughOntology(code.code(), index, code_at, concept_def.id());
+        } else {
+          AddToIndex(&out_->concepts_by_code, key, index);
+          AddToIndex(&out_->concepts_by_excluded_code, key, index);
+        }
       }
     }
+  }
+
+  static void AddToIndex(absl::flat_hash_map<std::string, std::vector<int32_t>>* index,
+                         const std::string& key, int32_t concept_index) {
+    auto& list = (*index)[key];
+    if (std::find(list.begin(), list.end(), concept_index) == list.end()) {
+      list.push_back(concept_index);
+    }
+  }
+
+  // A PRESENT finding matches the concept when its term is the code or below it; an
+  // EXCLUDED finding rules the concept out when its term is the code or above it (ruling
+  // out "Diarrhea" rules out "Chronic diarrhea", not the other way round). Every term is
+  // indexed under its primary, alternative and obsolete ids.
+  void IndexThroughOntology(const std::string& code, int32_t concept_index, const Src& at,
+                            const std::string& rule_id) {
+    const ontology::Ontology& onto = *out_->ontology;
+    const std::optional<int32_t> term = onto.Resolve(code);
+    if (!term) {
+      Error(kRuleSetFile, at, rule_id,
+            absl::StrCat("HPO code ", code,
+                         onto.Knows(code) ? " is obsolete without a replacement" : " is not in",
+                         " ontology release ", onto.release()));
+      return;
+    }
+    if (!onto.IsLive(code)) {
+      Warn(kRuleSetFile, at, rule_id,
+           absl::StrCat("HPO code ", code, " is not a current id in ", onto.release(), "; use ",
+                        onto.Id(*term), " (", onto.Label(*term), ")"));
+    }
+    auto index_term = [&](absl::flat_hash_map<std::string, std::vector<int32_t>>* index,
+                          int32_t t) {
+      AddToIndex(index, CodeKey("HPO", onto.Id(t)), concept_index);
+      for (const std::string& alias : onto.AliasesOf(t)) {
+        AddToIndex(index, CodeKey("HPO", alias), concept_index);
+      }
+    };
+    for (int32_t d : onto.DescendantsOrSelf(*term)) index_term(&out_->concepts_by_code, d);
+    for (int32_t a : onto.AncestorsOrSelf(*term)) index_term(&out_->concepts_by_excluded_code, a);
   }
 
   bool CheckCode(const cds::v1::Code& code, const Src& at, const std::string& rule_id,

@@ -4,11 +4,14 @@
 // (with file, line and rule id) instead of stopping at the first. Pure: no file I/O
 // (see source_loader.h for reading a directory).
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "server/compiler/compiled_rule_set.h"
+#include "server/ontology/ontology.h"
 
 namespace cds::compiler {
 
@@ -17,12 +20,18 @@ struct SourceFile {
   std::string content;
 };
 
+// Supplies the ontology release a rule set names (metadata.ontology).
+using OntologyProvider = std::function<absl::StatusOr<std::shared_ptr<const ontology::Ontology>>(
+    const std::string& release)>;
+
 // The files of one rule-set version. `expected_name` / `expected_version` come from the
 // directory layout (rules/<name>/<version>/); empty to skip that check.
 struct RuleSetSource {
   std::string expected_name;
   std::string expected_version;
   std::vector<SourceFile> files;
+  // Needed only when the rule set names an ontology.
+  OntologyProvider ontology_provider;
 };
 
 // The rule set's main file and its test cases, by convention.

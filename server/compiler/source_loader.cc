@@ -6,10 +6,31 @@
 #include <sstream>
 #include <system_error>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 
 namespace cds::compiler {
 namespace fs = std::filesystem;
+
+absl::StatusOr<std::shared_ptr<const ontology::Ontology>> LoadOntologyCached(
+    const std::string& ontology_dir, const std::string& release) {
+  // Release names become file names: keep them to plain names.
+  if (release.empty() || release.find('/') != std::string::npos || release[0] == '.') {
+    return absl::InvalidArgumentError(absl::StrCat("invalid ontology release '", release, "'"));
+  }
+  static absl::Mutex mu(absl::kConstInit);
+  static auto* cache ABSL_GUARDED_BY(mu) =
+      new absl::flat_hash_map<std::string, std::shared_ptr<const ontology::Ontology>>();
+  const std::string path = (fs::path(ontology_dir) / (release + ".tsv")).lexically_normal().string();
+  absl::MutexLock lock(&mu);
+  if (auto it = cache->find(path); it != cache->end()) return it->second;
+  auto loaded = ontology::Ontology::Load(path);
+  if (!loaded.ok()) return loaded.status();
+  cache->emplace(path, *loaded);
+  return *loaded;
+}
 
 absl::StatusOr<RuleSetSource> LoadRuleSetDir(const std::string& dir) {
   std::error_code ec;
@@ -22,6 +43,10 @@ absl::StatusOr<RuleSetSource> LoadRuleSetDir(const std::string& dir) {
   if (trimmed.filename().empty()) trimmed = trimmed.parent_path();
   source.expected_version = trimmed.filename().string();
   source.expected_name = trimmed.parent_path().filename().string();
+  const std::string ontology_dir = (trimmed.parent_path().parent_path() / "ontology").string();
+  source.ontology_provider = [ontology_dir](const std::string& release) {
+    return LoadOntologyCached(ontology_dir, release);
+  };
   for (const auto& entry : fs::directory_iterator(path, ec)) {
     if (!entry.is_regular_file()) continue;
     std::ifstream in(entry.path(), std::ios::binary);

@@ -403,13 +403,26 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
   for (int i = 0; i < patient.findings_size(); ++i) {
     const Finding& f = patient.findings(i);
     if (f.status() == Finding::UNKNOWN) continue;
-    const std::string key = compiler::CodeKey(
-        compiler::NormalizeSystem(f.term().system(), f.term().code()), f.term().code());
-    auto it = rs.concepts_by_code.find(key);
-    if (it == rs.concepts_by_code.end()) {
-      AddWarning(response, cds::v1::Warning::UNKNOWN_CODE, FieldPath("findings", i, ".term"),
-                 absl::StrCat("code ", f.term().code(), " is not known to rule set ", rs.name, " ",
-                              rs.version, "; it did not affect the result"));
+    const std::string system = compiler::NormalizeSystem(f.term().system(), f.term().code());
+    const std::string key = compiler::CodeKey(system, f.term().code());
+    const auto& index =
+        f.status() == Finding::EXCLUDED ? rs.concepts_by_excluded_code : rs.concepts_by_code;
+    auto it = index.find(key);
+    if (rs.ontology != nullptr && system == "HPO") {
+      // With an ontology, only ids it does not know are worth a warning: a known term that
+      // no rule uses is simply not evidence for this differential.
+      if (!rs.ontology->Knows(f.term().code())) {
+        AddWarning(response, cds::v1::Warning::UNKNOWN_CODE, FieldPath("findings", i, ".term"),
+                   absl::StrCat("code ", f.term().code(), " is not in ontology release ",
+                                rs.ontology->release(), "; it did not affect the result"));
+      }
+      if (it == index.end()) continue;
+    } else if (it == index.end()) {
+      if (f.status() == Finding::PRESENT || !rs.concepts_by_code.contains(key)) {
+        AddWarning(response, cds::v1::Warning::UNKNOWN_CODE, FieldPath("findings", i, ".term"),
+                   absl::StrCat("code ", f.term().code(), " is not known to rule set ", rs.name,
+                                " ", rs.version, "; it did not affect the result"));
+      }
       continue;
     }
     const compiler::AgeDays onset = compiler::ToDays(f.onset());
@@ -591,6 +604,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   ref->set_name(rs.name);
   ref->set_version(rs.version);
   ref->set_digest(rs.digest);
+  if (rs.ontology != nullptr) ref->set_ontology(rs.ontology->release());
   response->set_disclaimer(rs.disclaimer);
 
   Facts facts = BuildFacts(rs, patient, response);

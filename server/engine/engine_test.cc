@@ -469,3 +469,91 @@ TEST(CaseRunnerTest, ReportsEachUnmetExpectation) {
 
 }  // namespace
 }  // namespace cds::engine
+
+namespace cds::engine {
+namespace {
+
+constexpr char kMiniHpo[] =
+    "id\tlabel\tparents\talt_ids\tstatus\n"
+    "HP:0000001\tAll\t\t\tlive\n"
+    "HP:0002014\tDiarrhea\tHP:0000001\t\tlive\n"
+    "HP:0002028\tChronic diarrhea\tHP:0002014\tHP:0000777\tlive\n"
+    "HP:0002041\tIntractable diarrhea\tHP:0002028\t\tlive\n"
+    "HP:0004385\tProtracted diarrhea\tHP:0002014\t\tlive\n"
+    "HP:0000555\tobsolete Old intractable diarrhea\t\t\tobsolete>HP:0002041\n";
+
+compiler::CompileResult CompileWithOntology(const std::string& concept_code) {
+  compiler::RuleSetSource source;
+  source.files.push_back({compiler::kRuleSetFile, R"pb(
+    metadata { name: "t" version: "1.0.0" status: ACTIVE title: "T" disclaimer: "Support only." ontology: "hp-mini" }
+    references { id: "SRC" citation: "A source." }
+    concepts { id: "chronic" label: "Chronic diarrhoea" codes { system: "HPO" code: ")pb" + concept_code + R"pb(" } }
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "e" when { finding { concept: "chronic" } } likelihood_ratios { positive: 4 negative: 0.5 } provenance { reference_ids: "SRC" } }
+    }
+  )pb"});
+  source.ontology_provider = [](const std::string& release)
+      -> absl::StatusOr<std::shared_ptr<const ontology::Ontology>> {
+    if (release != "hp-mini") return absl::NotFoundError("no such release");
+    return ontology::Ontology::Parse(kMiniHpo, release);
+  };
+  return compiler::Compile(source);
+}
+
+double HypothesisProbability(const compiler::CompiledRuleSet& rs, const std::string& finding) {
+  cds::v1::EvaluateResponse response;
+  EXPECT_TRUE(Evaluate(rs, ParsePatient("sex: MALE " + finding), EvaluateOptions{}, &response).ok());
+  return response.suggestions(0).probability();
+}
+
+TEST(OntologyMatchingTest, ConceptsMatchDescendantsAndExclusionsOfAncestors) {
+  const auto result = CompileWithOntology("HP:0002028");
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  const auto& rs = *result.rule_set;
+  const double yes = 0.4 / 1.3;
+  const double no = 0.05 / 0.95;
+  const double none = 0.1;
+  auto finding = [](const char* code, const char* status) {
+    return std::string("findings { term { system: \"HPO\" code: \"") + code + "\" } status: " +
+           status + " }";
+  };
+  EXPECT_NEAR(HypothesisProbability(rs, finding("HP:0002028", "PRESENT")), yes, 1e-12);
+  EXPECT_NEAR(HypothesisProbability(rs, finding("HP:0002041", "PRESENT")), yes, 1e-12);  // child
+  EXPECT_NEAR(HypothesisProbability(rs, finding("HP:0000555", "PRESENT")), yes, 1e-12);  // obsolete id of a child
+  EXPECT_NEAR(HypothesisProbability(rs, finding("HP:0000777", "PRESENT")), yes, 1e-12);  // alternative id
+  EXPECT_NEAR(HypothesisProbability(rs, finding("HP:0002014", "PRESENT")), none, 1e-12);  // parent: too vague
+  EXPECT_NEAR(HypothesisProbability(rs, finding("HP:0004385", "PRESENT")), none, 1e-12);  // sibling
+  EXPECT_NEAR(HypothesisProbability(rs, finding("HP:0002014", "EXCLUDED")), no, 1e-12);  // no diarrhoea at all
+  EXPECT_NEAR(HypothesisProbability(rs, finding("HP:0002041", "EXCLUDED")), none, 1e-12);  // a narrower term
+}
+
+TEST(OntologyMatchingTest, ResponseNamesReleaseAndWarnsOnlyForIdsTheOntologyLacks) {
+  const auto result = CompileWithOntology("HP:0002028");
+  ASSERT_TRUE(result.ok());
+  cds::v1::EvaluateResponse response;
+  ASSERT_TRUE(Evaluate(*result.rule_set, ParsePatient(R"pb(sex: MALE
+    findings { term { system: "HPO" code: "HP:0004385" } status: PRESENT }
+    findings { term { system: "HPO" code: "HP:5210041" } status: PRESENT })pb"),
+                       EvaluateOptions{}, &response).ok());
+  EXPECT_EQ(response.rule_set().ontology(), "hp-mini");
+  ASSERT_EQ(response.warnings_size(), 1);
+  EXPECT_EQ(response.warnings(0).kind(), cds::v1::Warning::UNKNOWN_CODE);
+  EXPECT_EQ(response.warnings(0).field(), "patient.findings[1].term");
+}
+
+TEST(OntologyMatchingTest, CompilerChecksCodesAgainstTheRelease) {
+  EXPECT_THAT(CompileWithOntology("HP:0099999").IssuesToString(),
+              HasSubstr("HP:0099999 is not in ontology release hp-mini"));
+  const auto obsolete = CompileWithOntology("HP:0000555");
+  EXPECT_TRUE(obsolete.ok());
+  EXPECT_THAT(obsolete.IssuesToString(), HasSubstr("use HP:0002041"));
+  compiler::RuleSetSource source;
+  source.files.push_back({compiler::kRuleSetFile,
+                          R"pb(metadata { name: "t" version: "1.0.0" status: ACTIVE title: "T"
+                                          disclaimer: "x" ontology: "hp-mini" })pb"});
+  EXPECT_THAT(compiler::Compile(source).IssuesToString(), HasSubstr("no ontology directory"));
+}
+
+}  // namespace
+}  // namespace cds::engine
