@@ -133,6 +133,7 @@ class Compilation {
       CompileLabs();
       CompileHypotheses();
       CompileActions();
+      CheckScreening();
       CheckTests();
       LintUnusedConcepts();
       BuildTriggerIndex();
@@ -1028,6 +1029,24 @@ class Compilation {
       if (compiled.condition < 0) continue;
       out_->actions.push_back(std::move(compiled));
     }
+  }
+
+  // ---- pass: screening target ---------------------------------------------------------
+  void CheckScreening() {
+    const auto& md = out_->definition.metadata();
+    if (!md.has_screening()) return;
+    const Src root{&rules_tree_, 1, 1};
+    const Src at = Child(Child(root, out_->definition, "metadata"), md, "screening");
+    const auto& screening = md.screening();
+    if (!hypothesis_index_.contains(screening.hypothesis())) {
+      Error(kRuleSetFile, at, "",
+            absl::StrCat("screening names unknown hypothesis '", screening.hypothesis(), "'"));
+    }
+    if (!IsProbability(screening.alert_threshold())) {
+      Error(kRuleSetFile, at, "", "screening alert_threshold must be in (0, 1)");
+    }
+    CheckProvenance(screening.provenance(), screening.has_provenance(), at, "",
+                    "screening alert_threshold");
   }
 
   // ---- pass: embedded test cases ------------------------------------------------------

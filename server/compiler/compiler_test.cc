@@ -359,6 +359,23 @@ TEST(CompilerTest, ConditionErrors) {
   EXPECT_THAT(errors, Contains(HasSubstr("in_top must not be negative")));
 }
 
+TEST(CompilerTest, ScreeningErrors) {
+  const std::string body = std::string(kValidBody);
+  auto with = [&](const std::string& screening) {
+    std::string text = std::string(kMetadata) + body;
+    text.replace(text.find("disclaimer:"), 0, screening + "\n    ");
+    return Errors(CompileText(text));
+  };
+  EXPECT_THAT(with("screening { hypothesis: \"ipex\" alert_threshold: 0.2 provenance { assumption: true note: \"x\" } }"),
+              IsEmpty());
+  EXPECT_THAT(with("screening { hypothesis: \"nope\" alert_threshold: 0.2 provenance { assumption: true note: \"x\" } }"),
+              Contains(HasSubstr("unknown hypothesis 'nope'")));
+  EXPECT_THAT(with("screening { hypothesis: \"ipex\" alert_threshold: 1.2 provenance { assumption: true note: \"x\" } }"),
+              Contains(HasSubstr("alert_threshold must be in (0, 1)")));
+  EXPECT_THAT(with("screening { hypothesis: \"ipex\" alert_threshold: 0.2 }"),
+              Contains(HasSubstr("screening alert_threshold needs a provenance")));
+}
+
 TEST(CompilerTest, ActionErrors) {
   const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
     concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
