@@ -120,6 +120,18 @@ struct CompiledEvidence {
   // Correlated-evidence group within the hypothesis, or -1.
   int32_t group = -1;
   std::string source;  // "ruleset.textproto:123"
+  // Frequency of the condition in the hypothesis and in the comparison population, when
+  // authored or derivable from a pair of likelihood ratios; negative otherwise. Used to
+  // compute the value of a test.
+  double p_hypothesis = -1;
+  double p_comparison = -1;
+};
+
+// A fact a test's result makes known.
+struct FactKey {
+  enum class Kind : uint8_t { kConcept, kLab, kFamily };
+  Kind kind;
+  int32_t index;  // concept or lab index; 0 for family
 };
 
 struct CompiledHypothesis {
@@ -142,9 +154,12 @@ struct CompiledAction {
   std::string detail;
   cds::v1::Urgency urgency = cds::v1::INFO;
   int32_t priority = 0;
-  ConditionId condition = -1;
+  ConditionId condition = -1;  // -1: fires whenever the test is informative
   std::vector<cds::v1::Reference> references;
   std::string source;
+  // What the test would reveal (empty for actions without an information value).
+  std::vector<FactKey> reveals;
+  double min_gain_bits = 0.01;
 };
 
 // Where an evidence item or action is listed in the trigger index.
@@ -189,6 +204,13 @@ struct CompiledRuleSet {
   std::vector<RuleRef> rules_on_age;
   std::vector<RuleRef> rules_on_family;         // family history taken
   std::vector<RuleRef> rules_on_consanguinity;  // consanguinity recorded
+  // Actions with an information value: always considered, since their point is missing data.
+  std::vector<int32_t> information_actions;
+  // Evidence whose whole condition is one leaf on the fact (the items a test's result
+  // would decide), for computing information value.
+  std::vector<std::vector<int32_t>> leaf_evidence_by_concept;
+  std::vector<std::vector<int32_t>> leaf_evidence_by_lab;
+  std::vector<int32_t> leaf_evidence_on_family;
 };
 
 }  // namespace cds::compiler

@@ -952,6 +952,8 @@ class Compilation {
         }
         out->lr_positive = f.in_hypothesis() / f.in_comparison();
         out->lr_negative = (1 - f.in_hypothesis()) / (1 - f.in_comparison());
+        out->p_hypothesis = f.in_hypothesis();
+        out->p_comparison = f.in_comparison();
         break;
       }
       case cds::v1::EvidenceRule::kLikelihoodRatios: {
@@ -968,6 +970,17 @@ class Compilation {
         }
         out->lr_positive = lr.has_positive() ? lr.positive() : 1.0;
         out->lr_negative = lr.has_negative() ? lr.negative() : 1.0;
+        // LR+ = p/q and LR- = (1-p)/(1-q) give q = (1 - LR-) / (LR+ - LR-) when the two
+        // ratios point in opposite directions.
+        if ((out->lr_positive > 1 && out->lr_negative < 1) ||
+            (out->lr_positive < 1 && out->lr_negative > 1)) {
+          const double q = (1 - out->lr_negative) / (out->lr_positive - out->lr_negative);
+          const double p = out->lr_positive * q;
+          if (q > 0 && q < 1 && p > 0 && p < 1) {
+            out->p_hypothesis = p;
+            out->p_comparison = q;
+          }
+        }
         break;
       }
     }
@@ -1020,15 +1033,63 @@ class Compilation {
       compiled.priority = a.priority();
       compiled.source = absl::StrCat(kRuleSetFile, ":", at.line);
       compiled.references = ResolveReferences(a.reference_ids(), at, a, "reference_ids", a.id());
+      if (a.has_information() && !CompileInformation(a, at, &compiled)) continue;
       if (!a.has_when()) {
-        Error(kRuleSetFile, at, a.id(), "action has no 'when' condition");
-        continue;
+        if (!a.has_information()) {
+          Error(kRuleSetFile, at, a.id(), "action has no 'when' condition");
+          continue;
+        }
+      } else {
+        compiled.condition =
+            CompileCondition(a.when(), Child(at, a, "when"), a.id(), /*allow_probability=*/true);
+        if (compiled.condition < 0) continue;
       }
-      compiled.condition =
-          CompileCondition(a.when(), Child(at, a, "when"), a.id(), /*allow_probability=*/true);
-      if (compiled.condition < 0) continue;
+      if (!compiled.reveals.empty()) {
+        out_->information_actions.push_back(static_cast<int32_t>(out_->actions.size()));
+      }
       out_->actions.push_back(std::move(compiled));
     }
+  }
+
+  bool CompileInformation(const cds::v1::ActionRule& a, const Src& at, CompiledAction* out) {
+    const auto& info = a.information();
+    const Src info_at = Child(at, a, "information");
+    bool ok = true;
+    if (a.kind() != cds::v1::TEST) {
+      Error(kRuleSetFile, info_at, a.id(), "only TEST actions can have an information value");
+      ok = false;
+    }
+    for (const std::string& lab : info.labs()) {
+      auto it = lab_index_.find(lab);
+      if (it == lab_index_.end()) {
+        Error(kRuleSetFile, info_at, a.id(), absl::StrCat("unknown lab '", lab, "'"));
+        ok = false;
+        continue;
+      }
+      out->reveals.push_back(FactKey{FactKey::Kind::kLab, it->second});
+    }
+    for (const std::string& concept_id : info.concepts()) {
+      auto it = concept_index_.find(concept_id);
+      if (it == concept_index_.end()) {
+        Error(kRuleSetFile, info_at, a.id(), absl::StrCat("unknown concept '", concept_id, "'"));
+        ok = false;
+        continue;
+      }
+      used_concepts_.insert(it->second);
+      out->reveals.push_back(FactKey{FactKey::Kind::kConcept, it->second});
+    }
+    if (info.family_history()) out->reveals.push_back(FactKey{FactKey::Kind::kFamily, 0});
+    constexpr size_t kMaxRevealed = 4;  // outcomes are enumerated: 2^n
+    if (out->reveals.empty() || out->reveals.size() > kMaxRevealed) {
+      Error(kRuleSetFile, info_at, a.id(), "information must name between 1 and 4 labs, concepts or family_history");
+      ok = false;
+    }
+    if (info.min_gain_bits() < 0 || !std::isfinite(info.min_gain_bits())) {
+      Error(kRuleSetFile, info_at, a.id(), "min_gain_bits must not be negative");
+      ok = false;
+    }
+    if (info.min_gain_bits() > 0) out->min_gain_bits = info.min_gain_bits();
+    return ok;
   }
 
   // ---- pass: screening target ---------------------------------------------------------
@@ -1113,7 +1174,29 @@ class Compilation {
       IndexRule(out_->evidence[i].condition, RuleRef{RuleRef::Kind::kEvidence, static_cast<int32_t>(i)});
     }
     for (size_t i = 0; i < out_->actions.size(); ++i) {
+      if (out_->actions[i].condition < 0) continue;
       IndexRule(out_->actions[i].condition, RuleRef{RuleRef::Kind::kAction, static_cast<int32_t>(i)});
+    }
+    out_->leaf_evidence_by_concept.assign(out_->concepts.size(), {});
+    out_->leaf_evidence_by_lab.assign(out_->labs.size(), {});
+    for (size_t i = 0; i < out_->evidence.size(); ++i) {
+      const CompiledEvidence& ev = out_->evidence[i];
+      if (ev.p_hypothesis < 0) continue;
+      const CompiledCondition& c = out_->conditions[ev.condition];
+      const int32_t index = static_cast<int32_t>(i);
+      switch (c.kind) {
+        case CompiledCondition::Kind::kFinding:
+          out_->leaf_evidence_by_concept[c.ref].push_back(index);
+          break;
+        case CompiledCondition::Kind::kLab:
+          out_->leaf_evidence_by_lab[c.ref].push_back(index);
+          break;
+        case CompiledCondition::Kind::kFamily:
+          out_->leaf_evidence_on_family.push_back(index);
+          break;
+        default:
+          break;
+      }
     }
   }
 

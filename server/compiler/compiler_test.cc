@@ -359,6 +359,27 @@ TEST(CompilerTest, ConditionErrors) {
   EXPECT_THAT(errors, Contains(HasSubstr("in_top must not be negative")));
 }
 
+TEST(CompilerTest, InformationValueErrors) {
+  const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    actions { id: "a1" kind: REFERRAL title: "A" urgency: INFO information { concepts: "c" } }
+    actions { id: "a2" kind: TEST title: "A" urgency: INFO information { labs: "nope" } }
+    actions { id: "a3" kind: TEST title: "A" urgency: INFO information { concepts: "nada" } }
+    actions { id: "a4" kind: TEST title: "A" urgency: INFO information { } }
+    actions { id: "a5" kind: TEST title: "A" urgency: INFO information { concepts: "c" min_gain_bits: -1 } }
+  )pb"));
+  EXPECT_THAT(errors, Contains(HasSubstr("only TEST actions can have an information value")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown lab 'nope'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown concept 'nada'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("between 1 and 4")));
+  EXPECT_THAT(errors, Contains(HasSubstr("min_gain_bits must not be negative")));
+  // A test with an information value needs no `when`.
+  EXPECT_TRUE(CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    actions { id: "a" kind: TEST title: "A" urgency: INFO information { concepts: "c" } }
+  )pb").ok());
+}
+
 TEST(CompilerTest, ScreeningErrors) {
   const std::string body = std::string(kValidBody);
   auto with = [&](const std::string& screening) {

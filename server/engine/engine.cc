@@ -501,6 +501,105 @@ struct Applied {
 
 int UrgencyOrder(cds::v1::Urgency u) { return -static_cast<int>(u); }
 
+double Entropy(const std::vector<double>& p) {
+  double h = 0;
+  for (double x : p) {
+    if (x > 0) h -= x * std::log2(x);
+  }
+  return h;
+}
+
+// The value of a test's result for the current differential.
+struct InformationValue {
+  double gain_bits = 0;
+  int32_t lead = -1;  // leading hypothesis
+  double lead_now = 0;
+  double lead_if_positive = 0;
+  double lead_if_negative = 0;
+};
+
+bool FactKnown(const Facts& facts, const compiler::FactKey& key) {
+  switch (key.kind) {
+    case compiler::FactKey::Kind::kConcept: return facts.findings.contains(key.index);
+    case compiler::FactKey::Kind::kLab: return facts.labs.contains(key.index);
+    case compiler::FactKey::Kind::kFamily: return facts.family != nullptr;
+  }
+  return true;
+}
+
+// Expected information gain (bits) over the differential {hypotheses, none of these} of
+// learning the test's unknown facts, each a binary outcome whose frequency in each
+// hypothesis and in the comparison population comes from the rule set's single-leaf
+// evidence on it (facts taken as independent given the diagnosis; correlated-group
+// capping is not modelled). nullopt when every fact is known or none is informative.
+std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Facts& facts,
+                                            const std::vector<double>& belief, int32_t lead,
+                                            const compiler::CompiledAction& action) {
+  const size_t n = rs.hypotheses.size();
+  // Per informative unknown fact: P(positive | class) for each hypothesis, then "none".
+  std::vector<std::vector<double>> p_positive;
+  for (const compiler::FactKey& key : action.reveals) {
+    if (FactKnown(facts, key)) continue;
+    const std::vector<int32_t>* items = nullptr;
+    switch (key.kind) {
+      case compiler::FactKey::Kind::kConcept: items = &rs.leaf_evidence_by_concept[key.index]; break;
+      case compiler::FactKey::Kind::kLab: items = &rs.leaf_evidence_by_lab[key.index]; break;
+      case compiler::FactKey::Kind::kFamily: items = &rs.leaf_evidence_on_family; break;
+    }
+    if (items->empty()) continue;
+    // Per hypothesis, its most informative item on this fact.
+    std::vector<int32_t> best(n, -1);
+    double q_sum = 0;
+    for (int32_t e : *items) {
+      const auto& ev = rs.evidence[e];
+      const double strength = std::fabs(std::log(ev.lr_positive)) + std::fabs(std::log(ev.lr_negative));
+      if (best[ev.hypothesis] < 0 ||
+          strength > std::fabs(std::log(rs.evidence[best[ev.hypothesis]].lr_positive)) +
+                         std::fabs(std::log(rs.evidence[best[ev.hypothesis]].lr_negative))) {
+        best[ev.hypothesis] = e;
+      }
+    }
+    int chosen = 0;
+    for (int32_t e : best) {
+      if (e >= 0) {
+        q_sum += rs.evidence[e].p_comparison;
+        ++chosen;
+      }
+    }
+    const double q = q_sum / chosen;
+    std::vector<double> p(n + 1, q);
+    for (size_t h = 0; h < n; ++h) {
+      if (best[h] >= 0) p[h] = rs.evidence[best[h]].p_hypothesis;
+    }
+    p_positive.push_back(std::move(p));
+  }
+  if (p_positive.empty()) return std::nullopt;
+  const size_t k = p_positive.size();
+  InformationValue value;
+  value.lead = lead;
+  value.lead_now = belief[lead];
+  double expected_posterior_entropy = 0;
+  std::vector<double> post(n + 1);
+  for (uint32_t mask = 0; mask < (1u << k); ++mask) {
+    double p_outcome = 0;
+    for (size_t c = 0; c <= n; ++c) {
+      double like = 1;
+      for (size_t f = 0; f < k; ++f) {
+        like *= (mask >> f & 1) ? p_positive[f][c] : 1 - p_positive[f][c];
+      }
+      post[c] = belief[c] * like;
+      p_outcome += post[c];
+    }
+    if (p_outcome <= 0) continue;
+    for (double& x : post) x /= p_outcome;
+    expected_posterior_entropy += p_outcome * Entropy(post);
+    if (mask == 0) value.lead_if_negative = post[lead];
+    if (mask == (1u << k) - 1) value.lead_if_positive = post[lead];
+  }
+  value.gain_bits = std::max(0.0, Entropy(belief) - expected_posterior_entropy);
+  return value;
+}
+
 void FillCode(const cds::v1::Code& code, cds::v1::Code* out) {
   if (!code.code().empty()) *out = code;
 }
@@ -690,19 +789,36 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   facts.diagnosis_rank.resize(n);
   for (size_t r = 0; r < n; ++r) facts.diagnosis_rank[diagnosis_order[r]] = static_cast<int>(r);
 
-  // 4. Actions whose conditions hold.
+  // 4. Actions whose conditions hold; tests with an information value only while their
+  // result is unknown and worth having.
   for (size_t h = 0; h < n; ++h) {
     if (!applied[h].empty()) add(rs.actions_by_hypothesis[h]);
   }
+  for (int32_t a : rs.information_actions) action_candidates.insert(a);
+  std::vector<double> belief(n + 1);  // uncapped, over the differential and "none"
+  for (size_t h = 0; h < n; ++h) belief[h] = total > 0 ? weight[h] / total : 0;
+  belief[n] = total > 0 ? std::max(0.0, 1.0 - pretest_sum) / total : 1;
+  absl::flat_hash_map<int32_t, InformationValue> test_values;
   std::vector<int32_t> fired;
   for (int32_t a : action_candidates) {
-    if (evaluator.Eval(rs.actions[a].condition) == Tri::kTrue) fired.push_back(a);
+    const compiler::CompiledAction& action = rs.actions[a];
+    if (!action.reveals.empty()) {
+      const auto value = ValueOfTest(rs, facts, belief, diagnosis_order.empty() ? 0 : diagnosis_order[0], action);
+      if (!value || value->gain_bits < action.min_gain_bits) continue;
+      test_values.emplace(a, *value);
+    }
+    if (action.condition < 0 || evaluator.Eval(action.condition) == Tri::kTrue) fired.push_back(a);
   }
+  auto gain_of = [&](int32_t a) {
+    auto it = test_values.find(a);
+    return it == test_values.end() ? 0.0 : it->second.gain_bits;
+  };
   auto action_less = [&](int32_t a, int32_t b) {
     const auto& x = rs.actions[a];
     const auto& y = rs.actions[b];
     if (x.urgency != y.urgency) return UrgencyOrder(x.urgency) < UrgencyOrder(y.urgency);
     if (x.priority != y.priority) return x.priority < y.priority;
+    if (gain_of(a) != gain_of(b)) return gain_of(a) > gain_of(b);
     return x.id < y.id;
   };
   std::sort(fired.begin(), fired.end(), action_less);
@@ -717,7 +833,38 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     s->set_title(action.title);
     s->set_detail(action.detail);
     s->set_urgency(action.urgency);
-    if (!options.explain) return;
+    if (auto it = test_values.find(a); it != test_values.end()) {
+      const InformationValue& v = it->second;
+      s->set_expected_information_gain(v.gain_bits);
+      absl::StrAppend(
+          s->mutable_detail(), s->detail().empty() ? "" : " ",
+          absl::StrFormat("Its result is expected to be worth %.2f bits over the differential "
+                          "(computed from this rule set's frequencies): P(%s) is %.2f now, "
+                          "%.2f if positive, %.2f if negative.",
+                          v.gain_bits, rs.hypotheses[v.lead].title, v.lead_now,
+                          v.lead_if_positive, v.lead_if_negative));
+    }
+    if (options.explain && !action.reveals.empty()) {
+      for (const compiler::FactKey& key : action.reveals) {
+        if (FactKnown(facts, key)) continue;
+        auto* e = s->add_evidence();
+        e->set_rule_id(action.id);
+        e->set_effect(cds::v1::Evidence::MATCHED);
+        e->set_source(action.source);
+        switch (key.kind) {
+          case compiler::FactKey::Kind::kConcept:
+            e->set_description(absl::StrCat("Not yet recorded: ", rs.concepts[key.index].label));
+            break;
+          case compiler::FactKey::Kind::kLab:
+            e->set_description(absl::StrCat("No result yet: ", rs.labs[key.index].label));
+            break;
+          case compiler::FactKey::Kind::kFamily:
+            e->set_description("No family history recorded");
+            break;
+        }
+      }
+    }
+    if (!options.explain || action.condition < 0) return;
     std::vector<std::string> reasons;
     std::vector<int> finding_indices;
     evaluator.CollectReasons(action.condition, &reasons, &finding_indices);

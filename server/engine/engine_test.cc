@@ -349,6 +349,49 @@ TEST(EngineTest, ProbabilityConditionsDriveActions) {
   for (const auto& s : female.suggestions()) EXPECT_NE(s.rule_id(), "test_h");
 }
 
+TEST(EngineTest, TestsAreRankedByExpectedInformationGain) {
+  auto rs = Build(R"pb(
+    hypotheses {
+      id: "a" title: "A" pretest_probability: 0.2 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "d" when { finding { concept: "diarrhoea" } } frequencies { in_hypothesis: 0.9 in_comparison: 0.1 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e" when { finding { concept: "eczema" } } frequencies { in_hypothesis: 0.6 in_comparison: 0.2 } provenance { reference_ids: "SRC" } }
+    }
+    hypotheses {
+      id: "b" title: "B" pretest_probability: 0.2 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "d" when { finding { concept: "diarrhoea" } } likelihood_ratios { positive: 1 negative: 1 } provenance { reference_ids: "SRC" } }
+    }
+    actions { id: "ask_eczema" kind: TEST title: "Examine skin" urgency: WARNING information { concepts: "eczema" } }
+    actions { id: "ask_diarrhoea" kind: TEST title: "Stool history" urgency: WARNING information { concepts: "diarrhoea" } }
+    actions { id: "picky" kind: TEST title: "Never worth it" urgency: WARNING information { concepts: "eczema" min_gain_bits: 0.5 } }
+  )pb");
+  const auto r = EvaluateText(*rs, "sex: MALE");
+  std::vector<const cds::v1::Suggestion*> tests;
+  for (const auto& s : r.suggestions()) {
+    if (s.kind() == cds::v1::TEST) tests.push_back(&s);
+  }
+  ASSERT_EQ(tests.size(), 2u);
+  EXPECT_EQ(tests[0]->rule_id(), "ask_diarrhoea");
+  EXPECT_EQ(tests[1]->rule_id(), "ask_eczema");
+  // By hand: belief (a, b, none) = (0.2, 0.2, 0.6); P(d | a) = 0.9, otherwise 0.1 (b has
+  // no usable frequency, so it takes the comparison's).
+  auto entropy = [](std::vector<double> p) {
+    double h = 0;
+    for (double x : p) h -= x > 0 ? x * std::log2(x) : 0;
+    return h;
+  };
+  const double p_pos = 0.2 * 0.9 + 0.8 * 0.1;
+  const double expected =
+      entropy({0.2, 0.2, 0.6}) -
+      p_pos * entropy({0.18 / p_pos, 0.02 / p_pos, 0.06 / p_pos}) -
+      (1 - p_pos) * entropy({0.02 / (1 - p_pos), 0.18 / (1 - p_pos), 0.54 / (1 - p_pos)});
+  EXPECT_NEAR(tests[0]->expected_information_gain(), expected, 1e-9);
+  EXPECT_THAT(tests[0]->detail(), HasSubstr("bits over the differential"));
+  EXPECT_THAT(tests[0]->evidence(0).description(), HasSubstr("Not yet recorded: Chronic diarrhoea"));
+  // A test whose result is known is not suggested again.
+  const auto known = EvaluateText(*rs, R"pb(sex: MALE findings { term { code: "HP:0002028" } status: EXCLUDED })pb");
+  for (const auto& s : known.suggestions()) EXPECT_NE(s.rule_id(), "ask_diarrhoea");
+}
+
 TEST(EngineTest, ExplanationsCanBeTurnedOff) {
   auto rs = OneRule("finding { concept: \"diarrhoea\" }");
   EvaluateOptions options;
