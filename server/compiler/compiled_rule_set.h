@@ -110,6 +110,14 @@ struct CompiledLab {
   std::vector<CompiledReferenceLimit> limits;
 };
 
+// A lab value computed as percent / 100 x total.
+struct CompiledDerivation {
+  int32_t target = -1;
+  int32_t percent_lab = -1;
+  int32_t total_lab = -1;
+  double max_days_apart = 1;
+};
+
 struct CompiledEvidence {
   std::string id;  // "<hypothesis id>/<evidence id>"
   std::string description;
@@ -180,6 +188,8 @@ struct CompiledRuleSet {
 
   std::vector<CompiledConcept> concepts;
   std::vector<CompiledLab> labs;
+  // Per percentage lab, the labs derived from it.
+  std::vector<std::vector<CompiledDerivation>> derivations_by_percent_lab;
   std::vector<CompiledHypothesis> hypotheses;
   std::vector<CompiledEvidence> evidence;
   std::vector<CompiledAction> actions;

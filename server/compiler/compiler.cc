@@ -131,6 +131,7 @@ class Compilation {
       IndexReferences();
       CompileConcepts();
       CompileLabs();
+      CompileDerivations();
       CompileHypotheses();
       CompileActions();
       CheckScreening();
@@ -518,6 +519,46 @@ class Compilation {
         compiled.limits.push_back(compiled_limit);
       }
       out_->labs.push_back(std::move(compiled));
+    }
+  }
+
+  void CompileDerivations() {
+    const cds::v1::RuleSet& rs = out_->definition;
+    const Src root{&rules_tree_, 1, 1};
+    out_->derivations_by_percent_lab.assign(out_->labs.size(), {});
+    for (int i = 0; i < rs.labs_size(); ++i) {
+      const auto& lab = rs.labs(i);
+      if (!lab.has_derived_from()) continue;
+      auto target = lab_index_.find(lab.id());
+      if (target == lab_index_.end()) continue;  // already reported
+      const Src at = Child(Child(root, rs, "labs", i), lab, "derived_from");
+      const auto& d = lab.derived_from();
+      auto percent = lab_index_.find(d.percent_lab());
+      auto total = lab_index_.find(d.total_lab());
+      if (percent == lab_index_.end() || total == lab_index_.end()) {
+        Error(kRuleSetFile, at, lab.id(),
+              absl::StrCat("derived_from names unknown lab '",
+                           percent == lab_index_.end() ? d.percent_lab() : d.total_lab(), "'"));
+        continue;
+      }
+      if (out_->labs[percent->second].canonical_unit != "%") {
+        Error(kRuleSetFile, at, lab.id(),
+              absl::StrCat("percent_lab '", d.percent_lab(), "' must have canonical_unit \"%\""));
+        continue;
+      }
+      if (out_->labs[total->second].canonical_unit != lab.canonical_unit()) {
+        Error(kRuleSetFile, at, lab.id(),
+              absl::StrCat("total_lab '", d.total_lab(), "' must have the canonical unit of '",
+                           lab.id(), "' (", lab.canonical_unit(), ")"));
+        continue;
+      }
+      if (!std::isfinite(d.max_days_apart()) || d.max_days_apart() < 0) {
+        Error(kRuleSetFile, at, lab.id(), "max_days_apart must not be negative");
+        continue;
+      }
+      out_->derivations_by_percent_lab[percent->second].push_back(CompiledDerivation{
+          target->second, percent->second, total->second,
+          d.max_days_apart() > 0 ? d.max_days_apart() : 1.0});
     }
   }
 

@@ -359,6 +359,22 @@ TEST(CompilerTest, ConditionErrors) {
   EXPECT_THAT(errors, Contains(HasSubstr("in_top must not be negative")));
 }
 
+TEST(CompilerTest, DerivedLabErrors) {
+  const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
+    labs { id: "pct" canonical_unit: "%" codes { system: "LOINC" code: "1" } }
+    labs { id: "notpct" canonical_unit: "x" codes { system: "LOINC" code: "2" } }
+    labs { id: "total" canonical_unit: "10*9/L" codes { system: "LOINC" code: "3" } }
+    labs { id: "a" canonical_unit: "10*9/L" codes { system: "LOINC" code: "4" } derived_from { percent_lab: "nope" total_lab: "total" } }
+    labs { id: "b" canonical_unit: "10*9/L" codes { system: "LOINC" code: "5" } derived_from { percent_lab: "notpct" total_lab: "total" } }
+    labs { id: "c" canonical_unit: "g/L" codes { system: "LOINC" code: "6" } derived_from { percent_lab: "pct" total_lab: "total" } }
+    labs { id: "d" canonical_unit: "10*9/L" codes { system: "LOINC" code: "7" } derived_from { percent_lab: "pct" total_lab: "total" max_days_apart: -2 } }
+  )pb"));
+  EXPECT_THAT(errors, Contains(HasSubstr("derived_from names unknown lab 'nope'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("must have canonical_unit \"%\"")));
+  EXPECT_THAT(errors, Contains(HasSubstr("must have the canonical unit of 'c'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("max_days_apart must not be negative")));
+}
+
 TEST(CompilerTest, InformationValueErrors) {
   const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
     concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }

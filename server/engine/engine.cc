@@ -461,6 +461,34 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
     }
     facts.labs[it->second].push_back(fact);
   }
+
+  // Values computed from a percentage and a total measured together.
+  std::vector<std::pair<int32_t, LabFact>> derived;
+  for (const auto& [lab, percent_facts] : facts.labs) {
+    for (const compiler::CompiledDerivation& d : rs.derivations_by_percent_lab[lab]) {
+      auto totals = facts.labs.find(d.total_lab);
+      bool used = false;
+      if (totals != facts.labs.end()) {
+        for (const LabFact& pct : percent_facts) {
+          for (const LabFact& total : totals->second) {
+            const bool both_unknown = std::isnan(pct.age_days) && std::isnan(total.age_days);
+            if (!both_unknown && !(std::fabs(pct.age_days - total.age_days) <= d.max_days_apart)) {
+              continue;
+            }
+            derived.emplace_back(d.target, LabFact{pct.value / 100 * total.value, pct.age_days,
+                                                   {}, {}, pct.index});
+            used = true;
+          }
+        }
+      }
+      if (!used) {
+        AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.measurements",
+                   absl::StrCat(rs.labs[lab].label, " without a ", rs.labs[d.total_lab].label,
+                                " taken with it cannot give ", rs.labs[d.target].label));
+      }
+    }
+  }
+  for (auto& [target, fact] : derived) facts.labs[target].push_back(fact);
   return facts;
 }
 

@@ -600,3 +600,48 @@ TEST(OntologyMatchingTest, CompilerChecksCodesAgainstTheRelease) {
 
 }  // namespace
 }  // namespace cds::engine
+
+namespace cds::engine {
+namespace {
+
+TEST(DerivedLabTest, AbsoluteCountFromPercentageAndTotal) {
+  compiler::RuleSetSource source;
+  source.files.push_back({compiler::kRuleSetFile, R"pb(
+    metadata { name: "t" version: "1.0.0" status: ACTIVE title: "T" disclaimer: "Support only." }
+    references { id: "SRC" citation: "A source." }
+    labs { id: "eos_pct" label: "Eosinophils %" canonical_unit: "%" codes { system: "LOINC" code: "713-8" } }
+    labs {
+      id: "wbc" label: "Leukocytes" canonical_unit: "10*9/L" codes { system: "LOINC" code: "6690-2" }
+      conversions { unit: "/uL" factor: 0.001 provenance { reference_ids: "SRC" } }
+    }
+    labs {
+      id: "eos" label: "Eosinophils" canonical_unit: "10*9/L" codes { system: "LOINC" code: "711-2" }
+      derived_from { percent_lab: "eos_pct" total_lab: "wbc" max_days_apart: 1 }
+    }
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "e" when { lab { lab: "eos" above: 0.5 } } likelihood_ratios { positive: 4 negative: 0.5 } provenance { reference_ids: "SRC" } }
+    }
+  )pb"});
+  const auto result = compiler::Compile(source);
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  auto probability = [&](const std::string& measurements) {
+    cds::v1::EvaluateResponse response;
+    EXPECT_TRUE(Evaluate(*result.rule_set, ParsePatient("sex: MALE " + measurements), EvaluateOptions{},
+                         &response).ok());
+    return response;
+  };
+  const std::string pct = R"pb(measurements { assay { system: "LOINC" code: "713-8" } value: 8 unit: "%" age { days: 40 } })pb";
+  const std::string wbc = R"pb(measurements { assay { system: "LOINC" code: "6690-2" } value: 12000 unit: "/uL" age { days: 40 } })pb";
+  const std::string late_wbc = R"pb(measurements { assay { system: "LOINC" code: "6690-2" } value: 12000 unit: "/uL" age { days: 60 } })pb";
+  // 8% of 12 x 10^9/L = 0.96 x 10^9/L > 0.5.
+  EXPECT_NEAR(probability(pct + wbc).suggestions(0).probability(), 0.4 / 1.3, 1e-12);
+  const auto alone = probability(pct + late_wbc);
+  EXPECT_NEAR(alone.suggestions(0).probability(), 0.1, 1e-12);
+  bool warned = false;
+  for (const auto& w : alone.warnings()) warned |= w.message().find("cannot give Eosinophils") != std::string::npos;
+  EXPECT_TRUE(warned);
+}
+
+}  // namespace
+}  // namespace cds::engine
