@@ -1,0 +1,338 @@
+#include "client/cli.h"
+
+#include <chrono>
+#include <memory>
+#include <optional>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "cds/v1/service.grpc.pb.h"
+#include "client/format.h"
+#include "client/input.h"
+#include "google/protobuf/util/json_util.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "server/compiler/compiler.h"
+#include "server/compiler/source_loader.h"
+#include "server/engine/case_runner.h"
+
+namespace cds::cli {
+namespace {
+
+constexpr char kHelp[] = R"(cdsctl - client of cds-server (IPEX clinical decision support)
+
+Suggestions support a clinician's judgement; they are not a diagnosis.
+
+Usage:
+  cdsctl evaluate FILE [--server HOST:PORT] [--rule-set NAME] [--version V]
+                       [--json] [--deadline 5s]
+      Evaluates a patient. FILE holds a cds.v1.Patient or a cds.v1.EvaluateRequest, in
+      protobuf's JSON mapping (.json) or text format (.textproto, .txtpb, .pbtxt).
+      --rule-set and --version override the file's (default rule set: ipex, default
+      version: the highest available). Prints a ranked table, or with --json the
+      EvaluateResponse in protobuf's JSON mapping.
+  cdsctl rulesets [--server HOST:PORT] [--json]
+      Lists the rule-set versions the server holds, their state and digest.
+  cdsctl health [--server HOST:PORT] [--service NAME]
+      Prints SERVING or NOT_SERVING (grpc.health.v1; default service "" = whole server).
+  cdsctl rules check DIR
+      Compiles a rule-set directory (rules/<name>/<version>/) exactly as the server does
+      and prints every issue.
+  cdsctl rules test DIR
+      Compiles DIR and runs its embedded test cases (tests.textproto): PASS/FAIL per case.
+
+Options:
+  --server HOST:PORT   default 127.0.0.1:50051
+  --deadline DURATION  per call, default 5s
+  --help               this text
+
+Exit codes:
+  0  success (health: SERVING)
+  1  negative result: health NOT_SERVING, rules with errors or failing cases
+  2  usage error
+  3  input file missing, unreadable or malformed
+  4  server unreachable, unavailable or too slow (UNAVAILABLE, DEADLINE_EXCEEDED)
+  5  the server refused the request (e.g. NOT_FOUND for an unknown rule set,
+     INVALID_ARGUMENT for a malformed patient)
+)";
+
+constexpr char kDefaultServer[] = "127.0.0.1:50051";
+constexpr char kDefaultRuleSet[] = "ipex";
+
+struct Options {
+  std::vector<std::string> positional;
+  std::string server = kDefaultServer;
+  std::optional<std::string> rule_set;
+  std::optional<std::string> version;
+  std::string service;
+  absl::Duration deadline = absl::Seconds(5);
+  bool json = false;
+  bool help = false;
+};
+
+absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
+  Options options;
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string arg = args[i];
+    if (arg == "-h" || arg == "--help") {
+      options.help = true;
+      continue;
+    }
+    if (arg == "--json") {
+      options.json = true;
+      continue;
+    }
+    if (!absl::StartsWith(arg, "--")) {
+      options.positional.push_back(arg);
+      continue;
+    }
+    std::string value;
+    if (size_t eq = arg.find('='); eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+    } else if (i + 1 < args.size()) {
+      value = args[++i];
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(arg, " needs a value"));
+    }
+    if (arg == "--server") {
+      options.server = value;
+    } else if (arg == "--rule-set") {
+      options.rule_set = value;
+    } else if (arg == "--version") {
+      options.version = value;
+    } else if (arg == "--service") {
+      options.service = value;
+    } else if (arg == "--deadline") {
+      if (!absl::ParseDuration(value, &options.deadline) || options.deadline <= absl::ZeroDuration()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--deadline wants a positive duration such as 5s, got '", value, "'"));
+      }
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown option ", arg));
+    }
+  }
+  return options;
+}
+
+// A channel and the per-call context settings shared by the RPC commands.
+class Connection {
+ public:
+  explicit Connection(const Options& options)
+      : server_(options.server),
+        deadline_(options.deadline),
+        channel_(grpc::CreateChannel(options.server, grpc::InsecureChannelCredentials())) {}
+
+  std::shared_ptr<grpc::Channel> channel() const { return channel_; }
+
+  void Prepare(grpc::ClientContext* context) const {
+    context->set_deadline(absl::ToChronoTime(absl::Now() + deadline_));
+  }
+
+  // Prints why a call failed and returns the exit code for it.
+  int Report(const grpc::Status& status, std::ostream& err) const {
+    switch (status.error_code()) {
+      case grpc::StatusCode::UNAVAILABLE:
+        // The server itself answers UNAVAILABLE while it has no rule set; otherwise the
+        // connection failed.
+        if (channel_->GetState(false) == GRPC_CHANNEL_READY) {
+          err << "cdsctl: server at " << server_ << " is unavailable: " << status.error_message()
+              << "\n";
+        } else {
+          err << "cdsctl: cannot reach server at " << server_ << " (" << status.error_message()
+              << ")\n";
+        }
+        return kUnreachable;
+      case grpc::StatusCode::DEADLINE_EXCEEDED:
+        err << "cdsctl: server at " << server_ << " did not answer within "
+            << absl::FormatDuration(deadline_) << "\n";
+        return kUnreachable;
+      default:
+        err << "cdsctl: server refused the request: " << StatusCodeName(status.error_code())
+            << ": " << status.error_message() << "\n";
+        return kServerError;
+    }
+  }
+
+ private:
+  static const char* StatusCodeName(grpc::StatusCode code) {
+    switch (code) {
+      case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+      case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+      case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+      case grpc::StatusCode::INTERNAL: return "INTERNAL";
+      case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+      case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+      case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+      case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+      default: return "error";
+    }
+  }
+
+  std::string server_;
+  absl::Duration deadline_;
+  std::shared_ptr<grpc::Channel> channel_;
+};
+
+int PrintJson(const google::protobuf::Message& message, std::ostream& out, std::ostream& err) {
+  google::protobuf::util::JsonPrintOptions json;
+  json.add_whitespace = true;
+  json.always_print_primitive_fields = false;
+  json.preserve_proto_field_names = false;  // lowerCamelCase, the canonical JSON mapping
+  std::string text;
+  const auto status = google::protobuf::util::MessageToJsonString(message, &text, json);
+  if (!status.ok()) {
+    err << "cdsctl: cannot print the response as JSON: " << status.message().ToString() << "\n";
+    return kFailed;
+  }
+  out << text;
+  if (!absl::EndsWith(text, "\n")) out << "\n";
+  return kOk;
+}
+
+int Evaluate(const Options& options, std::ostream& out, std::ostream& err) {
+  if (options.positional.size() != 2) {
+    err << "cdsctl: usage: cdsctl evaluate FILE [--server HOST:PORT] [--json]\n";
+    return kUsage;
+  }
+  absl::StatusOr<cds::v1::EvaluateRequest> request = ReadEvaluateInput(options.positional[1]);
+  if (!request.ok()) {
+    err << "cdsctl: " << request.status().message() << "\n";
+    return kBadInput;
+  }
+  if (options.rule_set.has_value()) request->set_rule_set(*options.rule_set);
+  if (request->rule_set().empty()) request->set_rule_set(kDefaultRuleSet);
+  if (options.version.has_value()) request->set_version(*options.version);
+
+  Connection connection(options);
+  auto stub = cds::v1::DecisionSupport::NewStub(connection.channel());
+  grpc::ClientContext context;
+  connection.Prepare(&context);
+  cds::v1::EvaluateResponse response;
+  const grpc::Status status = stub->Evaluate(&context, *request, &response);
+  if (!status.ok()) return connection.Report(status, err);
+  if (options.json) return PrintJson(response, out, err);
+  out << FormatEvaluateResponse(response);
+  return kOk;
+}
+
+int RuleSets(const Options& options, std::ostream& out, std::ostream& err) {
+  Connection connection(options);
+  auto stub = cds::v1::DecisionSupport::NewStub(connection.channel());
+  grpc::ClientContext context;
+  connection.Prepare(&context);
+  cds::v1::ListRuleSetsRequest request;
+  if (options.rule_set.has_value()) request.set_name(*options.rule_set);
+  cds::v1::ListRuleSetsResponse response;
+  const grpc::Status status = stub->ListRuleSets(&context, request, &response);
+  if (!status.ok()) return connection.Report(status, err);
+  if (options.json) return PrintJson(response, out, err);
+  out << FormatRuleSets(response);
+  return kOk;
+}
+
+int Health(const Options& options, std::ostream& out, std::ostream& err) {
+  Connection connection(options);
+  auto stub = grpc::health::v1::Health::NewStub(connection.channel());
+  grpc::ClientContext context;
+  connection.Prepare(&context);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(options.service);
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status status = stub->Check(&context, request, &response);
+  if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
+    // The health service answers NOT_FOUND for a service name it does not know.
+    out << "SERVICE_UNKNOWN\n";
+    return kFailed;
+  }
+  if (!status.ok()) return connection.Report(status, err);
+  out << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()) << "\n";
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING ? kOk : kFailed;
+}
+
+// Shared by `rules check` and `rules test`: loads and compiles DIR, printing every issue.
+// Returns null (and sets *exit_code) when it cannot go on.
+std::shared_ptr<const compiler::CompiledRuleSet> LoadAndCompile(const std::string& dir,
+                                                                std::ostream& out,
+                                                                std::ostream& err,
+                                                                int* exit_code) {
+  absl::StatusOr<compiler::RuleSetSource> source = compiler::LoadRuleSetDir(dir);
+  if (!source.ok()) {
+    err << "cdsctl: " << source.status().message() << "\n";
+    *exit_code = kBadInput;
+    return nullptr;
+  }
+  const compiler::CompileResult result = compiler::Compile(*source);
+  int errors = 0, warnings = 0;
+  for (const compiler::Issue& issue : result.issues) {
+    (issue.severity == compiler::Issue::Severity::kError ? errors : warnings)++;
+    out << issue.ToString() << "\n";
+  }
+  if (!result.ok()) {
+    out << dir << ": " << errors << " error(s), " << warnings << " warning(s): not servable\n";
+    *exit_code = kFailed;
+    return nullptr;
+  }
+  out << "OK " << result.rule_set->name << "@" << result.rule_set->version << " "
+      << result.rule_set->digest << ": " << result.rule_set->hypotheses.size()
+      << " hypotheses, " << result.rule_set->actions.size() << " actions, "
+      << result.rule_set->tests.cases_size() << " test cases, " << warnings << " warning(s)\n";
+  *exit_code = kOk;
+  return result.rule_set;
+}
+
+int Rules(const Options& options, std::ostream& out, std::ostream& err) {
+  if (options.positional.size() != 3 ||
+      (options.positional[1] != "check" && options.positional[1] != "test")) {
+    err << "cdsctl: usage: cdsctl rules check DIR | cdsctl rules test DIR\n";
+    return kUsage;
+  }
+  int exit_code = kOk;
+  std::shared_ptr<const compiler::CompiledRuleSet> rule_set =
+      LoadAndCompile(options.positional[2], out, err, &exit_code);
+  if (rule_set == nullptr || options.positional[1] == "check") return exit_code;
+
+  const std::vector<engine::CaseResult> results = engine::RunCases(*rule_set, rule_set->tests);
+  int failed = 0;
+  for (const engine::CaseResult& result : results) {
+    out << (result.passed ? "PASS " : "FAIL ") << result.name << "\n";
+    for (const std::string& failure : result.failures) out << "    " << failure << "\n";
+    failed += result.passed ? 0 : 1;
+  }
+  if (results.empty()) {
+    // The server serves a rule set without cases; the author should still hear about it.
+    out << "no test cases (add " << compiler::kTestsFile << ")\n";
+  }
+  out << results.size() - failed << " passed, " << failed << " failed\n";
+  return failed == 0 ? kOk : kFailed;
+}
+
+}  // namespace
+
+int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<Options> options = ParseArgs(args);
+  if (!options.ok()) {
+    err << "cdsctl: " << options.status().message() << "\n(see cdsctl --help)\n";
+    return kUsage;
+  }
+  if (options->help || (!options->positional.empty() && options->positional[0] == "help")) {
+    out << kHelp;
+    return kOk;
+  }
+  if (options->positional.empty()) {
+    err << kHelp;
+    return kUsage;
+  }
+  const std::string& command = options->positional[0];
+  if (command == "evaluate") return Evaluate(*options, out, err);
+  if (command == "rulesets") return RuleSets(*options, out, err);
+  if (command == "health") return Health(*options, out, err);
+  if (command == "rules") return Rules(*options, out, err);
+  err << "cdsctl: unknown command '" << command << "' (see cdsctl --help)\n";
+  return kUsage;
+}
+
+}  // namespace cds::cli

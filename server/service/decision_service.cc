@@ -1,0 +1,91 @@
+#include "server/service/decision_service.h"
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "absl/random/random.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "server/common/status_macros.h"
+#include "server/engine/engine.h"
+#include "server/service/grpc_status.h"
+
+namespace cds::service {
+namespace {
+
+void SetTimestamp(absl::Time t, google::protobuf::Timestamp* out) {
+  const int64_t seconds = absl::ToUnixSeconds(t);
+  out->set_seconds(seconds);
+  out->set_nanos(
+      static_cast<int32_t>(absl::ToInt64Nanoseconds(t - absl::FromUnixSeconds(seconds))));
+}
+
+}  // namespace
+
+std::string NewUuidV4() {
+  // absl::BitGen is seeded from the OS and is not thread-safe: one per thread.
+  thread_local absl::BitGen gen;
+  uint64_t hi = absl::Uniform<uint64_t>(gen);
+  uint64_t lo = absl::Uniform<uint64_t>(gen);
+  hi = (hi & ~uint64_t{0xF000}) | uint64_t{0x4000};                // version 4
+  lo = (lo & ~(uint64_t{0xC} << 60)) | (uint64_t{0x8} << 60);      // RFC 4122 variant
+  return absl::StrFormat("%08x-%04x-%04x-%04x-%012x", hi >> 32, (hi >> 16) & 0xFFFF,
+                         hi & 0xFFFF, lo >> 48, lo & 0xFFFFFFFFFFFFULL);
+}
+
+absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,
+                          cds::v1::EvaluateResponse* response) {
+  // Validate before resolving, so a malformed request gets INVALID_ARGUMENT whatever the
+  // server holds. Messages name fields only, never values.
+  if (request.rule_set().empty()) return absl::InvalidArgumentError("rule_set is required");
+  if (!request.has_patient()) return absl::InvalidArgumentError("patient is required");
+  CDS_RETURN_IF_ERROR(engine::ValidatePatient(request.patient()));
+  CDS_ASSIGN_OR_RETURN(store::Resolved resolved,
+                       store.Resolve(request.rule_set(), request.version()));
+  CDS_RETURN_IF_ERROR(
+      engine::Evaluate(*resolved.rule_set, request.patient(), engine::EvaluateOptions{}, response));
+  response->set_evaluation_id(NewUuidV4());
+  SetTimestamp(absl::Now(), response->mutable_evaluated_at());
+  resolved.evaluations->fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerContext* context,
+                                                        const cds::v1::EvaluateRequest* request,
+                                                        cds::v1::EvaluateResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(EvaluateOnce(store_, *request, response)));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* DecisionServiceImpl::ListRuleSets(
+    grpc::CallbackServerContext* context, const cds::v1::ListRuleSetsRequest* request,
+    cds::v1::ListRuleSetsResponse* response) {
+  for (cds::v1::RuleSetInfo& info : store_.List(request->name())) {
+    *response->add_rule_sets() = std::move(info);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* DecisionServiceImpl::GetRuleSet(
+    grpc::CallbackServerContext* context, const cds::v1::GetRuleSetRequest* request,
+    cds::v1::GetRuleSetResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (request->name().empty()) {
+    reactor->Finish(ToGrpcStatus(absl::InvalidArgumentError("name is required")));
+    return reactor;
+  }
+  absl::StatusOr<cds::v1::GetRuleSetResponse> found =
+      store_.Get(request->name(), request->version());
+  if (found.ok()) *response = std::move(*found);
+  reactor->Finish(ToGrpcStatus(found.status()));
+  return reactor;
+}
+
+}  // namespace cds::service

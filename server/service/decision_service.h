@@ -1,0 +1,41 @@
+#pragma once
+
+// The cds.v1.DecisionSupport gRPC service, on the callback API. Each RPC is a thin
+// adapter: validate, resolve the rule-set version in the store, call the engine, convert
+// the status once (grpc_status.h). Thread-safe; borrows the store, which must outlive it.
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "cds/v1/service.grpc.pb.h"
+#include "cds/v1/service.pb.h"
+#include "server/store/rule_store.h"
+
+namespace cds::service {
+
+class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackService {
+ public:
+  explicit DecisionServiceImpl(const store::RuleStore& store) : store_(store) {}
+
+  grpc::ServerUnaryReactor* Evaluate(grpc::CallbackServerContext* context,
+                                     const cds::v1::EvaluateRequest* request,
+                                     cds::v1::EvaluateResponse* response) override;
+  grpc::ServerUnaryReactor* ListRuleSets(grpc::CallbackServerContext* context,
+                                         const cds::v1::ListRuleSetsRequest* request,
+                                         cds::v1::ListRuleSetsResponse* response) override;
+  grpc::ServerUnaryReactor* GetRuleSet(grpc::CallbackServerContext* context,
+                                       const cds::v1::GetRuleSetRequest* request,
+                                       cds::v1::GetRuleSetResponse* response) override;
+
+ private:
+  const store::RuleStore& store_;
+};
+
+// The body of Evaluate without gRPC, for reuse and tests. Fills `response` on success.
+absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,
+                          cds::v1::EvaluateResponse* response);
+
+// A random (version 4) UUID in its canonical 8-4-4-4-12 hex form.
+std::string NewUuidV4();
+
+}  // namespace cds::service

@@ -1,0 +1,390 @@
+#include "server/store/rule_store.h"
+
+#include <stdlib.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "gtest/gtest.h"
+
+namespace cds::store {
+namespace {
+
+using cds::v1::RuleSetInfo;
+
+// A small valid rule set: one hypothesis moved by one finding, and a competitor.
+// $NAME, $VERSION and $STATUS are substituted; $EXTRA is appended inside the rule set.
+constexpr char kRuleSetTemplate[] = R"pb(
+  metadata {
+    name: "$NAME"
+    version: "$VERSION"
+    status: $STATUS
+    title: "Demo"
+    disclaimer: "Decision support only."
+  }
+  concepts {
+    id: "diarrhoea"
+    label: "Chronic diarrhoea"
+    codes { system: "HPO" code: "HP:0002028" }
+  }
+  hypotheses {
+    id: "ipex"
+    title: "IPEX"
+    code { system: "OMIM" code: "OMIM:304790" }
+    pretest_probability: 0.05
+    pretest_provenance { assumption: true note: "test" }
+    evidence {
+      id: "diarrhoea"
+      description: "Chronic diarrhoea"
+      when { finding { concept: "diarrhoea" } }
+      likelihood_ratios { positive: 10 negative: 0.5 }
+      provenance { assumption: true note: "test" }
+    }
+  }
+  hypotheses {
+    id: "other"
+    title: "Other"
+    code { system: "OMIM" code: "OMIM:100000" }
+    pretest_probability: 0.05
+    pretest_provenance { assumption: true note: "test" }
+    evidence {
+      id: "diarrhoea"
+      description: "Chronic diarrhoea"
+      when { finding { concept: "diarrhoea" } }
+      likelihood_ratios { positive: 1.5 }
+      provenance { assumption: true note: "test" }
+    }
+  }
+  $EXTRA
+)pb";
+
+// A boy with diarrhoea; $TOP is the diagnosis the case expects first.
+constexpr char kTestsTemplate[] = R"pb(
+  cases {
+    name: "boy_with_diarrhoea"
+    patient {
+      reference: "case-1"
+      sex: MALE
+      age { days: 30 }
+      findings { term { system: "HPO" code: "HP:0002028" } status: PRESENT }
+    }
+    expect { top_diagnosis: "$TOP" }
+  }
+)pb";
+
+struct Spec {
+  std::string name = "demo";
+  std::string version = "1.0.0";
+  std::string status = "ACTIVE";
+  std::string extra;            // more rule-set text
+  std::string top = "ipex";     // expected top diagnosis of the embedded case
+};
+
+compiler::RuleSetSource Source(const Spec& spec) {
+  compiler::RuleSetSource source;
+  source.files = {
+      {compiler::kRuleSetFile,
+       absl::StrReplaceAll(kRuleSetTemplate, {{"$NAME", spec.name},
+                                              {"$VERSION", spec.version},
+                                              {"$STATUS", spec.status},
+                                              {"$EXTRA", spec.extra}})},
+      {compiler::kTestsFile, absl::StrReplaceAll(kTestsTemplate, {{"$TOP", spec.top}})},
+  };
+  return source;
+}
+
+compiler::RuleSetSource Good(const std::string& version) {
+  Spec spec;
+  spec.version = version;
+  return Source(spec);
+}
+
+// Refers to a concept nobody defined: a compile error.
+compiler::RuleSetSource Broken(const std::string& version) {
+  Spec spec;
+  spec.version = version;
+  spec.extra = R"pb(actions {
+    id: "dangling"
+    kind: TEST
+    title: "Dangling"
+    urgency: INFO
+    when { finding { concept: "no_such_concept" } }
+  })pb";
+  compiler::RuleSetSource source = Source(spec);
+  // As LoadRuleSetDir would: the directory names what the version must be.
+  source.expected_name = "demo";
+  source.expected_version = version;
+  return source;
+}
+
+const RuleSetInfo* Find(const std::vector<RuleSetInfo>& list, const std::string& version) {
+  for (const RuleSetInfo& info : list) {
+    if (info.ref().version() == version) return &info;
+  }
+  return nullptr;
+}
+
+TEST(RuleStoreTest, AddsAndResolvesAVersion) {
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(store.AvailableCount(), 1);
+  absl::StatusOr<Resolved> resolved = store.Resolve("demo", "");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(resolved->rule_set->version, "1.0.0");
+  EXPECT_TRUE(absl::StartsWith(resolved->rule_set->digest, "sha256:"));
+  resolved = store.Resolve("demo", "1.0.0");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+
+  const std::vector<RuleSetInfo> list = store.List("");
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_EQ(list[0].state(), RuleSetInfo::AVAILABLE);
+  EXPECT_TRUE(list[0].is_default());
+  EXPECT_EQ(list[0].hypothesis_count(), 2);
+  EXPECT_EQ(list[0].title(), "Demo");
+  EXPECT_EQ(list[0].ref().digest(), resolved->rule_set->digest);
+}
+
+TEST(RuleStoreTest, KeepsOtherVersionsWhenOneFailsToCompile) {
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(store.AddVersion(Broken("1.1.0"), "mem"), RuleSetInfo::REJECTED);
+
+  absl::StatusOr<Resolved> resolved = store.Resolve("demo", "");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(resolved->rule_set->version, "1.0.0");
+  EXPECT_EQ(store.Resolve("demo", "1.1.0").status().code(), absl::StatusCode::kNotFound);
+
+  const std::vector<RuleSetInfo> list = store.List("demo");
+  const RuleSetInfo* rejected = Find(list, "1.1.0");
+  ASSERT_NE(rejected, nullptr);
+  EXPECT_EQ(rejected->state(), RuleSetInfo::REJECTED);
+  EXPECT_FALSE(rejected->is_default());
+  EXPECT_TRUE(absl::StrContains(rejected->reason(), "no_such_concept")) << rejected->reason();
+  EXPECT_TRUE(absl::StrContains(rejected->reason(), "ruleset.textproto:")) << rejected->reason();
+  // The rejected content is identified, so an operator can tell which upload failed.
+  EXPECT_TRUE(absl::StartsWith(rejected->ref().digest(), "sha256:"));
+  ASSERT_NE(Find(list, "1.0.0"), nullptr);
+  EXPECT_TRUE(Find(list, "1.0.0")->is_default());
+}
+
+TEST(RuleStoreTest, FailedReloadOfAServedVersionKeepsServingIt) {
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(store.AddVersion(Broken("1.0.0"), "mem"), RuleSetInfo::REJECTED);
+  absl::StatusOr<Resolved> resolved = store.Resolve("demo", "1.0.0");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(store.List("")[0].state(), RuleSetInfo::AVAILABLE);
+}
+
+TEST(RuleStoreTest, DefaultIsHighestSemver) {
+  RuleStore store;
+  for (const char* version : {"1.2.0", "1.10.0", "1.9.0"}) {
+    ASSERT_EQ(store.AddVersion(Good(version), "mem"), RuleSetInfo::AVAILABLE) << version;
+  }
+  absl::StatusOr<Resolved> resolved = store.Resolve("demo", "");
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(resolved->rule_set->version, "1.10.0");  // lexically, 1.9.0 would win
+
+  const std::vector<RuleSetInfo> list = store.List("");
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_EQ(list[0].ref().version(), "1.2.0");
+  EXPECT_EQ(list[1].ref().version(), "1.9.0");
+  EXPECT_EQ(list[2].ref().version(), "1.10.0");
+  EXPECT_FALSE(list[0].is_default());
+  EXPECT_FALSE(list[1].is_default());
+  EXPECT_TRUE(list[2].is_default());
+}
+
+TEST(RuleStoreTest, RejectsVersionWhoseCasesFail) {
+  Spec spec;
+  spec.version = "2.0.0";
+  spec.top = "other";  // the rule set ranks ipex first: this case must fail
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(store.AddVersion(Source(spec), "mem"), RuleSetInfo::REJECTED);
+
+  const std::vector<RuleSetInfo> list = store.List("demo");
+  const RuleSetInfo* rejected = Find(list, "2.0.0");
+  ASSERT_NE(rejected, nullptr);
+  EXPECT_EQ(rejected->state(), RuleSetInfo::REJECTED);
+  EXPECT_TRUE(absl::StrContains(rejected->reason(), "boy_with_diarrhoea")) << rejected->reason();
+  EXPECT_EQ(store.Resolve("demo", "").value().rule_set->version, "1.0.0");
+}
+
+TEST(RuleStoreTest, RetiredVersionIsListedButNotServed) {
+  Spec spec;
+  spec.version = "3.0.0";
+  spec.status = "RETIRED";
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(store.AddVersion(Source(spec), "mem"), RuleSetInfo::RETIRED);
+  EXPECT_EQ(store.Resolve("demo", "").value().rule_set->version, "1.0.0");
+  EXPECT_EQ(store.Resolve("demo", "3.0.0").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store.AvailableCount(), 1);
+}
+
+TEST(RuleStoreTest, ResolveUnknownIsNotFound) {
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+
+  absl::Status status = store.Resolve("nope", "").status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(status.message(), "rule set 'nope' is not loaded");
+
+  status = store.Resolve("demo", "9.9.9").status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(status.message(), "version '9.9.9' of rule set 'demo' is not available");
+
+  // Caller-supplied names are capped and escaped in messages.
+  status = store.Resolve(std::string(10000, 'x') + "\n", "").status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kNotFound);
+  EXPECT_LT(status.message().size(), 200u);
+  EXPECT_FALSE(absl::StrContains(status.message(), "\n"));
+
+  EXPECT_EQ(store.Get("nope", "").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store.Get("demo", "9.9.9").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(RuleStoreTest, EmptyStoreIsUnavailable) {
+  RuleStore store;
+  EXPECT_EQ(store.AvailableCount(), 0);
+  EXPECT_TRUE(store.List("").empty());
+  EXPECT_EQ(store.Resolve("demo", "").status().code(), absl::StatusCode::kUnavailable);
+  // Only rejected versions: still nothing to serve.
+  EXPECT_EQ(store.AddVersion(Broken("1.0.0"), "mem"), RuleSetInfo::REJECTED);
+  EXPECT_EQ(store.Resolve("demo", "").status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(store.Resolve("demo", "1.0.0").status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(RuleStoreTest, GetDescribesServedAndRejectedVersions) {
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+  ASSERT_EQ(store.AddVersion(Broken("1.1.0"), "mem"), RuleSetInfo::REJECTED);
+
+  absl::StatusOr<cds::v1::GetRuleSetResponse> got = store.Get("demo", "");
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->info().ref().version(), "1.0.0");
+  EXPECT_EQ(got->definition().hypotheses_size(), 2);
+
+  got = store.Get("demo", "1.1.0");
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->info().state(), RuleSetInfo::REJECTED);
+  EXPECT_FALSE(got->info().reason().empty());
+  EXPECT_FALSE(got->has_definition());
+}
+
+TEST(RuleStoreTest, EvaluationCounterIsPerVersion) {
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+  ASSERT_EQ(store.AddVersion(Good("1.1.0"), "mem"), RuleSetInfo::AVAILABLE);
+  for (int i = 0; i < 3; ++i) store.Resolve("demo", "").value().evaluations->fetch_add(1);
+  store.Resolve("demo", "1.0.0").value().evaluations->fetch_add(1);
+  EXPECT_EQ(Find(store.List(""), "1.1.0")->evaluation_count(), 3);
+  EXPECT_EQ(Find(store.List(""), "1.0.0")->evaluation_count(), 1);
+}
+
+class TempRoot {
+ public:
+  TempRoot() {
+    std::string templ = ::testing::TempDir() + "rule_store_test_XXXXXX";
+    path_ = mkdtemp(templ.data()) != nullptr ? templ : "";
+  }
+  ~TempRoot() { std::filesystem::remove_all(path_); }
+  const std::string& path() const { return path_; }
+
+  void Write(const std::string& relative, const std::string& content) {
+    const std::filesystem::path full = std::filesystem::path(path_) / relative;
+    std::filesystem::create_directories(full.parent_path());
+    std::ofstream(full) << content;
+  }
+
+ private:
+  std::string path_;
+};
+
+TEST(RuleStoreTest, LoadFromDirectoryServesGoodVersionsOnly) {
+  TempRoot root;
+  ASSERT_FALSE(root.path().empty());
+  for (const compiler::SourceFile& f : Good("1.0.0").files) {
+    root.Write("demo/1.0.0/" + f.path, f.content);
+  }
+  for (const compiler::SourceFile& f : Broken("2.0.0").files) {
+    root.Write("demo/2.0.0/" + f.path, f.content);
+  }
+  // The directory says 3.0.0 but the file says 1.0.0: rejected, not served as either.
+  for (const compiler::SourceFile& f : Good("1.0.0").files) {
+    root.Write("demo/3.0.0/" + f.path, f.content);
+  }
+
+  RuleStore store;
+  absl::StatusOr<int> available = store.LoadFromDirectory(root.path());
+  ASSERT_TRUE(available.ok()) << available.status();
+  EXPECT_EQ(*available, 1);
+  const std::vector<RuleSetInfo> list = store.List("demo");
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_EQ(Find(list, "1.0.0")->state(), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(Find(list, "2.0.0")->state(), RuleSetInfo::REJECTED);
+  EXPECT_EQ(Find(list, "3.0.0")->state(), RuleSetInfo::REJECTED);
+  EXPECT_TRUE(absl::StrContains(Find(list, "3.0.0")->reason(), "does not match"))
+      << Find(list, "3.0.0")->reason();
+  EXPECT_EQ(store.Resolve("demo", "").value().rule_set->version, "1.0.0");
+}
+
+TEST(RuleStoreTest, LoadFromMissingDirectoryIsAnError) {
+  RuleStore store;
+  absl::StatusOr<int> available = store.LoadFromDirectory("/nonexistent/cds/rules");
+  EXPECT_FALSE(available.ok());
+  EXPECT_TRUE(absl::StrContains(available.status().message(), "/nonexistent/cds/rules"));
+}
+
+TEST(RuleStoreTest, ReadersAreNotDisturbedByVersionsBeingAdded) {
+  RuleStore store;
+  ASSERT_EQ(store.AddVersion(Good("1.0.0"), "mem"), RuleSetInfo::AVAILABLE);
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 4; ++t) {
+    readers.emplace_back([&] {
+      while (!stop.load()) {
+        absl::StatusOr<Resolved> r = store.Resolve("demo", "");
+        if (!r.ok() || r->rule_set == nullptr) failures.fetch_add(1);
+        store.List("");
+      }
+    });
+  }
+  for (int minor = 1; minor <= 5; ++minor) {
+    store.AddVersion(Good(absl::StrCat("1.", minor, ".0")), "mem");
+    store.AddVersion(Broken(absl::StrCat("2.", minor, ".0")), "mem");
+  }
+  stop.store(true);
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(store.Resolve("demo", "").value().rule_set->version, "1.5.0");
+}
+
+TEST(SemverLessTest, Ordering) {
+  const std::vector<std::string> ordered = {
+      "0.9.9",       "1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta",
+      "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1",  "1.0.0",           "1.0.1",
+      "1.2.0",       "1.10.0",      "2.0.0",         "10.0.0",
+      // Not semantic versions: after all of them, lexically.
+      "1.0",         "latest",
+  };
+  for (size_t i = 0; i < ordered.size(); ++i) {
+    EXPECT_FALSE(SemverLess(ordered[i], ordered[i])) << ordered[i];
+    for (size_t j = i + 1; j < ordered.size(); ++j) {
+      EXPECT_TRUE(SemverLess(ordered[i], ordered[j])) << ordered[i] << " < " << ordered[j];
+      EXPECT_FALSE(SemverLess(ordered[j], ordered[i])) << ordered[j] << " < " << ordered[i];
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cds::store

@@ -1,0 +1,65 @@
+"""A non-C++ client against the real cds-server: Debian's python3-grpcio calls the
+standard grpc.health.v1 service and the server reflection list over a real channel.
+
+Usage: python_client_test.py CDS_SERVER_BINARY RULES_DIR. Exits 77 (skipped) without grpc.
+The messages are tiny, so they are encoded by hand rather than generated.
+"""
+import re
+import signal
+import subprocess
+import sys
+import time
+
+try:
+    import grpc
+except ImportError:
+    print("python3 grpc module not installed: skipping")
+    sys.exit(77)
+
+
+def start_server(binary, rules_dir):
+    proc = subprocess.Popen(
+        [binary, "--listen", "127.0.0.1:0", "--rules_dir", rules_dir, "--drain", "0s"],
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    log = []
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        log.append(line)
+        match = re.search(r"listening on [^\s]+:(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+    proc.kill()
+    sys.exit("server did not start:\n" + "".join(log))
+
+
+def main():
+    binary, rules_dir = sys.argv[1], sys.argv[2]
+    proc, port = start_server(binary, rules_dir)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = channel.unary_unary("/grpc.health.v1.Health/Check")
+            # HealthCheckRequest{service=""} is the empty message; the response
+            # HealthCheckResponse{status=SERVING} is field 1 varint 1: b"\x08\x01".
+            reply = check(b"", timeout=10)
+            assert reply == b"\x08\x01", f"expected SERVING, got {reply!r}"
+            service = b"cds.v1.DecisionSupport"
+            reply = check(b"\x0a" + bytes([len(service)]) + service, timeout=10)
+            assert reply == b"\x08\x01", f"expected SERVING, got {reply!r}"
+
+            # Reflection lists the service (ServerReflectionRequest.list_services = 7).
+            reflect = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            replies = list(reflect(iter([b"\x3a\x00"]), timeout=10))
+            assert any(b"cds.v1.DecisionSupport" in r for r in replies), replies
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0, f"server exit code {code}"
+    print("python client: health SERVING, reflection lists cds.v1.DecisionSupport, clean exit")
+
+
+if __name__ == "__main__":
+    main()

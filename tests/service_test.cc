@@ -1,0 +1,114 @@
+// The service layer without a network: status conversion, evaluation ids, and
+// EvaluateOnce against a store loaded from the bundled rules.
+
+#include <set>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "gtest/gtest.h"
+#include "server/service/decision_service.h"
+#include "server/service/grpc_status.h"
+#include "server/store/rule_store.h"
+
+namespace cds::service {
+namespace {
+
+TEST(GrpcStatusTest, CodesAreNumericallyEqualAndMessagesCapped) {
+  EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
+  for (int code = 1; code <= 16; ++code) {
+    const grpc::Status status = ToGrpcStatus(absl::Status(static_cast<absl::StatusCode>(code), "m"));
+    EXPECT_EQ(static_cast<int>(status.error_code()), code);
+    EXPECT_EQ(status.error_message(), "m");
+  }
+  const grpc::Status long_status =
+      ToGrpcStatus(absl::InvalidArgumentError(std::string(10000, 'x')));
+  EXPECT_LE(long_status.error_message().size(), kMaxStatusMessageChars + 3);
+  EXPECT_EQ(ToGrpcStatus(absl::Status(static_cast<absl::StatusCode>(99), "odd")).error_code(),
+            grpc::StatusCode::UNKNOWN);
+}
+
+TEST(DecisionServiceTest, EvaluationIdsAreDistinctVersion4Uuids) {
+  std::set<std::string> seen;
+  for (int i = 0; i < 1000; ++i) {
+    const std::string id = NewUuidV4();
+    ASSERT_EQ(id.size(), 36u);
+    EXPECT_EQ(id[14], '4') << id;
+    EXPECT_NE(std::string("89ab").find(id[19]), std::string::npos) << id;
+    seen.insert(id);
+  }
+  EXPECT_EQ(seen.size(), 1000u);
+}
+
+class EvaluateOnceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<int> available = store_.LoadFromDirectory(std::string(CDS_SOURCE_DIR) + "/rules");
+    ASSERT_TRUE(available.ok()) << available.status();
+    ASSERT_GT(*available, 0);
+  }
+
+  static cds::v1::EvaluateRequest Request() {
+    cds::v1::EvaluateRequest request;
+    request.set_rule_set("ipex");
+    cds::v1::Patient* patient = request.mutable_patient();
+    patient->set_sex(cds::v1::MALE);
+    patient->mutable_age()->set_days(60);
+    cds::v1::Finding* finding = patient->add_findings();
+    finding->mutable_term()->set_code("HP:0002028");
+    finding->set_status(cds::v1::Finding::PRESENT);
+    return request;
+  }
+
+  store::RuleStore store_;
+};
+
+TEST_F(EvaluateOnceTest, FillsIdTimeAndRuleSetAndCountsTheEvaluation) {
+  cds::v1::EvaluateResponse response;
+  ASSERT_TRUE(EvaluateOnce(store_, Request(), &response).ok());
+  EXPECT_EQ(response.rule_set().name(), "ipex");
+  EXPECT_EQ(response.evaluation_id().size(), 36u);
+  EXPECT_GT(response.evaluated_at().seconds(), 0);
+  EXPECT_FALSE(response.suggestions().empty());
+  ASSERT_TRUE(EvaluateOnce(store_, Request(), &response).ok());
+  int64_t count = 0;
+  for (const cds::v1::RuleSetInfo& info : store_.List("ipex")) {
+    if (info.is_default()) count = info.evaluation_count();
+  }
+  EXPECT_EQ(count, 2);
+}
+
+TEST_F(EvaluateOnceTest, ValidatesBeforeResolving) {
+  cds::v1::EvaluateResponse response;
+  cds::v1::EvaluateRequest request = Request();
+  request.clear_rule_set();
+  absl::Status status = EvaluateOnce(store_, request, &response);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(status.message(), "rule_set is required");
+
+  request = Request();
+  request.clear_patient();
+  status = EvaluateOnce(store_, request, &response);
+  EXPECT_EQ(status.message(), "patient is required");
+
+  // A malformed patient is INVALID_ARGUMENT even for an unknown rule set.
+  request = Request();
+  request.set_rule_set("unknown");
+  request.mutable_patient()->set_sex(cds::v1::SEX_UNSPECIFIED);
+  EXPECT_EQ(EvaluateOnce(store_, request, &response).code(), absl::StatusCode::kInvalidArgument);
+  request.mutable_patient()->set_sex(cds::v1::MALE);
+  EXPECT_EQ(EvaluateOnce(store_, request, &response).code(), absl::StatusCode::kNotFound);
+}
+
+TEST(EvaluateOnceEmptyStoreTest, IsUnavailable) {
+  store::RuleStore empty;
+  cds::v1::EvaluateRequest request;
+  request.set_rule_set("ipex");
+  request.mutable_patient()->set_sex(cds::v1::MALE);
+  request.mutable_patient()->mutable_age()->set_days(10);
+  cds::v1::EvaluateResponse response;
+  EXPECT_EQ(EvaluateOnce(empty, request, &response).code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace cds::service
