@@ -896,7 +896,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     std::vector<std::string> reasons;
     std::vector<int> finding_indices;
     evaluator.CollectReasons(action.condition, &reasons, &finding_indices);
+    // A leaf reached through several branches is one reason.
+    absl::flat_hash_set<std::string> seen_reasons;
     for (const std::string& reason : reasons) {
+      if (!seen_reasons.insert(reason).second) continue;
       auto* e = s->add_evidence();
       e->set_rule_id(action.id);
       e->set_description(reason);
