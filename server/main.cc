@@ -119,15 +119,15 @@ int main(int argc, char** argv) {
     cds::log::Error("cannot listen on ", listen);
     return 2;
   }
-  // Tests start the server on port 0 and read the chosen port from this line.
-  cds::log::Info("listening on ", host, ":", selected_port);
-  if (*available > 0) {
-    SetHealth(*server, true);
-  } else {
-    SetHealth(*server, false);
+  // gRPC's default health service starts out SERVING and can only be set once the server
+  // runs, so set it before anything announces the port.
+  SetHealth(*server, *available > 0);
+  if (*available == 0) {
     cds::log::Error("no rule set is available: health is NOT_SERVING and Evaluate returns "
                     "UNAVAILABLE");
   }
+  // Tests start the server on port 0 and read the chosen port from this line.
+  cds::log::Info("listening on ", host, ":", selected_port);
 
   std::thread waiter([&] {
     int signal_number = 0;
