@@ -3,6 +3,7 @@
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -12,12 +13,15 @@
 #include "cds/v1/service.grpc.pb.h"
 #include "client/format.h"
 #include "client/input.h"
+#include "client/phenopacket.h"
+#include "client/validation.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
 #include "server/engine/case_runner.h"
+#include "server/engine/engine.h"
 
 namespace cds::cli {
 namespace {
@@ -29,11 +33,19 @@ Suggestions support a clinician's judgement; they are not a diagnosis.
 Usage:
   cdsctl evaluate FILE [--server HOST:PORT] [--rule-set NAME] [--version V]
                        [--json] [--deadline 5s]
+  cdsctl evaluate --phenopacket FILE.json [...]
       Evaluates a patient. FILE holds a cds.v1.Patient or a cds.v1.EvaluateRequest, in
-      protobuf's JSON mapping (.json) or text format (.textproto, .txtpb, .pbtxt).
-      --rule-set and --version override the file's (default rule set: ipex, default
-      version: the highest available). Prints a ranked table, or with --json the
+      protobuf's JSON mapping (.json) or text format (.textproto, .txtpb, .pbtxt); with
+      --phenopacket, a GA4GH Phenopacket v2 JSON document (see client/README.md for the
+      mapping). --rule-set and --version override the file's (default rule set: ipex,
+      default version: the highest available). Prints a ranked table, or with --json the
       EvaluateResponse in protobuf's JSON mapping.
+  cdsctl validate --corpus FILE.jsonl [--rules DIR | --server HOST:PORT] [--json]
+      Runs a corpus of published cases (one JSON object per line, the format of
+      shared/validation/cases.jsonl) through a rule set: in-process from DIR
+      (rules/<name>/<version>/), or through the server. Reports per diagnosis the
+      cases, top-1 and top-3 accuracy and Brier score, and the screening hypothesis'
+      sensitivity and specificity at the rule set's alert threshold.
   cdsctl rulesets [--server HOST:PORT] [--json]
       Lists the rule-set versions the server holds, their state and digest.
   cdsctl health [--server HOST:PORT] [--service NAME]
@@ -68,6 +80,9 @@ struct Options {
   std::optional<std::string> rule_set;
   std::optional<std::string> version;
   std::string service;
+  std::string phenopacket;
+  std::string corpus;
+  std::string rules_dir;
   absl::Duration deadline = absl::Seconds(5);
   bool json = false;
   bool help = false;
@@ -106,6 +121,12 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       options.version = value;
     } else if (arg == "--service") {
       options.service = value;
+    } else if (arg == "--phenopacket") {
+      options.phenopacket = value;
+    } else if (arg == "--corpus") {
+      options.corpus = value;
+    } else if (arg == "--rules") {
+      options.rules_dir = value;
     } else if (arg == "--deadline") {
       if (!absl::ParseDuration(value, &options.deadline) || options.deadline <= absl::ZeroDuration()) {
         return absl::InvalidArgumentError(
@@ -193,12 +214,31 @@ int PrintJson(const google::protobuf::Message& message, std::ostream& out, std::
   return kOk;
 }
 
+// The request `cdsctl evaluate` sends: from FILE, or mapped from --phenopacket FILE.
+absl::StatusOr<cds::v1::EvaluateRequest> EvaluateInput(const Options& options,
+                                                       std::ostream& err) {
+  if (options.phenopacket.empty()) return ReadEvaluateInput(options.positional[1]);
+  absl::StatusOr<std::string> json = ReadFile(options.phenopacket);
+  if (!json.ok()) return json.status();
+  std::vector<std::string> notes;
+  absl::StatusOr<cds::v1::Patient> patient = PatientFromPhenopacketJson(*json, &notes);
+  if (!patient.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(options.phenopacket, ": ", patient.status().message()));
+  }
+  for (const std::string& note : notes) err << "cdsctl: note: " << note << "\n";
+  cds::v1::EvaluateRequest request;
+  *request.mutable_patient() = *std::move(patient);
+  return request;
+}
+
 int Evaluate(const Options& options, std::ostream& out, std::ostream& err) {
-  if (options.positional.size() != 2) {
-    err << "cdsctl: usage: cdsctl evaluate FILE [--server HOST:PORT] [--json]\n";
+  if (options.positional.size() != (options.phenopacket.empty() ? 2u : 1u)) {
+    err << "cdsctl: usage: cdsctl evaluate FILE | --phenopacket FILE [--server HOST:PORT] "
+           "[--json]\n";
     return kUsage;
   }
-  absl::StatusOr<cds::v1::EvaluateRequest> request = ReadEvaluateInput(options.positional[1]);
+  absl::StatusOr<cds::v1::EvaluateRequest> request = EvaluateInput(options, err);
   if (!request.ok()) {
     err << "cdsctl: " << request.status().message() << "\n";
     return kBadInput;
@@ -310,6 +350,75 @@ int Rules(const Options& options, std::ostream& out, std::ostream& err) {
   return failed == 0 ? kOk : kFailed;
 }
 
+int Validate(const Options& options, std::ostream& out, std::ostream& err) {
+  if (options.positional.size() != 1 || options.corpus.empty()) {
+    err << "cdsctl: usage: cdsctl validate --corpus FILE.jsonl [--rules DIR | --server "
+           "HOST:PORT] [--json]\n";
+    return kUsage;
+  }
+  absl::StatusOr<std::string> text = ReadFile(options.corpus);
+  if (!text.ok()) {
+    err << "cdsctl: " << text.status().message() << "\n";
+    return kBadInput;
+  }
+  absl::StatusOr<std::vector<CorpusEntry>> corpus = ParseCorpus(*text);
+  if (!corpus.ok()) {
+    err << "cdsctl: " << options.corpus << ": " << corpus.status().message() << "\n";
+    return kBadInput;
+  }
+  cds::interop::ValidationReport report;
+  if (!options.rules_dir.empty()) {
+    // In-process: exactly what the server would run, without one.
+    std::ostringstream issues;
+    int exit_code = kOk;
+    std::shared_ptr<const compiler::CompiledRuleSet> rule_set =
+        LoadAndCompile(options.rules_dir, issues, err, &exit_code);
+    if (rule_set == nullptr) {
+      err << issues.str();
+      return exit_code;
+    }
+    report = cli::Validate(*corpus, rule_set->definition, [&](const cds::v1::Patient& patient)
+                                                              -> absl::StatusOr<cds::v1::EvaluateResponse> {
+      cds::v1::EvaluateResponse response;
+      absl::Status status = engine::Evaluate(*rule_set, patient, engine::EvaluateOptions{}, &response);
+      if (!status.ok()) return status;
+      return response;
+    });
+  } else {
+    Connection connection(options);
+    auto stub = cds::v1::DecisionSupport::NewStub(connection.channel());
+    cds::v1::GetRuleSetRequest get;
+    get.set_name(options.rule_set.value_or(kDefaultRuleSet));
+    get.set_version(options.version.value_or(""));
+    cds::v1::GetRuleSetResponse rule_set;
+    grpc::ClientContext context;
+    connection.Prepare(&context);
+    const grpc::Status status = stub->GetRuleSet(&context, get, &rule_set);
+    if (!status.ok()) return connection.Report(status, err);
+    // Pin the exact version, so every case is judged by the same rules.
+    get.set_version(rule_set.info().ref().version());
+    report = cli::Validate(*corpus, rule_set.definition(), [&](const cds::v1::Patient& patient)
+                                                               -> absl::StatusOr<cds::v1::EvaluateResponse> {
+      cds::v1::EvaluateRequest request;
+      request.set_rule_set(get.name());
+      request.set_version(get.version());
+      *request.mutable_patient() = patient;
+      grpc::ClientContext call;
+      connection.Prepare(&call);
+      cds::v1::EvaluateResponse response;
+      const grpc::Status s = stub->Evaluate(&call, request, &response);
+      if (!s.ok()) {
+        return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+      }
+      return response;
+    });
+  }
+  report.set_corpus(options.corpus);
+  if (options.json) return PrintJson(report, out, err);
+  out << FormatReport(report);
+  return kOk;
+}
+
 }  // namespace
 
 int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
@@ -331,6 +440,7 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   if (command == "rulesets") return RuleSets(*options, out, err);
   if (command == "health") return Health(*options, out, err);
   if (command == "rules") return Rules(*options, out, err);
+  if (command == "validate") return Validate(*options, out, err);
   err << "cdsctl: unknown command '" << command << "' (see cdsctl --help)\n";
   return kUsage;
 }

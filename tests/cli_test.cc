@@ -95,6 +95,44 @@ TEST_F(CliTest, EvaluateReadsATextFormatRequest) {
   EXPECT_TRUE(absl::StrContains(r.out, "ipex@1.0.0")) << r.out;
 }
 
+TEST_F(CliTest, EvaluateMapsAPhenopacket) {
+  const CommandResult r =
+      Cdsctl({"evaluate", "--phenopacket", kSourceDir + "/client/examples/phenopacket_triad_boy.json",
+              "--server", server_.address(), "--json"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  cds::v1::EvaluateResponse response;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(r.out, &response).ok()) << r.out;
+  bool found = false;
+  for (const cds::v1::Suggestion& s : response.suggestions()) {
+    if (s.kind() != cds::v1::DIAGNOSIS) continue;
+    EXPECT_EQ(s.rule_id(), "ipex");
+    EXPECT_EQ(s.code().code(), "OMIM:304790");
+    found = true;
+    break;
+  }
+  EXPECT_TRUE(found);
+  EXPECT_TRUE(absl::StrContains(r.out, "\"OMIM:304790\"")) << r.out;
+}
+
+TEST_F(CliTest, ValidateRunsACorpusThroughTheServer) {
+  TempDir dir;
+  const std::string corpus = dir.path() + "/corpus.jsonl";
+  ASSERT_TRUE(cds::testing::WriteFile(corpus,
+      R"({"id": "c1", "diagnosis": "IPEX", "disease_id": "OMIM:304790", "sex": "MALE", "observed": [{"hpo": "HP:0002041", "label": "Intractable diarrhea", "onset_days": 10}, {"hpo": "HP:0000857", "label": "Neonatal insulin-dependent diabetes mellitus", "onset_days": 20}, {"hpo": "HP:0000964", "label": "Eczematoid dermatitis", "onset_days": 30}], "excluded": [], "measurements": []})"
+      "\n"
+      R"({"id": "c2", "diagnosis": "Other", "disease_id": "OMIM:999999", "sex": "FEMALE", "observed": [{"hpo": "HP:0000964", "label": "Eczematoid dermatitis"}], "excluded": [], "measurements": []})"
+      "\n"));
+  const CommandResult remote = Cdsctl({"validate", "--corpus", corpus, "--server", server_.address(), "--json"});
+  ASSERT_EQ(remote.exit_code, 0) << Describe(remote);
+  EXPECT_TRUE(absl::StrContains(remote.out, "\"cases\": 2")) << remote.out;
+  const CommandResult local = Cdsctl({"validate", "--corpus", corpus, "--rules", kIpexDir});
+  ASSERT_EQ(local.exit_code, 0) << Describe(local);
+  EXPECT_TRUE(absl::StrContains(local.out, "ipex@1.0.0")) << local.out;
+  EXPECT_TRUE(absl::StrContains(local.out, "top-1")) << local.out;
+  EXPECT_TRUE(absl::StrContains(local.out, "Screening for ipex") ||
+              absl::StrContains(local.out, "Multi-class Brier")) << local.out;
+}
+
 TEST_F(CliTest, RuleSetsListsTheLoadedVersions) {
   const CommandResult r = Cdsctl({"rulesets", "--server", server_.address()});
   ASSERT_EQ(r.exit_code, 0) << Describe(r);
@@ -176,6 +214,22 @@ TEST(CliOfflineTest, MissingOrMalformedInputFileIsAClearError) {
   ASSERT_TRUE(testing::WriteFile(other, "<patient/>"));
   r = Cdsctl({"evaluate", other, "--server", unused});
   EXPECT_EQ(r.exit_code, 3) << Describe(r);
+}
+
+TEST(CliOfflineTest, ValidateAndPhenopacketInputErrors) {
+  TempDir dir;
+  const std::string bad = dir.path() + "/bad.jsonl";
+  ASSERT_TRUE(cds::testing::WriteFile(bad, "{\"id\": \"x\"}\n{oops\n"));
+  CommandResult r = Cdsctl({"validate", "--corpus", bad, "--rules", kIpexDir});
+  EXPECT_EQ(r.exit_code, 3) << Describe(r);
+  EXPECT_TRUE(absl::StrContains(r.err, "line 2")) << r.err;
+  r = Cdsctl({"validate", "--corpus", dir.path() + "/missing.jsonl", "--rules", kIpexDir});
+  EXPECT_EQ(r.exit_code, 3) << Describe(r);
+  r = Cdsctl({"validate"});
+  EXPECT_EQ(r.exit_code, 2) << Describe(r);
+  r = Cdsctl({"evaluate", "--phenopacket", bad});
+  EXPECT_EQ(r.exit_code, 3) << Describe(r);
+  EXPECT_TRUE(absl::StrContains(r.err, "Phenopacket")) << r.err;
 }
 
 TEST(CliOfflineTest, UsageErrorsAndHelp) {
