@@ -224,16 +224,16 @@ std::string FormatReport(const cds::interop::ValidationReport& r) {
                                     r.digest().substr(0, 19), r.corpus(), r.cases());
   if (!r.ontology().empty()) absl::StrAppend(&out, ", ontology ", r.ontology());
   absl::StrAppend(&out, "\n\n");
-  absl::StrAppendFormat(&out, "%-58s %-13s %-22s %5s %7s %7s %7s\n", "diagnosis", "disease",
+  absl::StrAppendFormat(&out, "%-58s %-13s %-32s %5s %7s %7s %7s\n", "diagnosis", "disease",
                         "modelled as", "cases", "top-1", "top-3", "Brier");
   for (const auto& d : r.diagnoses()) {
     std::string name = d.diagnosis();
     if (name.size() > 58) name = name.substr(0, 55) + "...";
     if (d.hypothesis().empty()) {
-      absl::StrAppendFormat(&out, "%-58s %-13s %-22s %5d %7s %7s %7s\n", name, d.disease_id(),
+      absl::StrAppendFormat(&out, "%-58s %-13s %-32s %5d %7s %7s %7s\n", name, d.disease_id(),
                             "(not modelled)", d.cases(), "-", "-", "-");
     } else {
-      absl::StrAppendFormat(&out, "%-58s %-13s %-22s %5d %6.0f%% %6.0f%% %7.3f\n", name,
+      absl::StrAppendFormat(&out, "%-58s %-13s %-32s %5d %6.0f%% %6.0f%% %7.3f\n", name,
                             d.disease_id(), d.hypothesis(), d.cases(), 100 * d.top1_accuracy(),
                             100 * d.top3_accuracy(), d.brier());
     }
