@@ -32,6 +32,7 @@ struct Floors {
 const std::map<std::string, Floors>& FloorsByVersion() {
   static const auto* floors = new std::map<std::string, Floors>{
       {"1.0.0", {0.25, 0.55, 0.80, 1.0}},
+      {"1.1.0", {0.80, 0.90, 0.85, 0.05}},
   };
   return *floors;
 }
