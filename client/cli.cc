@@ -1,6 +1,7 @@
 #include "client/cli.h"
 
 #include <chrono>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -14,10 +15,12 @@
 #include "client/format.h"
 #include "client/input.h"
 #include "client/phenopacket.h"
+#include "client/rules_tool.h"
 #include "client/validation.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "server/bundle/bundle.h"
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
 #include "server/engine/case_runner.h"
@@ -32,13 +35,14 @@ Suggestions support a clinician's judgement; they are not a diagnosis.
 
 Usage:
   cdsctl evaluate FILE [--server HOST:PORT] [--rule-set NAME] [--version V]
-                       [--json] [--deadline 5s]
+                       [--label L] [--json] [--deadline 5s]
   cdsctl evaluate --phenopacket FILE.json [...]
       Evaluates a patient. FILE holds a cds.v1.Patient or a cds.v1.EvaluateRequest, in
       protobuf's JSON mapping (.json) or text format (.textproto, .txtpb, .pbtxt); with
       --phenopacket, a GA4GH Phenopacket v2 JSON document (see client/README.md for the
-      mapping). --rule-set and --version override the file's (default rule set: ipex,
-      default version: the highest available). Prints a ranked table, or with --json the
+      mapping). --rule-set, --version and --label override the file's (default rule set:
+      ipex; default version: the one labelled stable, else the highest available);
+      --rule-set also takes NAME@VERSION or NAME@LABEL. Prints a ranked table, or with --json the
       EvaluateResponse in protobuf's JSON mapping.
   cdsctl validate --corpus FILE.jsonl [--rules DIR | --server HOST:PORT] [--json]
       Runs a corpus of published cases (one JSON object per line, the format of
@@ -50,11 +54,32 @@ Usage:
       Lists the rule-set versions the server holds, their state and digest.
   cdsctl health [--server HOST:PORT] [--service NAME]
       Prints SERVING or NOT_SERVING (grpc.health.v1; default service "" = whole server).
-  cdsctl rules check DIR
-      Compiles a rule-set directory (rules/<name>/<version>/) exactly as the server does
-      and prints every issue.
-  cdsctl rules test DIR
-      Compiles DIR and runs its embedded test cases (tests.textproto): PASS/FAIL per case.
+  cdsctl rules check DIR [--keys DIR]
+      Compiles a rule-set directory (rules/<name>/<version>/) exactly as the server does,
+      prints every issue (errors, and lint warnings such as unused concepts or
+      implausible likelihood ratios), and checks its MANIFEST against the files (with
+      --keys, also the signature against the public keys in that directory).
+  cdsctl rules test DIR [--cases DIR]
+      Compiles DIR and runs its embedded test cases (tests.textproto), plus the cases of
+      every RuleSetTests file (*.textproto) in --cases: PASS/FAIL per case.
+  cdsctl rules diff OLD_DIR NEW_DIR [--cases DIR]
+      What an update changes: for each case (both versions' embedded cases, and the
+      RuleSetTests files and example patients/requests in --cases), the diagnoses' ranks
+      and probabilities old -> new, and actions added or removed.
+  cdsctl rules keygen --out PREFIX
+      Creates an Ed25519 key pair: PREFIX.key (private, mode 0600; never commit it) and
+      PREFIX.pub (give it to the servers' trusted keys directory, e.g. rules/keys/).
+  cdsctl rules sign DIR --key PREFIX.key [--author TEXT]
+      Checks and tests DIR, then writes DIR/MANIFEST (every file's SHA-256) and, last,
+      DIR/MANIFEST.sig (Ed25519 signature over MANIFEST).
+  cdsctl rules publish DIR [--server HOST:PORT]
+      Sends the signed bundle in DIR to the server (RuleSetAdmin.PublishRuleSet); the
+      server verifies, compiles and tests it before serving it.
+  cdsctl rules label NAME LABEL VERSION [--server HOST:PORT]
+      Points LABEL (e.g. canary, stable) of rule set NAME at VERSION. Requests without a
+      version use "stable" when set; rollback = point the label back.
+  cdsctl rules retire NAME VERSION [--server HOST:PORT]
+      Stops serving VERSION (refused while a label points at it).
 
 Options:
   --server HOST:PORT   default 127.0.0.1:50051
@@ -83,6 +108,12 @@ struct Options {
   std::string phenopacket;
   std::string corpus;
   std::string rules_dir;
+  std::optional<std::string> label;
+  std::string cases_dir;
+  std::string keys_dir;
+  std::string key;
+  std::string out_prefix;
+  std::string author;
   absl::Duration deadline = absl::Seconds(5);
   bool json = false;
   bool help = false;
@@ -127,6 +158,18 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       options.corpus = value;
     } else if (arg == "--rules") {
       options.rules_dir = value;
+    } else if (arg == "--label") {
+      options.label = value;
+    } else if (arg == "--cases") {
+      options.cases_dir = value;
+    } else if (arg == "--keys") {
+      options.keys_dir = value;
+    } else if (arg == "--key") {
+      options.key = value;
+    } else if (arg == "--out") {
+      options.out_prefix = value;
+    } else if (arg == "--author") {
+      options.author = value;
     } else if (arg == "--deadline") {
       if (!absl::ParseDuration(value, &options.deadline) || options.deadline <= absl::ZeroDuration()) {
         return absl::InvalidArgumentError(
@@ -246,6 +289,7 @@ int Evaluate(const Options& options, std::ostream& out, std::ostream& err) {
   if (options.rule_set.has_value()) request->set_rule_set(*options.rule_set);
   if (request->rule_set().empty()) request->set_rule_set(kDefaultRuleSet);
   if (options.version.has_value()) request->set_version(*options.version);
+  if (options.label.has_value()) request->set_label(*options.label);
 
   Connection connection(options);
   auto stub = cds::v1::DecisionSupport::NewStub(connection.channel());
@@ -305,6 +349,7 @@ std::shared_ptr<const compiler::CompiledRuleSet> LoadAndCompile(const std::strin
     *exit_code = kBadInput;
     return nullptr;
   }
+  bundle::RemoveBundleFiles(&source->files);  // as the server: MANIFEST is not rule text
   const compiler::CompileResult result = compiler::Compile(*source);
   int errors = 0, warnings = 0;
   for (const compiler::Issue& issue : result.issues) {
@@ -324,30 +369,77 @@ std::shared_ptr<const compiler::CompiledRuleSet> LoadAndCompile(const std::strin
   return result.rule_set;
 }
 
+// `rules publish|label|retire`: the RuleSetAdmin RPCs.
+int RulesAdmin(const Options& options, std::ostream& out, std::ostream& err) {
+  const std::vector<std::string>& p = options.positional;
+  const std::string& verb = p[1];
+  Connection connection(options);
+  auto stub = cds::v1::RuleSetAdmin::NewStub(connection.channel());
+  grpc::ClientContext context;
+  connection.Prepare(&context);
+  if (verb == "publish") {
+    absl::StatusOr<cds::v1::Bundle> bundle = bundle::ReadBundleDir(p[2]);
+    if (!bundle.ok()) {
+      err << "cdsctl: " << bundle.status().message() << "\n";
+      return kBadInput;
+    }
+    cds::v1::PublishRuleSetRequest request;
+    bundle->SerializeToString(request.mutable_bundle());
+    cds::v1::PublishRuleSetResponse response;
+    const grpc::Status status = stub->PublishRuleSet(&context, request, &response);
+    if (!status.ok()) return connection.Report(status, err);
+    const cds::v1::RuleSetInfo& info = response.info();
+    out << (response.created() ? "published " : "already published (same content) ")
+        << info.ref().name() << "@" << info.ref().version() << " " << info.ref().digest()
+        << " signer " << (info.signer().empty() ? "UNSIGNED" : info.signer()) << ": "
+        << cds::v1::RuleSetInfo::State_Name(info.state()) << "\n";
+    return kOk;
+  }
+  if (verb == "label") {
+    cds::v1::SetLabelRequest request;
+    request.set_name(p[2]);
+    request.set_label(p[3]);
+    request.set_version(p[4]);
+    cds::v1::SetLabelResponse response;
+    const grpc::Status status = stub->SetLabel(&context, request, &response);
+    if (!status.ok()) return connection.Report(status, err);
+    out << p[2] << "@" << p[3] << " -> " << p[4];
+    if (!response.previous_version().empty() && response.previous_version() != p[4]) {
+      out << " (was " << response.previous_version() << ")";
+    }
+    out << "\n";
+    return kOk;
+  }
+  cds::v1::RetireRuleSetRequest request;
+  request.set_name(p[2]);
+  request.set_version(p[3]);
+  cds::v1::RetireRuleSetResponse response;
+  const grpc::Status status = stub->RetireRuleSet(&context, request, &response);
+  if (!status.ok()) return connection.Report(status, err);
+  out << "retired " << p[2] << "@" << p[3] << "\n";
+  return kOk;
+}
+
 int Rules(const Options& options, std::ostream& out, std::ostream& err) {
-  if (options.positional.size() != 3 ||
-      (options.positional[1] != "check" && options.positional[1] != "test")) {
-    err << "cdsctl: usage: cdsctl rules check DIR | cdsctl rules test DIR\n";
+  const std::vector<std::string>& p = options.positional;
+  const std::string verb = p.size() > 1 ? p[1] : "";
+  const std::map<std::string, size_t> arity = {
+      {"check", 3}, {"test", 3}, {"diff", 4},  {"keygen", 2}, {"sign", 3},
+      {"publish", 3}, {"label", 5}, {"retire", 4}};
+  auto it = arity.find(verb);
+  if (it == arity.end() || p.size() != it->second || (verb == "keygen" && options.out_prefix.empty()) ||
+      (verb == "sign" && options.key.empty())) {
+    err << "cdsctl: usage: cdsctl rules check DIR | test DIR [--cases DIR] | diff OLD NEW "
+           "[--cases DIR] | keygen --out PREFIX | sign DIR --key KEY | publish DIR | "
+           "label NAME LABEL VERSION | retire NAME VERSION (see cdsctl --help)\n";
     return kUsage;
   }
-  int exit_code = kOk;
-  std::shared_ptr<const compiler::CompiledRuleSet> rule_set =
-      LoadAndCompile(options.positional[2], out, err, &exit_code);
-  if (rule_set == nullptr || options.positional[1] == "check") return exit_code;
-
-  const std::vector<engine::CaseResult> results = engine::RunCases(*rule_set, rule_set->tests);
-  int failed = 0;
-  for (const engine::CaseResult& result : results) {
-    out << (result.passed ? "PASS " : "FAIL ") << result.name << "\n";
-    for (const std::string& failure : result.failures) out << "    " << failure << "\n";
-    failed += result.passed ? 0 : 1;
-  }
-  if (results.empty()) {
-    // The server serves a rule set without cases; the author should still hear about it.
-    out << "no test cases (add " << compiler::kTestsFile << ")\n";
-  }
-  out << results.size() - failed << " passed, " << failed << " failed\n";
-  return failed == 0 ? kOk : kFailed;
+  if (verb == "check") return RulesCheck(p[2], options.keys_dir, out, err);
+  if (verb == "test") return RulesTest(p[2], options.cases_dir, out, err);
+  if (verb == "diff") return RulesDiff(p[2], p[3], options.cases_dir, out, err);
+  if (verb == "keygen") return RulesKeygen(options.out_prefix, out, err);
+  if (verb == "sign") return RulesSign(p[2], options.key, options.author, out, err);
+  return RulesAdmin(options, out, err);
 }
 
 int Validate(const Options& options, std::ostream& out, std::ostream& err) {

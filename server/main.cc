@@ -3,14 +3,20 @@
 // Start-up: load and check every rule-set version (a version that fails to compile or
 // fails its embedded cases is logged and not served), then serve with grpc.health.v1
 // (NOT_SERVING until at least one rule set is AVAILABLE) and server reflection.
+// Rule-set lifecycle: bundles must be signed by a key in --trusted_keys_dir (unless
+// --allow_unsigned, development only); cds.v1.RuleSetAdmin publishes bundles, moves labels
+// and retires versions, persisted under --state_dir; the rules directory is rescanned for
+// complete new bundles every --poll_interval and on SIGHUP.
 // Shutdown on SIGTERM / SIGINT: health goes NOT_SERVING so load balancers stop sending
 // new calls, the server waits --drain, then stops with a deadline for calls in flight.
 
 #include <pthread.h>
 #include <signal.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -20,6 +26,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -33,6 +40,18 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "Address to listen on, HOST:PORT. Port 0 picks a free port (logged at start).");
 ABSL_FLAG(std::string, rules_dir, "rules",
           "Directory holding the rule sets, as <rules_dir>/<name>/<version>/.");
+ABSL_FLAG(std::string, trusted_keys_dir, "",
+          "Directory of trusted Ed25519 public keys (*.pub, PEM or base64), re-read before "
+          "each publish and scan. Default: <rules_dir>/keys.");
+ABSL_FLAG(bool, allow_unsigned, false,
+          "DEVELOPMENT ONLY: accept rule-set bundles without MANIFEST/MANIFEST.sig (logged "
+          "loudly at start and for every such version).");
+ABSL_FLAG(std::string, state_dir, "",
+          "Where published bundles, labels and retirements are persisted (created if "
+          "missing). Empty: the admin RPCs are refused.");
+ABSL_FLAG(absl::Duration, poll_interval, absl::Seconds(30),
+          "How often to look for complete new bundles under --rules_dir (0: never; SIGHUP "
+          "always triggers a look).");
 ABSL_FLAG(absl::Duration, drain, absl::Seconds(5),
           "On SIGTERM/SIGINT, how long to report NOT_SERVING before stopping, so that "
           "clients and load balancers move away first.");
@@ -64,16 +83,35 @@ void SetHealth(grpc::Server& server, bool serving) {
   health->SetServingStatus(kServiceName, serving);
 }
 
+// Tests only: CDS_TEST_PAUSE_AT=<step> stops the process at that persistence step (it logs
+// "test hook: paused at <step>" and sleeps until killed), so a test can SIGKILL a server in
+// the middle of a publish.
+std::function<void(absl::string_view)> PauseHookFromEnvironment() {
+  const char* step = std::getenv("CDS_TEST_PAUSE_AT");
+  if (step == nullptr || *step == '\0') return nullptr;
+  const std::string wanted = step;
+  cds::log::Warning("CDS_TEST_PAUSE_AT=", wanted, ": test hook armed");
+  return [wanted](absl::string_view at) {
+    if (at != wanted) return;
+    cds::log::Warning("test hook: paused at ", at);
+    while (true) absl::SleepFor(absl::Hours(1));
+  };
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Serves IPEX clinical decision support over gRPC (cds.v1.DecisionSupport).\n"
-      "Usage: cds-server [--listen=127.0.0.1:50051] [--rules_dir=rules] [--drain=5s]");
+      "Usage: cds-server [--listen=127.0.0.1:50051] [--rules_dir=rules] [--state_dir=DIR]\n"
+      "                  [--trusted_keys_dir=DIR] [--poll_interval=30s] [--drain=5s]");
   absl::ParseCommandLine(argc, argv);
   const std::string listen = absl::GetFlag(FLAGS_listen);
   const std::string rules_dir = absl::GetFlag(FLAGS_rules_dir);
   const absl::Duration drain = absl::GetFlag(FLAGS_drain);
+  const absl::Duration poll_interval = absl::GetFlag(FLAGS_poll_interval);
+  std::string trusted_keys_dir = absl::GetFlag(FLAGS_trusted_keys_dir);
+  if (trusted_keys_dir.empty()) trusted_keys_dir = rules_dir + "/keys";
 
   std::string host, port;
   int port_number = 0;
@@ -94,26 +132,50 @@ int main(int argc, char** argv) {
   sigemptyset(&shutdown_signals);
   sigaddset(&shutdown_signals, SIGTERM);
   sigaddset(&shutdown_signals, SIGINT);
+  sigaddset(&shutdown_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
 
-  cds::store::RuleStore store;
+  // Health follows the number of AVAILABLE versions once the server runs.
+  std::atomic<grpc::Server*> running{nullptr};
+  std::atomic<bool> draining{false};
+  cds::store::RuleStore::Options options;
+  options.trusted_keys_dir = trusted_keys_dir;
+  options.allow_unsigned = absl::GetFlag(FLAGS_allow_unsigned);
+  options.state_dir = absl::GetFlag(FLAGS_state_dir);
+  options.ontology_dir = rules_dir + "/ontology";
+  options.persistence_hook = PauseHookFromEnvironment();
+  options.on_change = [&running, &draining](int available_now) {
+    grpc::Server* server = running.load();
+    if (server != nullptr && !draining.load()) SetHealth(*server, available_now > 0);
+  };
+  cds::store::RuleStore store(options);
   const absl::Time load_start = absl::Now();
   absl::StatusOr<int> available = store.LoadFromDirectory(rules_dir);
   if (!available.ok()) {
     cds::log::Error(available.status().message());
     return 2;
   }
+  available = store.RestoreState();
+  if (!available.ok()) {
+    cds::log::Error("cannot restore --state_dir: ", available.status().message());
+    return 2;
+  }
+  if (options.state_dir.empty()) {
+    cds::log::Info("no --state_dir: PublishRuleSet, SetLabel and RetireRuleSet are refused");
+  }
   cds::log::Info("loaded rule sets from ", rules_dir, ": ", *available, " available, ",
                  store.List("").size() - *available, " not served, in ",
                  absl::FormatDuration(absl::Now() - load_start));
 
   cds::service::DecisionServiceImpl service(store);
+  cds::service::RuleSetAdminImpl admin(store);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int selected_port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &selected_port);
   builder.RegisterService(&service);
+  builder.RegisterService(&admin);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
     cds::log::Error("cannot listen on ", listen);
@@ -121,7 +183,8 @@ int main(int argc, char** argv) {
   }
   // gRPC's default health service starts out SERVING and can only be set once the server
   // runs, so set it before anything announces the port.
-  SetHealth(*server, *available > 0);
+  SetHealth(*server, store.AvailableCount() > 0);
+  running.store(server.get());
   if (*available == 0) {
     cds::log::Error("no rule set is available: health is NOT_SERVING and Evaluate returns "
                     "UNAVAILABLE");
@@ -129,11 +192,27 @@ int main(int argc, char** argv) {
   // Tests start the server on port 0 and read the chosen port from this line.
   cds::log::Info("listening on ", host, ":", selected_port);
 
+  absl::Notification stop_polling;
+  std::thread poller([&] {
+    if (poll_interval <= absl::ZeroDuration()) return;
+    while (!stop_polling.WaitForNotificationWithTimeout(poll_interval)) {
+      const int added = store.ScanRulesDir();
+      if (added > 0) cds::log::Info("rules directory scan: ", added, " new version(s)");
+    }
+  });
+
   std::thread waiter([&] {
     int signal_number = 0;
-    sigwait(&shutdown_signals, &signal_number);
+    while (true) {
+      sigwait(&shutdown_signals, &signal_number);
+      if (signal_number != SIGHUP) break;
+      const int added = store.ScanRulesDir();
+      cds::log::Info("SIGHUP: rules directory scanned, ", added, " new version(s)");
+    }
     cds::log::Info("received signal ", signal_number, ": draining for ",
                    absl::FormatDuration(drain));
+    draining.store(true);
+    stop_polling.Notify();
     SetHealth(*server, false);
     absl::SleepFor(drain);
     cds::log::Info("shutting down");
@@ -141,6 +220,8 @@ int main(int argc, char** argv) {
   });
   server->Wait();
   waiter.join();
+  poller.join();
+  running.store(nullptr);
   cds::log::Info("stopped");
   return 0;
 }

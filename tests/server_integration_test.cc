@@ -44,12 +44,12 @@ cds::v1::Patient LoadPatient(const std::string& example) {
 // A running server on the given rules directory and a channel to it.
 class Server {
  public:
-  explicit Server(const std::string& rules_dir) {
+  explicit Server(const std::string& rules_dir, std::vector<std::string> extra_flags = {}) {
     std::string error;
-    started_ = process_.Start(CDS_SERVER_BINARY,
-                              {"--listen", "127.0.0.1:0", "--rules_dir", rules_dir, "--drain",
-                               "0s"},
-                              &error);
+    std::vector<std::string> flags = {"--listen", "127.0.0.1:0", "--rules_dir", rules_dir,
+                                      "--drain", "0s"};
+    flags.insert(flags.end(), extra_flags.begin(), extra_flags.end());
+    started_ = process_.Start(CDS_SERVER_BINARY, flags, &error);
     EXPECT_TRUE(started_) << error;
     channel_ = grpc::CreateChannel(process_.address(), grpc::InsecureChannelCredentials());
     stub_ = cds::v1::DecisionSupport::NewStub(channel_);
@@ -413,7 +413,8 @@ void MakeRulesWithBrokenVersion(const std::string& root, bool include_good) {
 TEST(ServerRulesDirTest, ServesTheGoodVersionAndReportsTheBrokenOneRejected) {
   TempDir dir;
   MakeRulesWithBrokenVersion(dir.path(), /*include_good=*/true);
-  Server server(dir.path());
+  // Plain (unsigned) copies of the files: development mode.
+  Server server(dir.path(), {"--allow_unsigned"});
   ASSERT_TRUE(server.started());
   EXPECT_EQ(server.Health(""), HealthCheckResponse::SERVING);
 
@@ -444,7 +445,7 @@ TEST(ServerRulesDirTest, ServesTheGoodVersionAndReportsTheBrokenOneRejected) {
 TEST(ServerRulesDirTest, NothingServableMeansNotServingAndUnavailable) {
   TempDir dir;
   MakeRulesWithBrokenVersion(dir.path(), /*include_good=*/false);
-  Server server(dir.path());
+  Server server(dir.path(), {"--allow_unsigned"});
   ASSERT_TRUE(server.started());
   EXPECT_EQ(server.Health(""), HealthCheckResponse::NOT_SERVING);
   EXPECT_EQ(server.Health("cds.v1.DecisionSupport"), HealthCheckResponse::NOT_SERVING);

@@ -60,7 +60,13 @@ class EvaluateOnceTest : public ::testing::Test {
     return request;
   }
 
-  store::RuleStore store_;
+  static store::RuleStore::Options TrustTheProjectKey() {
+    store::RuleStore::Options options;
+    options.trusted_keys_dir = std::string(CDS_SOURCE_DIR) + "/rules/keys";
+    return options;
+  }
+
+  store::RuleStore store_{TrustTheProjectKey()};
 };
 
 TEST_F(EvaluateOnceTest, FillsIdTimeAndRuleSetAndCountsTheEvaluation) {

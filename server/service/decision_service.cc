@@ -7,6 +7,7 @@
 
 #include "absl/random/random.h"
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -26,6 +27,30 @@ void SetTimestamp(absl::Time t, google::protobuf::Timestamp* out) {
 
 }  // namespace
 
+absl::StatusOr<Pin> ParsePin(const cds::v1::EvaluateRequest& request) {
+  Pin pin;
+  pin.name = request.rule_set();
+  pin.version = request.version();
+  pin.label = request.label();
+  if (const size_t at = pin.name.find('@'); at != std::string::npos) {
+    const std::string suffix = pin.name.substr(at + 1);
+    pin.name.resize(at);
+    if (!pin.version.empty() || !pin.label.empty()) {
+      return absl::InvalidArgumentError(
+          "rule_set pins name@version or name@label: leave version and label empty");
+    }
+    if (suffix.empty()) return absl::InvalidArgumentError("rule_set has an empty pin after '@'");
+    // Versions start with a digit; labels with a letter.
+    (absl::ascii_isdigit(static_cast<unsigned char>(suffix[0])) ? pin.version : pin.label) =
+        suffix;
+  }
+  if (pin.name.empty()) return absl::InvalidArgumentError("rule_set is required");
+  if (!pin.version.empty() && !pin.label.empty()) {
+    return absl::InvalidArgumentError("version and label are exclusive");
+  }
+  return pin;
+}
+
 std::string NewUuidV4() {
   // absl::BitGen is seeded from the OS and is not thread-safe: one per thread.
   thread_local absl::BitGen gen;
@@ -43,11 +68,12 @@ absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::Evaluate
   // server holds. Messages name fields only, never values.
   if (request.rule_set().empty()) return absl::InvalidArgumentError("rule_set is required");
   if (!request.has_patient()) return absl::InvalidArgumentError("patient is required");
+  CDS_ASSIGN_OR_RETURN(const Pin pin, ParsePin(request));
   CDS_RETURN_IF_ERROR(engine::ValidatePatient(request.patient()));
-  CDS_ASSIGN_OR_RETURN(store::Resolved resolved,
-                       store.Resolve(request.rule_set(), request.version()));
+  CDS_ASSIGN_OR_RETURN(store::Resolved resolved, store.Resolve(pin.name, pin.version, pin.label));
   CDS_RETURN_IF_ERROR(
       engine::Evaluate(*resolved.rule_set, request.patient(), engine::EvaluateOptions{}, response));
+  response->mutable_rule_set()->set_label(resolved.label);
   response->set_evaluation_id(NewUuidV4());
   SetTimestamp(absl::Now(), response->mutable_evaluated_at());
   resolved.evaluations->fetch_add(1, std::memory_order_relaxed);
@@ -85,6 +111,56 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::GetRuleSet(
       store_.Get(request->name(), request->version());
   if (found.ok()) *response = std::move(*found);
   reactor->Finish(ToGrpcStatus(found.status()));
+  return reactor;
+}
+
+}  // namespace cds::service
+
+namespace cds::service {
+
+grpc::ServerUnaryReactor* RuleSetAdminImpl::PublishRuleSet(
+    grpc::CallbackServerContext* context, const cds::v1::PublishRuleSetRequest* request,
+    cds::v1::PublishRuleSetResponse* response) {
+  absl::StatusOr<store::PublishResult> published = store_.PublishBytes(request->bundle());
+  if (published.ok()) {
+    *response->mutable_info() = std::move(published->info);
+    response->set_created(published->created);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(published.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RuleSetAdminImpl::SetLabel(grpc::CallbackServerContext* context,
+                                                     const cds::v1::SetLabelRequest* request,
+                                                     cds::v1::SetLabelResponse* response) {
+  absl::Status status;
+  if (request->name().empty() || request->label().empty() || request->version().empty()) {
+    status = absl::InvalidArgumentError("name, label and version are required");
+  } else {
+    absl::StatusOr<std::string> previous =
+        store_.SetLabel(request->name(), request->label(), request->version());
+    if (previous.ok()) response->set_previous_version(*previous);
+    status = previous.status();
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RuleSetAdminImpl::RetireRuleSet(
+    grpc::CallbackServerContext* context, const cds::v1::RetireRuleSetRequest* request,
+    cds::v1::RetireRuleSetResponse* response) {
+  absl::Status status;
+  if (request->name().empty() || request->version().empty()) {
+    status = absl::InvalidArgumentError("name and version are required");
+  } else {
+    absl::StatusOr<cds::v1::RuleSetInfo> info = store_.Retire(request->name(), request->version());
+    if (info.ok()) *response->mutable_info() = std::move(*info);
+    status = info.status();
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
 

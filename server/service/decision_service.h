@@ -1,12 +1,13 @@
 #pragma once
 
-// The cds.v1.DecisionSupport gRPC service, on the callback API. Each RPC is a thin
+// The cds.v1.DecisionSupport and cds.v1.RuleSetAdmin gRPC services, on the callback API. Each RPC is a thin
 // adapter: validate, resolve the rule-set version in the store, call the engine, convert
 // the status once (grpc_status.h). Thread-safe; borrows the store, which must outlive it.
 
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "cds/v1/service.pb.h"
 #include "server/store/rule_store.h"
@@ -30,6 +31,36 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
  private:
   const store::RuleStore& store_;
 };
+
+// cds.v1.RuleSetAdmin: publish bundles, move labels, retire versions. Thread-safe; borrows
+// the store, which must outlive it. The RPCs are not authenticated beyond the bundle
+// signatures: expose the port to operators only (TLS and client auth are a later issue).
+class RuleSetAdminImpl final : public cds::v1::RuleSetAdmin::CallbackService {
+ public:
+  explicit RuleSetAdminImpl(store::RuleStore& store) : store_(store) {}
+
+  grpc::ServerUnaryReactor* PublishRuleSet(grpc::CallbackServerContext* context,
+                                           const cds::v1::PublishRuleSetRequest* request,
+                                           cds::v1::PublishRuleSetResponse* response) override;
+  grpc::ServerUnaryReactor* SetLabel(grpc::CallbackServerContext* context,
+                                     const cds::v1::SetLabelRequest* request,
+                                     cds::v1::SetLabelResponse* response) override;
+  grpc::ServerUnaryReactor* RetireRuleSet(grpc::CallbackServerContext* context,
+                                          const cds::v1::RetireRuleSetRequest* request,
+                                          cds::v1::RetireRuleSetResponse* response) override;
+
+ private:
+  store::RuleStore& store_;
+};
+
+// Which version a request asks for: `rule_set` may carry "name@version" or "name@label"
+// (then `version` and `label` must be empty); `version` and `label` are exclusive.
+struct Pin {
+  std::string name;
+  std::string version;
+  std::string label;
+};
+absl::StatusOr<Pin> ParsePin(const cds::v1::EvaluateRequest& request);
 
 // The body of Evaluate without gRPC, for reuse and tests. Fills `response` on success.
 absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,

@@ -1,8 +1,19 @@
 #include "server/store/rule_store.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <optional>
+#include <sstream>
+#include <system_error>
 #include <utility>
 
 #include "absl/status/status.h"
@@ -14,7 +25,9 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "google/protobuf/text_format.h"
 #include "server/common/log.h"
+#include "server/common/status_macros.h"
 #include "server/compiler/source_loader.h"
 #include "server/engine/case_runner.h"
 
@@ -137,6 +150,106 @@ std::pair<std::string, std::string> NameAndVersionFromDir(const std::string& dir
   return {parts[parts.size() - 2], parts.back()};
 }
 
+
+namespace fs = std::filesystem;
+
+constexpr char kStateFile[] = "STATE";
+constexpr char kBundlesDir[] = "bundles";
+constexpr char kTmpDir[] = "tmp";
+constexpr char kOriginRulesDir[] = "rules_dir";
+constexpr char kOriginPublished[] = "published";
+
+absl::Status ErrnoError(const std::string& what) {
+  return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
+}
+
+// Writes `content` to a new file and fsyncs it before returning.
+absl::Status WriteFileDurably(const std::string& path, const std::string& content) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError(absl::StrCat("cannot create ", path));
+  size_t written = 0;
+  while (written < content.size()) {
+    const ssize_t n = write(fd, content.data() + written, content.size() - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      absl::Status error = ErrnoError(absl::StrCat("cannot write ", path));
+      close(fd);
+      return error;
+    }
+    written += static_cast<size_t>(n);
+  }
+  if (fsync(fd) != 0) {
+    absl::Status error = ErrnoError(absl::StrCat("cannot fsync ", path));
+    close(fd);
+    return error;
+  }
+  if (close(fd) != 0) return ErrnoError(absl::StrCat("cannot close ", path));
+  return absl::OkStatus();
+}
+
+// Makes a directory's entries (creations, renames) durable.
+absl::Status SyncDir(const std::string& dir) {
+  const int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return ErrnoError(absl::StrCat("cannot open ", dir));
+  const int rc = fsync(fd);
+  close(fd);
+  if (rc != 0) return ErrnoError(absl::StrCat("cannot fsync ", dir));
+  return absl::OkStatus();
+}
+
+absl::Status Rename(const std::string& from, const std::string& to) {
+  if (rename(from.c_str(), to.c_str()) != 0) {
+    return ErrnoError(absl::StrCat("cannot rename ", from, " to ", to));
+  }
+  return absl::OkStatus();
+}
+
+// A name no other staging file of this process or an earlier one uses.
+std::string UniqueName(const std::string& prefix) {
+  static std::atomic<uint64_t> counter{0};
+  return absl::StrCat(prefix, "-", getpid(), "-", absl::ToUnixNanos(absl::Now()), "-",
+                      counter.fetch_add(1));
+}
+
+// What identifies the content of a bundle directory without reading it: every file's
+// name, size and modification time.
+std::string Fingerprint(const std::string& dir) {
+  std::error_code ec;
+  std::vector<std::string> parts;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    struct stat st;
+    if (stat(entry.path().c_str(), &st) != 0) continue;
+    parts.push_back(absl::StrCat(entry.path().filename().string(), ":", st.st_size, ":",
+                                 st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec));
+  }
+  std::sort(parts.begin(), parts.end());
+  return absl::StrJoin(parts, "|");
+}
+
+bool IsPlainName(const std::string& s) {
+  return !s.empty() && s != "." && s != ".." && s.find('/') == std::string::npos &&
+         s.find('\0') == std::string::npos;
+}
+
+std::string Key(const std::string& name, const std::string& version) {
+  return absl::StrCat(name, "@", version);
+}
+
+// A rejection counts against the version it names (shown by status queries) only when the
+// bundle is known to come from a trusted author: after the signature checked out.
+bool AfterSignature(cds::v1::RejectReason reason) {
+  switch (reason) {
+    case cds::v1::EMPTY_BUNDLE:
+    case cds::v1::MALFORMED_BUNDLE:
+    case cds::v1::UNSIGNED:
+    case cds::v1::UNKNOWN_KEY:
+    case cds::v1::BAD_SIGNATURE:
+      return false;
+    default:
+      return true;
+  }
+}
+
 }  // namespace
 
 bool SemverLess(const std::string& a, const std::string& b) {
@@ -150,127 +263,641 @@ bool SemverLess(const std::string& a, const std::string& b) {
   return a < b;
 }
 
-RuleSetInfo::State RuleStore::AddVersion(const compiler::RuleSetSource& source,
-                                         const std::string& source_dir) {
-  // Compile and run the embedded cases without the lock: readers keep being served.
-  VersionEntry entry;
-  entry.name = source.expected_name;
-  entry.version = source.expected_version;
-  entry.source_dir = source_dir;
-  entry.loaded_at = absl::Now();
 
+bool IsValidLabel(const std::string& label) {
+  if (label.empty() || label.size() > 32 || !absl::ascii_islower(label[0])) return false;
+  return std::all_of(label.begin(), label.end(), [](char c) {
+    return absl::ascii_islower(c) || absl::ascii_isdigit(c) || c == '_' || c == '-';
+  });
+}
+
+RuleStore::RuleStore(Options options) : options_(std::move(options)) {
+  if (options_.allow_unsigned) {
+    log::Warning("WARNING: --allow_unsigned: rule-set bundles WITHOUT a signature are accepted. "
+                 "Development only: never run a production server like this.");
+  }
+}
+
+void RuleStore::Hook(absl::string_view step) const {
+  if (options_.persistence_hook) options_.persistence_hook(step);
+}
+
+void RuleStore::Changed() const {
+  if (options_.on_change) options_.on_change(AvailableCount());
+}
+
+void RuleStore::ReloadKeys() {
+  if (options_.trusted_keys_dir.empty()) return;
+  absl::StatusOr<bundle::TrustedKeys> keys =
+      bundle::TrustedKeys::LoadDirectory(options_.trusted_keys_dir);
+  if (!keys.ok()) {
+    log::Error("cannot load trusted keys, keeping the previous ones: ", keys.status().message());
+    return;
+  }
+  if (keys->KeyIds() != keys_.KeyIds()) {
+    log::Info("trusted keys from ", options_.trusted_keys_dir, ": ",
+              keys->size() == 0 ? "none" : absl::StrJoin(keys->KeyIds(), ", "));
+  }
+  keys_ = *std::move(keys);
+}
+
+void RuleStore::CompileAndTest(const compiler::RuleSetSource& source, Candidate* c) const {
+  VersionEntry& entry = c->entry;
   compiler::CompileResult compiled = compiler::Compile(source);
-  if (compiled.ok()) {
-    entry.name = compiled.rule_set->name;
-    entry.version = compiled.rule_set->version;
-    entry.digest = compiled.rule_set->digest;
-    const std::vector<engine::CaseResult> results =
-        engine::RunCases(*compiled.rule_set, compiled.rule_set->tests);
-    std::vector<std::string> failures;
-    for (const engine::CaseResult& result : results) {
-      if (result.passed) continue;
-      failures.push_back(absl::StrCat("case '", result.name, "' failed: ",
-                                      absl::StrJoin(result.failures, "; ")));
-    }
-    if (!failures.empty()) {
-      entry.state = RuleSetInfo::REJECTED;
-      entry.reason = absl::StrCat(failures.size(), " of ", results.size(),
-                                  " embedded test cases failed:\n", FirstLines(failures));
-    } else if (compiled.rule_set->definition.metadata().status() ==
-               cds::v1::RuleSetMetadata::RETIRED) {
-      // A retired version is listed (for audit) but never served.
-      entry.state = RuleSetInfo::RETIRED;
-      entry.rule_set = compiled.rule_set;
-    } else {
-      entry.state = RuleSetInfo::AVAILABLE;
-      entry.rule_set = compiled.rule_set;
-    }
-  } else {
+  if (!compiled.ok()) {
     entry.digest = compiler::DigestFiles(source.files);
     std::vector<std::string> errors;
     for (const compiler::Issue& issue : compiled.issues) {
       if (issue.severity == compiler::Issue::Severity::kError) errors.push_back(issue.ToString());
     }
-    entry.state = RuleSetInfo::REJECTED;
-    entry.reason = absl::StrCat("does not compile (", errors.size(),
-                                errors.size() == 1 ? " error" : " errors", "):\n",
-                                FirstLines(errors));
+    c->rejection = bundle::Rejection{
+        cds::v1::COMPILE_ERROR,
+        absl::StrCat("does not compile (", errors.size(), errors.size() == 1 ? " error" : " errors",
+                     "):\n", FirstLines(errors))};
+    return;
   }
-  if (entry.name.empty()) entry.name = "(unnamed)";
-  if (entry.version.empty()) entry.version = "(unversioned)";
-  const std::string label = absl::StrCat(entry.name, "@", entry.version);
+  entry.name = compiled.rule_set->name;
+  entry.version = compiled.rule_set->version;
+  entry.digest = compiled.rule_set->digest;
+  const std::vector<engine::CaseResult> results =
+      engine::RunCases(*compiled.rule_set, compiled.rule_set->tests);
+  std::vector<std::string> failures;
+  for (const engine::CaseResult& result : results) {
+    if (result.passed) continue;
+    failures.push_back(absl::StrCat("case '", result.name, "' failed: ",
+                                    absl::StrJoin(result.failures, "; ")));
+  }
+  if (!failures.empty()) {
+    c->rejection = bundle::Rejection{
+        cds::v1::FAILING_TEST, absl::StrCat(failures.size(), " of ", results.size(),
+                                            " embedded test cases failed:\n", FirstLines(failures))};
+    return;
+  }
+  entry.rule_set = compiled.rule_set;
+  // A version whose metadata says RETIRED is listed (for audit) but never served.
+  entry.state = compiled.rule_set->definition.metadata().status() == cds::v1::RuleSetMetadata::RETIRED
+                    ? RuleSetInfo::RETIRED
+                    : RuleSetInfo::AVAILABLE;
+}
 
-  const RuleSetInfo::State state = entry.state;
-  absl::MutexLock lock(&mu_);
-  auto& versions = entries_[entry.name];
-  auto it = versions.find(entry.version);
-  if (it != versions.end() && it->second.state == RuleSetInfo::AVAILABLE &&
-      state != RuleSetInfo::AVAILABLE) {
-    // A failed reload never replaces the version being served.
-    log::Error("rule set ", label, " ", RuleSetInfo::State_Name(state),
-               ", keeping the version already served: ", OneLine(entry.reason));
-    return state;
+RuleStore::Candidate RuleStore::Gate(const cds::v1::Bundle& bundle,
+                                     const bundle::VerifyOptions& verify,
+                                     const std::string& origin, const std::string& source_dir,
+                                     const std::string& ontology_dir) {
+  Candidate c;
+  c.entry.name = verify.expected_name;
+  c.entry.version = verify.expected_version;
+  c.entry.origin = origin;
+  c.entry.source_dir = source_dir;
+  c.entry.loaded_at = absl::Now();
+  c.manifest_bytes = bundle.manifest();
+  c.signature_bytes = bundle.signature();
+  c.rejection = bundle::VerifyBundle(bundle, keys_, verify, &c.verified);
+  if (c.entry.name.empty()) c.entry.name = c.verified.manifest.name();
+  if (c.entry.version.empty()) c.entry.version = c.verified.manifest.version();
+  if (c.rejection.has_value()) {
+    c.signature_checked = AfterSignature(c.rejection->reason);
+    return c;
   }
-  if (state == RuleSetInfo::AVAILABLE) {
-    log::Info("rule set ", label, " AVAILABLE digest=", entry.digest,
-              " hypotheses=", entry.rule_set->hypotheses.size(),
-              " actions=", entry.rule_set->actions.size(),
-              " cases=", entry.rule_set->tests.cases_size(), " dir=", source_dir);
-  } else if (state == RuleSetInfo::RETIRED) {
-    log::Info("rule set ", label, " RETIRED (not served) digest=", entry.digest);
-  } else {
-    log::Error("rule set ", label, " REJECTED (not served) dir=", source_dir, ": ",
-               OneLine(entry.reason));
+  c.signature_checked = true;
+  c.entry.signer = c.verified.signer;
+  const bool has_manifest = !bundle.manifest().empty();
+
+  compiler::RuleSetSource source;
+  source.files = c.verified.files;
+  if (!has_manifest) {
+    // Unsigned (development): the directory layout is all that names the version.
+    source.expected_name = verify.expected_name;
+    source.expected_version = verify.expected_version;
   }
-  entry.reason = CapReason(std::move(entry.reason));
-  versions[entry.version] = std::move(entry);
-  return state;
+  source.ontology_provider = [ontology_dir](const std::string& release) {
+    return compiler::LoadOntologyCached(ontology_dir, release);
+  };
+  CompileAndTest(source, &c);
+  if (c.rejection.has_value()) return c;
+  if (has_manifest && (c.entry.name != c.verified.manifest.name() ||
+                       c.entry.version != c.verified.manifest.version())) {
+    c.rejection = bundle::Rejection{
+        cds::v1::MANIFEST_MISMATCH,
+        absl::StrCat("the manifest names ", Echo(c.verified.manifest.name()), "@",
+                     Echo(c.verified.manifest.version()), " but ruleset.textproto is ",
+                     c.entry.name, "@", c.entry.version)};
+    c.entry.rule_set = nullptr;
+    c.entry.state = RuleSetInfo::LOADING;
+  }
+  if (c.entry.signer.empty()) {
+    log::Warning("WARNING: rule set ", c.entry.name, "@", c.entry.version,
+                 " is UNSIGNED and accepted only because of --allow_unsigned");
+  }
+  return c;
+}
+
+std::optional<bundle::Rejection> RuleStore::Insert(Candidate c, bool* created) {
+  *created = false;
+  VersionEntry& entry = c.entry;
+  const std::string label = Key(entry.name, entry.version);
+  if (c.rejection.has_value()) {
+    entry.state = RuleSetInfo::REJECTED;
+    entry.reject_reason = c.rejection->reason;
+    entry.reason = CapReason(c.rejection->ToString());
+    entry.rule_set = nullptr;
+    log::Error("rule set ", label, " REJECTED (not served) ", entry.origin, " ", entry.source_dir,
+               ": ", OneLine(entry.reason));
+    const bool record = c.signature_checked || entry.origin != kOriginPublished;
+    if (record && !entry.name.empty() && !entry.version.empty()) {
+      absl::MutexLock lock(&mu_);
+      auto& versions = entries_[entry.name];
+      auto it = versions.find(entry.version);
+      if (it == versions.end() || it->second.state == RuleSetInfo::REJECTED ||
+          it->second.state == RuleSetInfo::LOADING) {
+        versions[entry.version] = std::move(entry);
+      } else {
+        log::Error("rule set ", label, ": keeping the version already loaded");
+      }
+    }
+    return c.rejection;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    auto& versions = entries_[entry.name];
+    auto it = versions.find(entry.version);
+    if (it != versions.end() && (it->second.state == RuleSetInfo::AVAILABLE ||
+                                 it->second.state == RuleSetInfo::RETIRED)) {
+      if (it->second.digest == entry.digest) return std::nullopt;  // same content: no-op
+      bundle::Rejection conflict{
+          cds::v1::VERSION_CONFLICT,
+          absl::StrCat(label, " already exists with other content (", it->second.digest,
+                       "; this bundle is ", entry.digest,
+                       "): a published version is never edited, publish a new version")};
+      log::Error("rule set ", label, " REJECTED (not served) ", entry.origin, ": ",
+                 conflict.ToString());
+      return conflict;
+    }
+    if (retired_.count(label) > 0 && entry.state == RuleSetInfo::AVAILABLE) {
+      entry.state = RuleSetInfo::RETIRED;
+    }
+    if (entry.state == RuleSetInfo::AVAILABLE) {
+      log::Info("rule set ", label, " AVAILABLE digest=", entry.digest,
+                " signer=", entry.signer.empty() ? "UNSIGNED" : entry.signer,
+                " hypotheses=", entry.rule_set->hypotheses.size(),
+                " actions=", entry.rule_set->actions.size(),
+                " cases=", entry.rule_set->tests.cases_size(), " origin=", entry.origin,
+                " dir=", entry.source_dir);
+    } else {
+      log::Info("rule set ", label, " RETIRED (not served) digest=", entry.digest);
+    }
+    versions[entry.version] = std::move(entry);
+    *created = true;
+  }
+  Changed();
+  return std::nullopt;
+}
+
+RuleSetInfo::State RuleStore::AddVersion(const compiler::RuleSetSource& source,
+                                         const std::string& source_dir) {
+  absl::MutexLock writer(&writer_mu_);
+  Candidate c;
+  c.entry.name = source.expected_name;
+  c.entry.version = source.expected_version;
+  c.entry.origin = "memory";
+  c.entry.source_dir = source_dir;
+  c.entry.loaded_at = absl::Now();
+  c.signature_checked = true;
+  CompileAndTest(source, &c);
+  if (c.entry.name.empty()) c.entry.name = "(unnamed)";
+  if (c.entry.version.empty()) c.entry.version = "(unversioned)";
+  const RuleSetInfo::State state = c.rejection.has_value() ? RuleSetInfo::REJECTED : c.entry.state;
+  bool created = false;
+  std::optional<bundle::Rejection> rejection = Insert(std::move(c), &created);
+  return rejection.has_value() ? RuleSetInfo::REJECTED : state;
 }
 
 absl::StatusOr<int> RuleStore::LoadFromDirectory(const std::string& root) {
-  absl::StatusOr<std::vector<std::string>> dirs = compiler::FindRuleSetDirs(root);
-  if (!dirs.ok()) {
-    return absl::Status(dirs.status().code(), absl::StrCat("cannot read rules directory '", root,
-                                                           "': ", dirs.status().message()));
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) {
+    return absl::NotFoundError(
+        absl::StrCat("cannot read rules directory '", root, "': not a directory"));
   }
-  if (dirs->empty()) log::Warning("no rule sets found under ", root);
-  for (const std::string& dir : *dirs) {
-    absl::StatusOr<compiler::RuleSetSource> source = compiler::LoadRuleSetDir(dir);
-    if (source.ok()) {
-      AddVersion(*source, dir);
-      continue;
-    }
-    // Unreadable files: record the version as rejected so status queries show why.
-    auto [name, version] = NameAndVersionFromDir(dir);
-    VersionEntry entry;
-    entry.name = name.empty() ? dir : name;
-    entry.version = version;
-    entry.state = RuleSetInfo::REJECTED;
-    entry.reason = CapReason(absl::StrCat("cannot read: ", source.status().message()));
-    entry.source_dir = dir;
-    entry.loaded_at = absl::Now();
-    log::Error("rule set ", entry.name, "@", entry.version, " REJECTED (not served): ",
-               OneLine(entry.reason));
-    absl::MutexLock lock(&mu_);
-    auto& slot = entries_[entry.name][entry.version];
-    if (slot.state != RuleSetInfo::AVAILABLE) slot = std::move(entry);
+  {
+    absl::MutexLock writer(&writer_mu_);
+    rules_root_ = root;
+    ReloadKeys();
+    ScanLocked(root, /*startup=*/true);
   }
   return AvailableCount();
 }
 
-absl::StatusOr<Resolved> RuleStore::Resolve(const std::string& name,
-                                            const std::string& version) const {
-  absl::MutexLock lock(&mu_);
-  const VersionEntry* entry = nullptr;
-  if (version.empty()) {
-    entry = DefaultLocked(name);
-  } else if (auto by_name = entries_.find(name); by_name != entries_.end()) {
-    if (auto it = by_name->second.find(version);
-        it != by_name->second.end() && it->second.state == RuleSetInfo::AVAILABLE) {
-      entry = &it->second;
+int RuleStore::ScanRulesDir() {
+  absl::MutexLock writer(&writer_mu_);
+  if (rules_root_.empty()) return 0;
+  ReloadKeys();
+  return ScanLocked(rules_root_, /*startup=*/false);
+}
+
+int RuleStore::ScanLocked(const std::string& root, bool startup) {
+  absl::StatusOr<std::vector<std::string>> dirs = compiler::FindRuleSetDirs(root);
+  if (!dirs.ok()) {
+    log::Error("cannot scan rules directory ", root, ": ", dirs.status().message());
+    return 0;
+  }
+  if (startup && dirs->empty()) log::Warning("no rule sets found under ", root);
+  const std::string ontology_dir = (fs::path(root) / "ontology").string();
+  int added = 0;
+  for (const std::string& dir : *dirs) {
+    auto [name, version] = NameAndVersionFromDir(dir);
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      if (AvailableLocked(name, version) != nullptr) continue;
+      auto by_name = entries_.find(name);
+      if (by_name != entries_.end()) {
+        auto it = by_name->second.find(version);
+        if (it != by_name->second.end() && it->second.state == RuleSetInfo::RETIRED) continue;
+      }
+    }
+    std::error_code ec;
+    if (!startup && !options_.allow_unsigned &&
+        !fs::exists(fs::path(dir) / bundle::kSignatureFile, ec)) {
+      continue;  // still being copied: MANIFEST.sig comes last
+    }
+    const std::string fingerprint = Fingerprint(dir);
+    if (auto seen = scanned_.find(dir); seen != scanned_.end() && seen->second == fingerprint) {
+      continue;  // already gated in this state
+    }
+    scanned_[dir] = fingerprint;
+    Candidate c;
+    absl::StatusOr<cds::v1::Bundle> read = bundle::ReadBundleDir(dir);
+    if (!read.ok()) {
+      c.entry.name = name;
+      c.entry.version = version;
+      c.entry.origin = kOriginRulesDir;
+      c.entry.source_dir = dir;
+      c.entry.loaded_at = absl::Now();
+      c.rejection = bundle::Rejection{cds::v1::MALFORMED_BUNDLE,
+                                      absl::StrCat("cannot read: ", read.status().message())};
+    } else {
+      bundle::VerifyOptions verify;
+      verify.allow_unsigned = options_.allow_unsigned;
+      verify.expected_name = name;
+      verify.expected_version = version;
+      c = Gate(*read, verify, kOriginRulesDir, dir, ontology_dir);
+    }
+    bool created = false;
+    Insert(std::move(c), &created);
+    if (created) {
+      absl::ReaderMutexLock lock(&mu_);
+      added += AvailableLocked(name, version) != nullptr ? 1 : 0;
     }
   }
-  if (entry != nullptr) return Resolved{entry->rule_set, entry->evaluations};
+  return added;
+}
+
+absl::StatusOr<int> RuleStore::RestoreState() {
+  if (options_.state_dir.empty()) return AvailableCount();
+  absl::MutexLock writer(&writer_mu_);
+  ReloadKeys();
+  const fs::path state_dir(options_.state_dir);
+  std::error_code ec;
+  fs::create_directories(state_dir / kBundlesDir, ec);
+  fs::create_directories(state_dir / kTmpDir, ec);
+  if (ec) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot create state directory ", state_dir.string(), ": ", ec.message()));
+  }
+  // Whatever is under tmp/ is an unfinished publish or label change: never part of the state.
+  int removed = 0;
+  for (const auto& entry : fs::directory_iterator(state_dir / kTmpDir, ec)) {
+    std::error_code ignored;
+    fs::remove_all(entry.path(), ignored);
+    ++removed;
+  }
+  if (removed > 0) log::Warning("removed ", removed, " unfinished temporaries from ", state_dir.string(), "/tmp");
+
+  // Published bundles: the same gate as ever (a key no longer trusted rejects its bundles).
+  std::vector<std::string> dirs;
+  for (const auto& name_dir : fs::directory_iterator(state_dir / kBundlesDir, ec)) {
+    if (!name_dir.is_directory()) continue;
+    std::error_code inner;
+    for (const auto& version_dir : fs::directory_iterator(name_dir.path(), inner)) {
+      if (version_dir.is_directory()) dirs.push_back(version_dir.path().string());
+    }
+  }
+  std::sort(dirs.begin(), dirs.end());
+  for (const std::string& dir : dirs) {
+    auto [name, version] = NameAndVersionFromDir(dir);
+    absl::StatusOr<cds::v1::Bundle> read = bundle::ReadBundleDir(dir);
+    if (!read.ok()) {
+      log::Error("cannot read published bundle ", dir, ": ", read.status().message());
+      continue;
+    }
+    bundle::VerifyOptions verify;
+    verify.allow_unsigned = options_.allow_unsigned;
+    verify.expected_name = name;
+    verify.expected_version = version;
+    Candidate c = Gate(*read, verify, kOriginPublished, dir, options_.ontology_dir);
+    c.signature_checked = true;  // ours: show the outcome whatever it is
+    bool created = false;
+    Insert(std::move(c), &created);
+  }
+
+  // Labels and retirements.
+  const std::string state_path = (state_dir / kStateFile).string();
+  if (fs::exists(state_path, ec)) {
+    std::ifstream in(state_path, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
+    cds::v1::ServerState state;
+    if (!in || !google::protobuf::TextFormat::ParseFromString(text.str(), &state)) {
+      return absl::DataLossError(absl::StrCat("cannot parse ", state_path));
+    }
+    absl::MutexLock lock(&mu_);
+    for (const std::string& key : state.retired()) {
+      retired_.insert(key);
+      const size_t at = key.rfind('@');
+      if (at == std::string::npos) continue;
+      auto by_name = entries_.find(key.substr(0, at));
+      if (by_name == entries_.end()) continue;
+      auto it = by_name->second.find(key.substr(at + 1));
+      if (it != by_name->second.end() && it->second.state == RuleSetInfo::AVAILABLE) {
+        it->second.state = RuleSetInfo::RETIRED;
+      }
+    }
+    for (const cds::v1::ServerState::Label& l : state.labels()) {
+      if (AvailableLocked(l.name(), l.version()) == nullptr) {
+        log::Warning("label ", l.name(), "@", l.label(), " points at ", l.version(),
+                     ", which is not available: label dropped");
+        continue;
+      }
+      labels_[l.name()][l.label()] = l.version();
+      log::Info("label ", l.name(), "@", l.label(), " -> ", l.version());
+    }
+  }
+  Changed();
+  return AvailableCount();
+}
+
+absl::Status RuleStore::PersistBundle(const Candidate& c) {
+  const fs::path state_dir(options_.state_dir);
+  const std::string tmp_dir = (state_dir / kTmpDir).string();
+  const std::string staging = (fs::path(tmp_dir) / UniqueName("bundle")).string();
+  std::error_code ec;
+  fs::create_directories(tmp_dir, ec);
+  if (ec || mkdir(staging.c_str(), 0755) != 0) {
+    return absl::InternalError(absl::StrCat("cannot create ", staging));
+  }
+  bool first = true;
+  for (const compiler::SourceFile& file : c.verified.files) {
+    CDS_RETURN_IF_ERROR(WriteFileDurably(staging + "/" + file.path, file.content));
+    if (first) Hook("bundle_file_written");
+    first = false;
+  }
+  // The exact manifest and signature bytes (signature last), so the bundle re-verifies.
+  if (!c.manifest_bytes.empty()) {
+    CDS_RETURN_IF_ERROR(WriteFileDurably(staging + "/" + bundle::kManifestFile, c.manifest_bytes));
+  }
+  if (!c.signature_bytes.empty()) {
+    CDS_RETURN_IF_ERROR(
+        WriteFileDurably(staging + "/" + bundle::kSignatureFile, c.signature_bytes));
+  }
+  CDS_RETURN_IF_ERROR(SyncDir(staging));
+  CDS_RETURN_IF_ERROR(SyncDir(tmp_dir));
+  Hook("bundle_staged");
+
+  const fs::path parent = state_dir / kBundlesDir / c.entry.name;
+  const fs::path final_dir = parent / c.entry.version;
+  fs::create_directories(parent, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", parent.string()));
+  CDS_RETURN_IF_ERROR(SyncDir((state_dir / kBundlesDir).string()));
+  std::string displaced;
+  if (fs::exists(final_dir, ec)) {
+    // A directory left by a version that was rejected (e.g. its key is no longer
+    // trusted): moved aside first, then dropped.
+    displaced = (fs::path(tmp_dir) / UniqueName("displaced")).string();
+    CDS_RETURN_IF_ERROR(Rename(final_dir.string(), displaced));
+  }
+  CDS_RETURN_IF_ERROR(Rename(staging, final_dir.string()));
+  CDS_RETURN_IF_ERROR(SyncDir(parent.string()));
+  CDS_RETURN_IF_ERROR(SyncDir(tmp_dir));
+  if (!displaced.empty()) fs::remove_all(displaced, ec);
+  Hook("bundle_renamed");
+  return absl::OkStatus();
+}
+
+cds::v1::ServerState RuleStore::CurrentState() const {
+  cds::v1::ServerState state;
+  absl::ReaderMutexLock lock(&mu_);
+  for (const auto& [name, labels] : labels_) {
+    for (const auto& [label, version] : labels) {
+      cds::v1::ServerState::Label* l = state.add_labels();
+      l->set_name(name);
+      l->set_label(label);
+      l->set_version(version);
+    }
+  }
+  for (const std::string& key : retired_) state.add_retired(key);
+  return state;
+}
+
+absl::Status RuleStore::PersistState(const cds::v1::ServerState& state) {
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(state, &text);
+  text = absl::StrCat("# cds-server state: labels and retired versions (written atomically)\n",
+                      text);
+  const fs::path state_dir(options_.state_dir);
+  const std::string tmp_dir = (state_dir / kTmpDir).string();
+  std::error_code ec;
+  fs::create_directories(tmp_dir, ec);
+  const std::string staged = (fs::path(tmp_dir) / UniqueName("STATE")).string();
+  CDS_RETURN_IF_ERROR(WriteFileDurably(staged, text));
+  Hook("state_staged");
+  CDS_RETURN_IF_ERROR(Rename(staged, (state_dir / kStateFile).string()));
+  CDS_RETURN_IF_ERROR(SyncDir(state_dir.string()));
+  CDS_RETURN_IF_ERROR(SyncDir(tmp_dir));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<PublishResult> RuleStore::PublishBytes(const std::string& bytes) {
+  if (bytes.empty()) {
+    return bundle::RejectionStatus({cds::v1::EMPTY_BUNDLE, "no bundle bytes"});
+  }
+  cds::v1::Bundle bundle;
+  if (!bundle.ParseFromString(bytes)) {
+    return bundle::RejectionStatus(
+        {cds::v1::MALFORMED_BUNDLE, "the bytes are not a serialized cds.v1.Bundle"});
+  }
+  return Publish(bundle);
+}
+
+absl::StatusOr<PublishResult> RuleStore::Publish(const cds::v1::Bundle& bundle) {
+  absl::MutexLock writer(&writer_mu_);
+  return PublishLocked(bundle);
+}
+
+absl::StatusOr<PublishResult> RuleStore::PublishLocked(const cds::v1::Bundle& bundle) {
+  if (options_.state_dir.empty()) {
+    return absl::FailedPreconditionError(
+        "publishing needs a state directory: start cds-server with --state_dir");
+  }
+  ReloadKeys();
+  bundle::VerifyOptions verify;
+  verify.allow_unsigned = options_.allow_unsigned;
+  Candidate c = Gate(bundle, verify, kOriginPublished, "", options_.ontology_dir);
+  if (!c.rejection.has_value()) {
+    // Same version already there: identical content is a no-op, other content a conflict
+    // (checked before anything is written).
+    absl::ReaderMutexLock lock(&mu_);
+    auto by_name = entries_.find(c.entry.name);
+    if (by_name != entries_.end()) {
+      auto it = by_name->second.find(c.entry.version);
+      if (it != by_name->second.end() && (it->second.state == RuleSetInfo::AVAILABLE ||
+                                          it->second.state == RuleSetInfo::RETIRED)) {
+        if (it->second.digest == c.entry.digest) {
+          return PublishResult{InfoLocked(it->second), false};
+        }
+        c.rejection = bundle::Rejection{
+            cds::v1::VERSION_CONFLICT,
+            absl::StrCat(Key(c.entry.name, c.entry.version), " already exists with other content (",
+                         it->second.digest, "; this bundle is ", c.entry.digest,
+                         "): a published version is never edited, publish a new version")};
+        c.signature_checked = false;  // leave the existing entry alone
+      }
+    }
+  }
+  if (!c.rejection.has_value() && (!IsPlainName(c.entry.name) || !IsPlainName(c.entry.version))) {
+    // The compiler allows only identifiers and semantic versions; they become paths here.
+    c.rejection = bundle::Rejection{cds::v1::MALFORMED_BUNDLE, "invalid rule-set name or version"};
+  }
+  if (c.rejection.has_value()) {
+    const bundle::Rejection rejection = *c.rejection;
+    bool created = false;
+    Insert(std::move(c), &created);
+    return bundle::RejectionStatus(rejection);
+  }
+  c.entry.source_dir =
+      (fs::path(options_.state_dir) / kBundlesDir / c.entry.name / c.entry.version).string();
+  CDS_RETURN_IF_ERROR(PersistBundle(c));
+  const std::string name = c.entry.name, version = c.entry.version;
+  bool created = false;
+  if (std::optional<bundle::Rejection> r = Insert(std::move(c), &created); r.has_value()) {
+    return bundle::RejectionStatus(*r);
+  }
+  absl::ReaderMutexLock lock(&mu_);
+  const VersionEntry& entry = entries_[name][version];
+  return PublishResult{InfoLocked(entry), created};
+}
+
+absl::StatusOr<std::string> RuleStore::SetLabel(const std::string& name, const std::string& label,
+                                                const std::string& version) {
+  if (!IsValidLabel(label)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "label '", Echo(label), "' is invalid: a lower-case letter, then [a-z0-9_-], at most 32"));
+  }
+  absl::MutexLock writer(&writer_mu_);
+  if (options_.state_dir.empty()) {
+    return absl::FailedPreconditionError(
+        "labels need a state directory: start cds-server with --state_dir");
+  }
+  std::string previous;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (AvailableLocked(name, version) == nullptr) {
+      return absl::NotFoundError(absl::StrCat("version '", Echo(version), "' of rule set '",
+                                              Echo(name), "' is not available"));
+    }
+    if (auto by_name = labels_.find(name); by_name != labels_.end()) {
+      if (auto it = by_name->second.find(label); it != by_name->second.end()) previous = it->second;
+    }
+  }
+  if (previous == version) return previous;
+  cds::v1::ServerState state = CurrentState();
+  bool replaced = false;
+  for (cds::v1::ServerState::Label& l : *state.mutable_labels()) {
+    if (l.name() == name && l.label() == label) {
+      l.set_version(version);
+      replaced = true;
+    }
+  }
+  if (!replaced) {
+    cds::v1::ServerState::Label* l = state.add_labels();
+    l->set_name(name);
+    l->set_label(label);
+    l->set_version(version);
+  }
+  CDS_RETURN_IF_ERROR(PersistState(state));
+  {
+    absl::MutexLock lock(&mu_);
+    labels_[name][label] = version;
+  }
+  log::Info("label ", name, "@", label, " -> ", version,
+            previous.empty() ? "" : absl::StrCat(" (was ", previous, ")"));
+  Changed();
+  return previous;
+}
+
+absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std::string& version) {
+  absl::MutexLock writer(&writer_mu_);
+  if (options_.state_dir.empty()) {
+    return absl::FailedPreconditionError(
+        "retiring needs a state directory: start cds-server with --state_dir");
+  }
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (AvailableLocked(name, version) == nullptr) {
+      return absl::NotFoundError(absl::StrCat("version '", Echo(version), "' of rule set '",
+                                              Echo(name), "' is not available"));
+    }
+    if (auto by_name = labels_.find(name); by_name != labels_.end()) {
+      for (const auto& [label, target] : by_name->second) {
+        if (target == version) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("label '", label, "' points at ", name, "@", version,
+                           ": move it to another version first"));
+        }
+      }
+    }
+  }
+  cds::v1::ServerState state = CurrentState();
+  state.add_retired(Key(name, version));
+  CDS_RETURN_IF_ERROR(PersistState(state));
+  retired_.insert(Key(name, version));
+  RuleSetInfo info;
+  {
+    absl::MutexLock lock(&mu_);
+    VersionEntry& entry = entries_[name][version];
+    entry.state = RuleSetInfo::RETIRED;
+    info = InfoLocked(entry);
+  }
+  log::Info("rule set ", name, "@", version, " RETIRED (no longer served)");
+  Changed();
+  return info;
+}
+
+const VersionEntry* RuleStore::AvailableLocked(const std::string& name,
+                                               const std::string& version) const {
+  auto by_name = entries_.find(name);
+  if (by_name == entries_.end()) return nullptr;
+  auto it = by_name->second.find(version);
+  if (it == by_name->second.end() || it->second.state != RuleSetInfo::AVAILABLE) return nullptr;
+  return &it->second;
+}
+
+absl::StatusOr<Resolved> RuleStore::Resolve(const std::string& name, const std::string& version,
+                                            const std::string& label) const {
+  absl::ReaderMutexLock lock(&mu_);
+  const VersionEntry* entry = nullptr;
+  std::string via;
+  if (!version.empty()) {
+    entry = AvailableLocked(name, version);
+  } else if (!label.empty()) {
+    if (auto by_name = labels_.find(name); by_name != labels_.end()) {
+      if (auto it = by_name->second.find(label); it != by_name->second.end()) {
+        entry = AvailableLocked(name, it->second);
+        via = label;
+      }
+    }
+  } else {
+    entry = DefaultLocked(name, &via);
+  }
+  if (entry != nullptr) return Resolved{entry->rule_set, entry->evaluations, via};
 
   // Nothing at all to serve is a (retryable) server condition, not the caller's mistake.
   bool any_available = false;
@@ -283,6 +910,10 @@ absl::StatusOr<Resolved> RuleStore::Resolve(const std::string& name,
   if (entries_.find(name) == entries_.end()) {
     return absl::NotFoundError(absl::StrCat("rule set '", Echo(name), "' is not loaded"));
   }
+  if (!label.empty() && version.empty()) {
+    return absl::NotFoundError(
+        absl::StrCat("rule set '", Echo(name), "' has no label '", Echo(label), "'"));
+  }
   if (version.empty()) {
     return absl::NotFoundError(
         absl::StrCat("rule set '", Echo(name), "' has no available version"));
@@ -292,7 +923,7 @@ absl::StatusOr<Resolved> RuleStore::Resolve(const std::string& name,
 }
 
 std::vector<RuleSetInfo> RuleStore::List(const std::string& name) const {
-  absl::MutexLock lock(&mu_);
+  absl::ReaderMutexLock lock(&mu_);
   std::vector<RuleSetInfo> out;
   for (const auto& [entry_name, versions] : entries_) {
     if (!name.empty() && entry_name != name) continue;
@@ -308,14 +939,15 @@ std::vector<RuleSetInfo> RuleStore::List(const std::string& name) const {
 
 absl::StatusOr<cds::v1::GetRuleSetResponse> RuleStore::Get(const std::string& name,
                                                            const std::string& version) const {
-  absl::MutexLock lock(&mu_);
+  absl::ReaderMutexLock lock(&mu_);
   auto by_name = entries_.find(name);
   if (by_name == entries_.end()) {
     return absl::NotFoundError(absl::StrCat("rule set '", Echo(name), "' is not loaded"));
   }
   const VersionEntry* entry = nullptr;
   if (version.empty()) {
-    entry = DefaultLocked(name);
+    std::string unused_label;
+    entry = DefaultLocked(name, &unused_label);
     if (entry == nullptr) {
       return absl::NotFoundError(
           absl::StrCat("rule set '", Echo(name), "' has no available version"));
@@ -335,7 +967,7 @@ absl::StatusOr<cds::v1::GetRuleSetResponse> RuleStore::Get(const std::string& na
 }
 
 int RuleStore::AvailableCount() const {
-  absl::MutexLock lock(&mu_);
+  absl::ReaderMutexLock lock(&mu_);
   int count = 0;
   for (const auto& [unused_name, versions] : entries_) {
     for (const auto& [unused_version, entry] : versions) {
@@ -352,12 +984,22 @@ RuleSetInfo RuleStore::InfoLocked(const VersionEntry& entry) const {
   info.mutable_ref()->set_digest(entry.digest);
   info.set_state(entry.state);
   info.set_reason(entry.reason);
+  info.set_reject_reason(entry.reject_reason);
+  info.set_signer(entry.signer);
+  info.set_origin(entry.origin);
   SetTimestamp(entry.loaded_at, info.mutable_loaded_at());
   info.set_evaluation_count(entry.evaluations->load(std::memory_order_relaxed));
-  info.set_is_default(DefaultLocked(entry.name) == &entry);
+  std::string unused_label;
+  info.set_is_default(DefaultLocked(entry.name, &unused_label) == &entry);
+  if (auto by_name = labels_.find(entry.name); by_name != labels_.end()) {
+    for (const auto& [label, version] : by_name->second) {
+      if (version == entry.version) info.add_labels(label);
+    }
+  }
   if (entry.rule_set != nullptr) {
     const compiler::CompiledRuleSet& rs = *entry.rule_set;
     const cds::v1::RuleSetMetadata& metadata = rs.definition.metadata();
+    info.mutable_ref()->set_ontology(metadata.ontology());
     info.set_title(metadata.title());
     info.set_description(metadata.description());
     for (const std::string& author : metadata.authors()) info.add_authors(author);
@@ -368,9 +1010,18 @@ RuleSetInfo RuleStore::InfoLocked(const VersionEntry& entry) const {
   return info;
 }
 
-const VersionEntry* RuleStore::DefaultLocked(const std::string& name) const {
+const VersionEntry* RuleStore::DefaultLocked(const std::string& name, std::string* label) const {
+  label->clear();
   auto by_name = entries_.find(name);
   if (by_name == entries_.end()) return nullptr;
+  if (auto labels = labels_.find(name); labels != labels_.end()) {
+    if (auto it = labels->second.find(kDefaultLabel); it != labels->second.end()) {
+      if (const VersionEntry* stable = AvailableLocked(name, it->second); stable != nullptr) {
+        *label = kDefaultLabel;
+        return stable;
+      }
+    }
+  }
   const VersionEntry* best = nullptr;
   for (const auto& [version, entry] : by_name->second) {
     if (entry.state != RuleSetInfo::AVAILABLE) continue;

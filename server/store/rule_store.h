@@ -1,28 +1,49 @@
 #pragma once
 
-// The rule-set versions the server holds, and which one serves each request. Thread-safe.
+// The rule-set versions the server holds, their labels, and which version serves each
+// request. Thread-safe.
 //
-// Versions are compiled and checked off the request path (LoadFromDirectory); a version
-// that fails to compile or fails its embedded test cases is recorded as REJECTED with the
-// reason and never served. Readers get a shared_ptr to an immutable CompiledRuleSet and
-// evaluate without holding the lock; a replaced version is freed by its last reader.
+// Every version passes one gate before it can serve (Gate in rule_store.cc): the bundle's
+// signature and file hashes verify against the trusted keys (server/bundle), it compiles,
+// and every embedded test case passes. A version that fails is recorded as REJECTED with
+// a RejectReason and never served; versions already serving are never touched by it.
+//
+// Versions come from three places: the rules directory at start-up (LoadFromDirectory),
+// complete bundles dropped into it later (ScanRulesDir, driven by the poller or SIGHUP),
+// and PublishRuleSet (Publish). Published bundles, labels and retirements are persisted
+// under Options::state_dir (see persistence in rule_store.cc) and restored by
+// RestoreState, so a restart serves the same versions with the same labels.
+//
+// Readers (Resolve) take a shared_ptr to an immutable CompiledRuleSet under a reader lock
+// and evaluate without any lock: a call in flight finishes on the version it started with,
+// and a replaced version is freed by its last reader. Writers (publish, labels, retire,
+// scans) are serialized by writer_mu_, held across compile and disk I/O but never by
+// readers.
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "cds/v1/service.pb.h"
+#include "server/bundle/bundle.h"
 #include "server/compiler/compiled_rule_set.h"
 #include "server/compiler/compiler.h"
 
 namespace cds::store {
+
+// The label a request without version or label resolves through, when set.
+inline constexpr char kDefaultLabel[] = "stable";
 
 // One loaded (or rejected) version.
 struct VersionEntry {
@@ -30,12 +51,16 @@ struct VersionEntry {
   std::string version;
   cds::v1::RuleSetInfo::State state = cds::v1::RuleSetInfo::LOADING;
   std::string reason;  // why REJECTED
-  // "sha256:<hex>" of the source files; kept for rejected versions too, so status
-  // queries say which content failed.
+  cds::v1::RejectReason reject_reason = cds::v1::REJECT_REASON_UNSPECIFIED;
+  // "sha256:<hex>" of the rule-set files (MANIFEST and signature excluded); kept for
+  // rejected versions too, so status queries say which content failed.
   std::string digest;
   std::string source_dir;
+  std::string origin;  // "rules_dir", "published" or "memory"
+  std::string signer;  // key id; empty when unsigned
   absl::Time loaded_at;
-  std::shared_ptr<const compiler::CompiledRuleSet> rule_set;  // null unless AVAILABLE
+  // Set when AVAILABLE or RETIRED.
+  std::shared_ptr<const compiler::CompiledRuleSet> rule_set;
   // Shared so that counting an evaluation needs no store lock.
   std::shared_ptr<std::atomic<int64_t>> evaluations =
       std::make_shared<std::atomic<int64_t>>(0);
@@ -45,27 +70,81 @@ struct VersionEntry {
 struct Resolved {
   std::shared_ptr<const compiler::CompiledRuleSet> rule_set;
   std::shared_ptr<std::atomic<int64_t>> evaluations;
+  // The label resolved through ("" when a version was pinned or no label applied).
+  std::string label;
+};
+
+struct PublishResult {
+  cds::v1::RuleSetInfo info;
+  bool created = false;  // false: this exact content was already there
 };
 
 class RuleStore {
  public:
-  RuleStore() = default;
+  struct Options {
+    // Directory of trusted "*.pub" keys, re-read before each publish and scan, so a key a
+    // maintainer adds is trusted without a restart. Empty: no key is trusted.
+    std::string trusted_keys_dir;
+    // Development only: accept bundles without MANIFEST / MANIFEST.sig (logged loudly).
+    bool allow_unsigned = false;
+    // Where published bundles, labels and retirements are persisted. Empty: Publish,
+    // SetLabel and Retire are FAILED_PRECONDITION.
+    std::string state_dir;
+    // Ontology releases for published bundles (the rules directory's ontology/).
+    std::string ontology_dir;
+    // Called after every change, with the number of AVAILABLE versions (health).
+    std::function<void(int available)> on_change;
+    // Tests only: called at each persistence step ("bundle_file_written",
+    // "bundle_staged", "bundle_renamed", "state_staged") to pause or crash there.
+    std::function<void(absl::string_view step)> persistence_hook;
+  };
+
+  RuleStore() : RuleStore(Options()) {}
+  explicit RuleStore(Options options);
   RuleStore(const RuleStore&) = delete;
   RuleStore& operator=(const RuleStore&) = delete;
 
-  // Compiles, tests and adds one version. Returns the entry's final state; a rejected
-  // version is kept (as REJECTED, with its reason) for status queries.
+  // Compiles, tests and adds one version given as trusted in-memory source (tests, tools:
+  // no signature involved). Returns the entry's final state.
   cds::v1::RuleSetInfo::State AddVersion(const compiler::RuleSetSource& source,
                                          const std::string& source_dir) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Loads every <root>/<name>/<version>/ directory. Returns the number of AVAILABLE
-  // versions, or an error when the root cannot be read.
+  // Start-up: loads every <root>/<name>/<version>/ bundle directory through the gate and
+  // remembers `root` for ScanRulesDir. Returns the number of AVAILABLE versions, or an
+  // error when the root cannot be read.
   absl::StatusOr<int> LoadFromDirectory(const std::string& root) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // The version to evaluate: `version` exactly, or the highest AVAILABLE semantic version
-  // when empty. NOT_FOUND when there is no such AVAILABLE version; UNAVAILABLE when the
-  // store has nothing available at all.
-  absl::StatusOr<Resolved> Resolve(const std::string& name, const std::string& version) const
+  // Poller step: loads bundle directories that appeared or changed under the rules root
+  // since the last look, but only complete ones: with MANIFEST.sig (written last) unless
+  // unsigned bundles are allowed, and only versions not already AVAILABLE or RETIRED.
+  // A half-copied directory fails its hashes, is never served, and is retried once its
+  // files change. Returns the number of versions that became AVAILABLE.
+  int ScanRulesDir() ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Start-up, after LoadFromDirectory: removes unfinished temporaries under state_dir,
+  // loads the published bundles through the gate and re-applies labels and retirements.
+  // No-op without a state_dir. Returns the number of AVAILABLE versions.
+  absl::StatusOr<int> RestoreState() ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Gate, persist, then serve a bundle. Refusals: see bundle::RejectionStatus.
+  absl::StatusOr<PublishResult> Publish(const cds::v1::Bundle& bundle) ABSL_LOCKS_EXCLUDED(mu_);
+  // Same, from serialized cds.v1.Bundle bytes (EMPTY_BUNDLE / MALFORMED_BUNDLE first).
+  absl::StatusOr<PublishResult> PublishBytes(const std::string& bytes) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Points `label` at an AVAILABLE version; returns the previous version ("" if none).
+  absl::StatusOr<std::string> SetLabel(const std::string& name, const std::string& label,
+                                       const std::string& version) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Stops serving an AVAILABLE version. FAILED_PRECONDITION while a label points at it.
+  absl::StatusOr<cds::v1::RuleSetInfo> Retire(const std::string& name,
+                                              const std::string& version)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
+  // The version to evaluate: `version` exactly, else the version `label` points at, else
+  // the "stable" label's version, else the highest AVAILABLE semantic version. NOT_FOUND
+  // when there is no such AVAILABLE version; UNAVAILABLE when nothing is available at all.
+  absl::StatusOr<Resolved> Resolve(const std::string& name, const std::string& version,
+                                   const std::string& label = "") const
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // Status of every version (filtered by name when non-empty), sorted by name and version.
@@ -80,17 +159,68 @@ class RuleStore {
   int AvailableCount() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
+  // The outcome of the gate for one candidate version.
+  struct Candidate {
+    VersionEntry entry;
+    std::optional<bundle::Rejection> rejection;
+    bundle::VerifiedBundle verified;
+    bool signature_checked = false;  // the rejection (if any) came after the signature
+    std::string manifest_bytes;   // exactly as received, persisted as is
+    std::string signature_bytes;
+  };
+
+  Candidate Gate(const cds::v1::Bundle& bundle, const bundle::VerifyOptions& verify,
+                 const std::string& origin, const std::string& source_dir,
+                 const std::string& ontology_dir) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  // Compiles and tests already verified files into `candidate`.
+  void CompileAndTest(const compiler::RuleSetSource& source, Candidate* candidate) const;
+  // Adds a gated candidate. Never replaces an AVAILABLE or RETIRED version: the same
+  // content is a no-op (*created = false), other content a VERSION_CONFLICT rejection.
+  std::optional<bundle::Rejection> Insert(Candidate candidate, bool* created)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<PublishResult> PublishLocked(const cds::v1::Bundle& bundle)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  int ScanLocked(const std::string& root, bool startup) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  void ReloadKeys() ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  // Writes labels and retirements (as they would be after a change) atomically.
+  absl::Status PersistState(const cds::v1::ServerState& state)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  cds::v1::ServerState CurrentState() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  absl::Status PersistBundle(const Candidate& candidate) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  void Hook(absl::string_view step) const;
+  void Changed() const ABSL_LOCKS_EXCLUDED(mu_);
+
   cds::v1::RuleSetInfo InfoLocked(const VersionEntry& entry) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  const VersionEntry* DefaultLocked(const std::string& name) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  const VersionEntry* DefaultLocked(const std::string& name, std::string* label) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  const VersionEntry* AvailableLocked(const std::string& name, const std::string& version) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  const Options options_;
+
+  // Serializes every change (gate, disk, then the swap under mu_). Lock order:
+  // writer_mu_ before mu_.
+  absl::Mutex writer_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  bundle::TrustedKeys keys_ ABSL_GUARDED_BY(writer_mu_);
+  std::string rules_root_ ABSL_GUARDED_BY(writer_mu_);
+  // Rules-dir bundle directory -> fingerprint (names, sizes, mtimes) last gated.
+  std::map<std::string, std::string> scanned_ ABSL_GUARDED_BY(writer_mu_);
+  // "name@version" retired (persisted even when that version is not loaded).
+  std::set<std::string> retired_ ABSL_GUARDED_BY(writer_mu_);
+  bool warned_unsigned_ ABSL_GUARDED_BY(writer_mu_) = false;
 
   mutable absl::Mutex mu_;
   // name -> version -> entry.
   std::map<std::string, std::map<std::string, VersionEntry>> entries_ ABSL_GUARDED_BY(mu_);
+  // name -> label -> version.
+  std::map<std::string, std::map<std::string, std::string>> labels_ ABSL_GUARDED_BY(mu_);
 };
 
 // Orders "MAJOR.MINOR.PATCH" semantically; non-semver strings sort lexically after.
 bool SemverLess(const std::string& a, const std::string& b);
+
+// True for a label authors may set: a lower-case letter, then up to 31 of [a-z0-9_-].
+bool IsValidLabel(const std::string& label);
 
 }  // namespace cds::store

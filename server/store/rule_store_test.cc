@@ -323,7 +323,9 @@ TEST(RuleStoreTest, LoadFromDirectoryServesGoodVersionsOnly) {
     root.Write("demo/3.0.0/" + f.path, f.content);
   }
 
-  RuleStore store;
+  RuleStore::Options options;
+  options.allow_unsigned = true;  // plain directories, no MANIFEST
+  RuleStore store(options);
   absl::StatusOr<int> available = store.LoadFromDirectory(root.path());
   ASSERT_TRUE(available.ok()) << available.status();
   EXPECT_EQ(*available, 1);

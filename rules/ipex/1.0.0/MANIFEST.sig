@@ -1,0 +1,1 @@
+QsUdjpXpwjum+0geIrbqCds1Lcpec1sOMku3IbXH/BzhSvrTi66ZUzQuawjSSV/p5qkjCnyG7PwGTFH3wIeFCg==
