@@ -72,6 +72,11 @@ std::string CodeKey(const std::string& system, const std::string& code) {
 }
 
 std::string NormalizeSystem(const std::string& system, const std::string& code) {
+  // Fast path: already canonical (what the rules and most callers send).
+  if (system == "HPO" || system == "LOINC" || system == "OMIM" || system == "ORPHA" ||
+      system == "SNOMEDCT" || system == "ICD10" || system == "HGNC" || system == "LOCAL") {
+    return system;
+  }
   std::string upper = absl::AsciiStrToUpper(absl::StripAsciiWhitespace(system));
   if (upper == "HP" || upper == "HUMAN PHENOTYPE ONTOLOGY") upper = "HPO";
   if (upper == "SNOMED" || upper == "SNOMED CT" || upper == "SNOMED-CT" || upper == "SCT") {

@@ -221,6 +221,14 @@ struct CompiledRuleSet {
   std::vector<std::vector<int32_t>> leaf_evidence_by_concept;
   std::vector<std::vector<int32_t>> leaf_evidence_by_lab;
   std::vector<int32_t> leaf_evidence_on_family;
+  // Per hypothesis, the information actions whose result would move it.
+  std::vector<std::vector<int32_t>> information_actions_by_hypothesis;
+  // Hypotheses by pretest probability (descending, then id): the order of every hypothesis
+  // no evidence touched, so ranking needs no sort over the whole rule set.
+  std::vector<int32_t> hypotheses_by_pretest;
+  double pretest_sum = 0;
+  // The largest `in_top` of any probability condition (how deep ranks must be known).
+  int32_t max_in_top = 0;
 };
 
 }  // namespace cds::compiler

@@ -834,6 +834,7 @@ class Compilation {
         c.ref = it->second;
         c.value = p.at_least();
         c.count = p.in_top();
+        out_->max_in_top = std::max(out_->max_in_top, c.count);
         c.description = absl::StrCat("P(", out_->hypotheses[c.ref].title, ") >= ",
                                      FormatNumber(c.value));
         if (c.count > 0) absl::StrAppend(&c.description, ", within the top ", c.count);
@@ -1218,6 +1219,21 @@ class Compilation {
       if (out_->actions[i].condition < 0) continue;
       IndexRule(out_->actions[i].condition, RuleRef{RuleRef::Kind::kAction, static_cast<int32_t>(i)});
     }
+    out_->hypotheses_by_pretest.clear();
+    out_->pretest_sum = 0;
+    for (size_t h = 0; h < out_->hypotheses.size(); ++h) {
+      out_->hypotheses_by_pretest.push_back(static_cast<int32_t>(h));
+      out_->pretest_sum += out_->hypotheses[h].pretest_probability;
+    }
+    std::sort(out_->hypotheses_by_pretest.begin(), out_->hypotheses_by_pretest.end(),
+              [&](int32_t a, int32_t b) {
+                const auto& x = out_->hypotheses[a];
+                const auto& y = out_->hypotheses[b];
+                if (x.pretest_probability != y.pretest_probability) {
+                  return x.pretest_probability > y.pretest_probability;
+                }
+                return x.id < y.id;
+              });
     out_->leaf_evidence_by_concept.assign(out_->concepts.size(), {});
     out_->leaf_evidence_by_lab.assign(out_->labs.size(), {});
     for (size_t i = 0; i < out_->evidence.size(); ++i) {
@@ -1239,6 +1255,19 @@ class Compilation {
           break;
       }
     }
+    out_->information_actions_by_hypothesis.assign(out_->hypotheses.size(), {});
+    for (int32_t a : out_->information_actions) {
+      absl::flat_hash_set<int32_t> moved;
+      for (const FactKey& key : out_->actions[a].reveals) {
+        const std::vector<int32_t>* items =
+            key.kind == FactKey::Kind::kConcept ? &out_->leaf_evidence_by_concept[key.index]
+            : key.kind == FactKey::Kind::kLab   ? &out_->leaf_evidence_by_lab[key.index]
+                                                : &out_->leaf_evidence_on_family;
+        for (int32_t e : *items) moved.insert(out_->evidence[e].hypothesis);
+      }
+      for (int32_t h : moved) out_->information_actions_by_hypothesis[h].push_back(a);
+    }
+    for (auto& list : out_->information_actions_by_hypothesis) std::sort(list.begin(), list.end());
   }
 
   void IndexRule(ConditionId root, RuleRef ref) {

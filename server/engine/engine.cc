@@ -58,9 +58,90 @@ struct Facts {
   absl::flat_hash_map<int32_t, std::vector<FindingFact>> findings;  // by concept
   absl::flat_hash_map<int32_t, std::vector<LabFact>> labs;          // by lab
   const cds::v1::FamilyHistory* family = nullptr;  // null when no history was taken
-  // Filled after the diagnoses are scored; read by probability conditions.
-  std::vector<double> posterior;
-  std::vector<int> diagnosis_rank;  // 0-based rank of each hypothesis
+  // Set once the diagnoses are scored; read by probability conditions.
+  const class Scores* scores = nullptr;
+};
+
+// Posterior probabilities over the differential {hypotheses, none of these}. Only the
+// hypotheses that evidence moved for this patient are stored: every other one keeps its
+// pretest weight, and they rank in the compiler's pretest order, so the work follows the
+// patient's findings rather than the size of the rule set.
+class Scores {
+ public:
+  // `log_lr`: the summed log likelihood ratio of each touched hypothesis.
+  Scores(const CompiledRuleSet& rs, std::vector<std::pair<int32_t, double>> log_lr)
+      : rs_(rs) {
+    total_ = 1.0;  // none (1 - sum of pretests) + every untouched hypothesis at its pretest
+    for (const auto& [h, l] : log_lr) {
+      const double prior = rs.hypotheses[h].pretest_probability;
+      const double w = prior * std::exp(l);
+      weight_.emplace(h, w);
+      total_ += w - prior;
+    }
+    for (const auto& [h, w] : weight_) touched_.push_back(h);
+    std::sort(touched_.begin(), touched_.end(), [&](int32_t a, int32_t b) { return Before(a, b); });
+  }
+
+  // Uncapped probability of `h` (the belief the value of tests is computed over).
+  double Belief(int32_t h) const {
+    auto it = weight_.find(h);
+    return (it != weight_.end() ? it->second : rs_.hypotheses[h].pretest_probability) / total_;
+  }
+  double NoneBelief() const { return std::max(0.0, 1.0 - rs_.pretest_sum) / total_; }
+  // Probability shown and tested: capped by the hypothesis' ceiling, if any.
+  double Posterior(int32_t h) const {
+    const double p = Belief(h);
+    const auto& cap = rs_.hypotheses[h].max_probability;
+    return cap ? std::min(p, *cap) : p;
+  }
+  bool Touched(int32_t h) const { return weight_.contains(h); }
+
+  // The first `count` hypotheses in rank order (posterior descending, then id).
+  const std::vector<int32_t>& Top(size_t count) const {
+    const size_t n = rs_.hypotheses.size();
+    while (ranked_.size() < std::min(count, n)) {
+      while (next_untouched_ < rs_.hypotheses_by_pretest.size() &&
+             Touched(rs_.hypotheses_by_pretest[next_untouched_])) {
+        ++next_untouched_;
+      }
+      const bool have_touched = next_touched_ < touched_.size();
+      const bool have_untouched = next_untouched_ < rs_.hypotheses_by_pretest.size();
+      if (have_touched &&
+          (!have_untouched ||
+           Before(touched_[next_touched_], rs_.hypotheses_by_pretest[next_untouched_]))) {
+        ranked_.push_back(touched_[next_touched_++]);
+      } else {
+        ranked_.push_back(rs_.hypotheses_by_pretest[next_untouched_++]);
+      }
+    }
+    return ranked_;
+  }
+
+  // 0-based rank of `h` if it is within the first `count`, else `count`.
+  int RankWithin(int32_t h, size_t count) const {
+    const auto& top = Top(count);
+    for (size_t i = 0; i < top.size() && i < count; ++i) {
+      if (top[i] == h) return static_cast<int>(i);
+    }
+    return static_cast<int>(count);
+  }
+
+ private:
+  bool Before(int32_t a, int32_t b) const {
+    const double pa = Posterior(a);
+    const double pb = Posterior(b);
+    if (pa != pb) return pa > pb;
+    return rs_.hypotheses[a].id < rs_.hypotheses[b].id;
+  }
+
+  const CompiledRuleSet& rs_;
+  double total_ = 1.0;
+  absl::flat_hash_map<int32_t, double> weight_;
+  std::vector<int32_t> touched_;  // in rank order
+  // Lazily merged ranking.
+  mutable std::vector<int32_t> ranked_;
+  mutable size_t next_touched_ = 0;
+  mutable size_t next_untouched_ = 0;
 };
 
 std::string Fmt(double v) { return absl::StrFormat("%.3g", v); }
@@ -73,23 +154,26 @@ absl::Status Invalid(const std::string& field, const std::string& problem) {
   return absl::InvalidArgumentError(absl::StrCat(field, " ", problem));
 }
 
-absl::Status CheckAge(const cds::v1::Age& age, const std::string& field) {
-  const compiler::AgeDays days = compiler::ToDays(age);
-  if (!days.error.empty()) return Invalid(field, days.error);
-  return absl::OkStatus();
+// What is wrong with an age ("" when nothing is).
+std::string AgeProblem(const cds::v1::Age& age) {
+  if (age.value_case() == cds::v1::Age::VALUE_NOT_SET) return "";
+  return compiler::ToDays(age).error;
 }
 
-absl::Status CheckCode(const cds::v1::Code& code, const std::string& field) {
-  if (code.code().empty()) return Invalid(field + ".code", "is required");
+// What is wrong with a code ("" when nothing is); `suffix` gets the sub-field, if any.
+std::string CodeProblem(const cds::v1::Code& code, std::string* suffix) {
+  if (code.code().empty()) {
+    *suffix = ".code";
+    return "is required";
+  }
   if (code.code().size() > kMaxCodeLength || code.system().size() > kMaxCodeLength) {
-    return Invalid(field, "is longer than 128 characters");
+    return "is longer than 128 characters";
   }
   if (compiler::NormalizeSystem(code.system(), code.code()).empty()) {
-    return Invalid(field + ".system",
-                   "is required unless the code is a CURIE with a known prefix (HP:, OMIM:, "
-                   "ORPHA:)");
+    *suffix = ".system";
+    return "is required unless the code is a CURIE with a known prefix (HP:, OMIM:, ORPHA:)";
   }
-  return absl::OkStatus();
+  return "";
 }
 
 // Relationships that share the patient's maternal X chromosome lineage.
@@ -214,9 +298,10 @@ class Evaluator {
         return Tri::kUnknown;
       }
       case K::kProbability: {
-        if (facts_.posterior.empty()) return Tri::kUnknown;
-        const bool high_enough = facts_.posterior[c.ref] >= c.value;
-        const bool in_top = c.count == 0 || facts_.diagnosis_rank[c.ref] < c.count;
+        if (facts_.scores == nullptr) return Tri::kUnknown;
+        const bool high_enough = facts_.scores->Posterior(c.ref) >= c.value;
+        const bool in_top =
+            c.count == 0 || facts_.scores->RankWithin(c.ref, static_cast<size_t>(c.count)) < c.count;
         return high_enough && in_top ? Tri::kTrue : Tri::kFalse;
       }
     }
@@ -559,13 +644,20 @@ bool FactKnown(const Facts& facts, const compiler::FactKey& key) {
 // learning the test's unknown facts, each a binary outcome whose frequency in each
 // hypothesis and in the comparison population comes from the rule set's single-leaf
 // evidence on it (facts taken as independent given the diagnosis; correlated-group
-// capping is not modelled). nullopt when every fact is known or none is informative.
+// capping is not modelled). Hypotheses without evidence on the facts behave like the
+// comparison population, so they are lumped with "none of these" into one class: the
+// gain is the same, and the work follows the evidence on the facts, not the rule set.
+// nullopt when every fact is known or none is informative.
 std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Facts& facts,
-                                            const std::vector<double>& belief, int32_t lead,
+                                            const Scores& scores, int32_t lead,
                                             const compiler::CompiledAction& action) {
-  const size_t n = rs.hypotheses.size();
-  // Per informative unknown fact: P(positive | class) for each hypothesis, then "none".
+  // Classes: the hypotheses some fact moves, then the lumped rest.
+  std::vector<int32_t> classes;
+  absl::flat_hash_map<int32_t, size_t> class_of;
+  // Per informative unknown fact: P(positive | class), the rest's last.
   std::vector<std::vector<double>> p_positive;
+  std::vector<std::vector<std::pair<int32_t, double>>> per_fact;  // (hypothesis, p)
+  std::vector<double> q_of_fact;
   for (const compiler::FactKey& key : action.reveals) {
     if (FactKnown(facts, key)) continue;
     const std::vector<int32_t>* items = nullptr;
@@ -576,41 +668,50 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
     }
     if (items->empty()) continue;
     // Per hypothesis, its most informative item on this fact.
-    std::vector<int32_t> best(n, -1);
-    double q_sum = 0;
+    absl::flat_hash_map<int32_t, int32_t> best;
+    auto strength = [&](int32_t e) {
+      return std::fabs(std::log(rs.evidence[e].lr_positive)) +
+             std::fabs(std::log(rs.evidence[e].lr_negative));
+    };
     for (int32_t e : *items) {
-      const auto& ev = rs.evidence[e];
-      const double strength = std::fabs(std::log(ev.lr_positive)) + std::fabs(std::log(ev.lr_negative));
-      if (best[ev.hypothesis] < 0 ||
-          strength > std::fabs(std::log(rs.evidence[best[ev.hypothesis]].lr_positive)) +
-                         std::fabs(std::log(rs.evidence[best[ev.hypothesis]].lr_negative))) {
-        best[ev.hypothesis] = e;
-      }
+      auto [it, inserted] = best.emplace(rs.evidence[e].hypothesis, e);
+      if (!inserted && strength(e) > strength(it->second)) it->second = e;
     }
-    int chosen = 0;
-    for (int32_t e : best) {
-      if (e >= 0) {
-        q_sum += rs.evidence[e].p_comparison;
-        ++chosen;
-      }
+    double q_sum = 0;
+    std::vector<std::pair<int32_t, double>> ps;
+    for (const auto& [h, e] : best) {
+      q_sum += rs.evidence[e].p_comparison;
+      ps.emplace_back(h, rs.evidence[e].p_hypothesis);
+      if (class_of.emplace(h, classes.size()).second) classes.push_back(h);
     }
-    const double q = q_sum / chosen;
-    std::vector<double> p(n + 1, q);
-    for (size_t h = 0; h < n; ++h) {
-      if (best[h] >= 0) p[h] = rs.evidence[best[h]].p_hypothesis;
-    }
-    p_positive.push_back(std::move(p));
+    q_of_fact.push_back(q_sum / static_cast<double>(best.size()));
+    per_fact.push_back(std::move(ps));
   }
-  if (p_positive.empty()) return std::nullopt;
-  const size_t k = p_positive.size();
+  if (per_fact.empty()) return std::nullopt;
+  const size_t k = per_fact.size();
+  const size_t m = classes.size() + 1;  // + the lumped rest
+  p_positive.assign(k, {});
+  for (size_t f = 0; f < k; ++f) {
+    p_positive[f].assign(m, q_of_fact[f]);
+    for (const auto& [h, p] : per_fact[f]) p_positive[f][class_of[h]] = p;
+  }
+  std::vector<double> belief(m);
+  double involved = 0;
+  for (size_t c = 0; c + 1 < m; ++c) {
+    belief[c] = scores.Belief(classes[c]);
+    involved += belief[c];
+  }
+  belief[m - 1] = std::max(0.0, 1.0 - involved);
+  // The leading hypothesis' own class, or the rest when no fact moves it.
+  auto lead_class = class_of.find(lead);
   InformationValue value;
   value.lead = lead;
-  value.lead_now = belief[lead];
+  value.lead_now = scores.Belief(lead);
   double expected_posterior_entropy = 0;
-  std::vector<double> post(n + 1);
+  std::vector<double> post(m);
   for (uint32_t mask = 0; mask < (1u << k); ++mask) {
     double p_outcome = 0;
-    for (size_t c = 0; c <= n; ++c) {
+    for (size_t c = 0; c < m; ++c) {
       double like = 1;
       for (size_t f = 0; f < k; ++f) {
         like *= (mask >> f & 1) ? p_positive[f][c] : 1 - p_positive[f][c];
@@ -621,8 +722,12 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
     if (p_outcome <= 0) continue;
     for (double& x : post) x /= p_outcome;
     expected_posterior_entropy += p_outcome * Entropy(post);
-    if (mask == 0) value.lead_if_negative = post[lead];
-    if (mask == (1u << k) - 1) value.lead_if_positive = post[lead];
+    // Within the lumped rest every member moves by the same factor.
+    const double lead_after = lead_class != class_of.end()
+                                  ? post[lead_class->second]
+                                  : (belief[m - 1] > 0 ? value.lead_now * post[m - 1] / belief[m - 1] : 0);
+    if (mask == 0) value.lead_if_negative = lead_after;
+    if (mask == (1u << k) - 1) value.lead_if_positive = lead_after;
   }
   value.gain_bits = std::max(0.0, Entropy(belief) - expected_posterior_entropy);
   return value;
@@ -635,6 +740,7 @@ void FillCode(const cds::v1::Code& code, cds::v1::Code* out) {
 }  // namespace
 
 absl::Status ValidatePatient(const cds::v1::Patient& patient) {
+  // Field paths are built only for the problem reported: the common case allocates nothing.
   if (patient.reference().size() > kMaxReferenceLength) {
     return Invalid("patient.reference", "is longer than 256 characters");
   }
@@ -642,8 +748,8 @@ absl::Status ValidatePatient(const cds::v1::Patient& patient) {
     return Invalid("patient.sex", "is required (UNKNOWN_SEX when not known)");
   }
   if (!cds::v1::Sex_IsValid(patient.sex())) return Invalid("patient.sex", "is not a known value");
-  absl::Status status = CheckAge(patient.age(), "patient.age");
-  if (!status.ok()) return status;
+  std::string problem;
+  if (!(problem = AgeProblem(patient.age())).empty()) return Invalid("patient.age", problem);
   const compiler::AgeDays age = compiler::ToDays(patient.age());
   if (patient.findings_size() > kMaxFindings) {
     return Invalid("patient.findings", absl::StrCat("has more than ", kMaxFindings, " entries"));
@@ -655,24 +761,31 @@ absl::Status ValidatePatient(const cds::v1::Patient& patient) {
   for (int i = 0; i < patient.findings_size(); ++i) {
     const Finding& f = patient.findings(i);
     if (!f.has_term()) return Invalid(FieldPath("findings", i, ".term"), "is required");
-    status = CheckCode(f.term(), FieldPath("findings", i, ".term"));
-    if (!status.ok()) return status;
+    std::string suffix;
+    if (!(problem = CodeProblem(f.term(), &suffix)).empty()) {
+      return Invalid(FieldPath("findings", i, ".term") + suffix, problem);
+    }
     if (f.status() == Finding::STATUS_UNSPECIFIED || !Finding::Status_IsValid(f.status())) {
       return Invalid(FieldPath("findings", i, ".status"),
                      "is required (PRESENT, EXCLUDED or UNKNOWN)");
     }
-    status = CheckAge(f.onset(), FieldPath("findings", i, ".onset"));
-    if (!status.ok()) return status;
-    const compiler::AgeDays onset = compiler::ToDays(f.onset());
-    if (onset.set && age.set && onset.days > age.days + 1) {
-      return Invalid(FieldPath("findings", i, ".onset"), "is later than patient.age");
+    if (f.has_onset()) {
+      if (!(problem = AgeProblem(f.onset())).empty()) {
+        return Invalid(FieldPath("findings", i, ".onset"), problem);
+      }
+      const compiler::AgeDays onset = compiler::ToDays(f.onset());
+      if (onset.set && age.set && onset.days > age.days + 1) {
+        return Invalid(FieldPath("findings", i, ".onset"), "is later than patient.age");
+      }
     }
   }
   for (int i = 0; i < patient.measurements_size(); ++i) {
     const cds::v1::Measurement& m = patient.measurements(i);
     if (!m.has_assay()) return Invalid(FieldPath("measurements", i, ".assay"), "is required");
-    status = CheckCode(m.assay(), FieldPath("measurements", i, ".assay"));
-    if (!status.ok()) return status;
+    std::string suffix;
+    if (!(problem = CodeProblem(m.assay(), &suffix)).empty()) {
+      return Invalid(FieldPath("measurements", i, ".assay") + suffix, problem);
+    }
     if (!std::isfinite(m.value()) || m.value() < 0) {
       return Invalid(FieldPath("measurements", i, ".value"),
                      "must be a finite, non-negative number");
@@ -681,8 +794,9 @@ absl::Status ValidatePatient(const cds::v1::Patient& patient) {
     if (m.unit().size() > kMaxCodeLength) {
       return Invalid(FieldPath("measurements", i, ".unit"), "is longer than 128 characters");
     }
-    status = CheckAge(m.age(), FieldPath("measurements", i, ".age"));
-    if (!status.ok()) return status;
+    if (!(problem = AgeProblem(m.age())).empty()) {
+      return Invalid(FieldPath("measurements", i, ".age"), problem);
+    }
     if (m.has_reference_range()) {
       const auto& r = m.reference_range();
       if ((r.has_low() && (!std::isfinite(r.low()) || r.low() < 0)) ||
@@ -704,18 +818,20 @@ absl::Status ValidatePatient(const cds::v1::Patient& patient) {
     }
     for (int i = 0; i < family.relatives_size(); ++i) {
       const Relative& r = family.relatives(i);
-      const std::string field = absl::StrCat("patient.family_history.relatives[", i, "]");
+      auto field = [i] { return absl::StrCat("patient.family_history.relatives[", i, "]"); };
       if (r.relationship() == Relative::RELATIONSHIP_UNSPECIFIED ||
           !Relative::Relationship_IsValid(r.relationship())) {
-        return Invalid(field + ".relationship", "is required");
+        return Invalid(field() + ".relationship", "is required");
       }
-      if (!cds::v1::Sex_IsValid(r.sex())) return Invalid(field + ".sex", "is not a known value");
+      if (!cds::v1::Sex_IsValid(r.sex())) return Invalid(field() + ".sex", "is not a known value");
       if (r.conditions_size() > kMaxConditionsPerRelative) {
-        return Invalid(field + ".conditions", "has too many entries");
+        return Invalid(field() + ".conditions", "has too many entries");
       }
       for (int c = 0; c < r.conditions_size(); ++c) {
-        status = CheckCode(r.conditions(c), absl::StrCat(field, ".conditions[", c, "]"));
-        if (!status.ok()) return status;
+        std::string suffix;
+        if (!(problem = CodeProblem(r.conditions(c), &suffix)).empty()) {
+          return Invalid(absl::StrCat(field(), ".conditions[", c, "]", suffix), problem);
+        }
       }
     }
   }
@@ -762,9 +878,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   // the strongest item counts.
   std::vector<int32_t> ordered(evidence_candidates.begin(), evidence_candidates.end());
   std::sort(ordered.begin(), ordered.end());  // deterministic explanations
-  const size_t n = rs.hypotheses.size();
-  std::vector<double> log_lr(n, 0.0);
-  std::vector<std::vector<Applied>> applied(n);
+  std::vector<Applied> applied;
   absl::flat_hash_map<std::pair<int32_t, int32_t>, size_t> group_best;  // (h, group) -> index
   for (int32_t e : ordered) {
     const compiler::CompiledEvidence& ev = rs.evidence[e];
@@ -772,69 +886,69 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     if (t == Tri::kUnknown) continue;
     const double lr = t == Tri::kTrue ? ev.lr_positive : ev.lr_negative;
     if (lr == 1.0) continue;
-    auto& list = applied[ev.hypothesis];
-    list.push_back(Applied{e, t == Tri::kTrue, std::log(lr)});
+    applied.push_back(Applied{e, t == Tri::kTrue, std::log(lr)});
     if (ev.group >= 0) {
-      auto [it, inserted] = group_best.emplace(std::make_pair(ev.hypothesis, ev.group), list.size() - 1);
+      auto [it, inserted] =
+          group_best.emplace(std::make_pair(ev.hypothesis, ev.group), applied.size() - 1);
       if (!inserted) {
-        Applied& best = list[it->second];
-        if (std::fabs(list.back().log_lr) > std::fabs(best.log_lr)) {
+        Applied& best = applied[it->second];
+        if (std::fabs(applied.back().log_lr) > std::fabs(best.log_lr)) {
           best.superseded = true;
-          it->second = list.size() - 1;
+          it->second = applied.size() - 1;
         } else {
-          list.back().superseded = true;
+          applied.back().superseded = true;
         }
       }
     }
   }
-  for (size_t h = 0; h < n; ++h) {
-    for (const Applied& a : applied[h]) {
-      if (!a.superseded) log_lr[h] += a.log_lr;
+  // Applied items grouped by hypothesis (stable: evidence order within each).
+  std::stable_sort(applied.begin(), applied.end(), [&](const Applied& x, const Applied& y) {
+    return rs.evidence[x.evidence].hypothesis < rs.evidence[y.evidence].hypothesis;
+  });
+  std::vector<std::pair<int32_t, double>> log_lr;  // per touched hypothesis
+  absl::flat_hash_map<int32_t, std::pair<size_t, size_t>> applied_range;  // h -> [begin, end)
+  for (size_t i = 0; i < applied.size();) {
+    const int32_t h = rs.evidence[applied[i].evidence].hypothesis;
+    double sum = 0;
+    size_t j = i;
+    for (; j < applied.size() && rs.evidence[applied[j].evidence].hypothesis == h; ++j) {
+      if (!applied[j].superseded) sum += applied[j].log_lr;
     }
+    log_lr.emplace_back(h, sum);
+    applied_range.emplace(h, std::make_pair(i, j));
+    i = j;
   }
 
   // 3. Posterior over the differential plus "none of these".
-  double pretest_sum = 0;
-  for (const auto& h : rs.hypotheses) pretest_sum += h.pretest_probability;
-  std::vector<double> weight(n);
-  double total = std::max(0.0, 1.0 - pretest_sum);
-  for (size_t h = 0; h < n; ++h) {
-    weight[h] = rs.hypotheses[h].pretest_probability * std::exp(log_lr[h]);
-    total += weight[h];
-  }
-  facts.posterior.resize(n);
-  for (size_t h = 0; h < n; ++h) {
-    double p = total > 0 ? weight[h] / total : 0;
-    if (rs.hypotheses[h].max_probability) p = std::min(p, *rs.hypotheses[h].max_probability);
-    facts.posterior[h] = p;
-  }
-  std::vector<int32_t> diagnosis_order(n);
-  for (size_t h = 0; h < n; ++h) diagnosis_order[h] = static_cast<int32_t>(h);
-  std::sort(diagnosis_order.begin(), diagnosis_order.end(), [&](int32_t a, int32_t b) {
-    if (facts.posterior[a] != facts.posterior[b]) return facts.posterior[a] > facts.posterior[b];
-    return rs.hypotheses[a].id < rs.hypotheses[b].id;
-  });
-  facts.diagnosis_rank.resize(n);
-  for (size_t r = 0; r < n; ++r) facts.diagnosis_rank[diagnosis_order[r]] = static_cast<int>(r);
+  const Scores scores(rs, std::move(log_lr));
+  facts.scores = &scores;
+  // The leading hypotheses: whose tests are worth valuing.
+  constexpr size_t kLeading = 5;
+  constexpr double kLeadingFloor = 0.01;
+  const std::vector<int32_t> leading = scores.Top(kLeading);
+  const int32_t lead = leading.empty() ? -1 : leading[0];
 
   // 4. Actions whose conditions hold; tests with an information value only while their
-  // result is unknown and worth having.
-  for (size_t h = 0; h < n; ++h) {
-    if (!applied[h].empty()) add(rs.actions_by_hypothesis[h]);
+  // result is unknown and would move a leading hypothesis enough to be worth having.
+  for (const auto& [h, range] : applied_range) add(rs.actions_by_hypothesis[h]);
+  absl::flat_hash_set<int32_t> information_candidates;
+  for (size_t i = 0; i < leading.size(); ++i) {
+    if (i > 0 && scores.Posterior(leading[i]) < kLeadingFloor) break;
+    for (int32_t a : rs.information_actions_by_hypothesis[leading[i]]) {
+      information_candidates.insert(a);
+    }
   }
-  for (int32_t a : rs.information_actions) action_candidates.insert(a);
-  std::vector<double> belief(n + 1);  // uncapped, over the differential and "none"
-  for (size_t h = 0; h < n; ++h) belief[h] = total > 0 ? weight[h] / total : 0;
-  belief[n] = total > 0 ? std::max(0.0, 1.0 - pretest_sum) / total : 1;
   absl::flat_hash_map<int32_t, InformationValue> test_values;
+  for (int32_t a : information_candidates) {
+    const auto value = ValueOfTest(rs, facts, scores, lead, rs.actions[a]);
+    if (value && value->gain_bits >= rs.actions[a].min_gain_bits) test_values.emplace(a, *value);
+  }
+  for (const auto& [a, value] : test_values) action_candidates.insert(a);
   std::vector<int32_t> fired;
   for (int32_t a : action_candidates) {
     const compiler::CompiledAction& action = rs.actions[a];
-    if (!action.reveals.empty()) {
-      const auto value = ValueOfTest(rs, facts, belief, diagnosis_order.empty() ? 0 : diagnosis_order[0], action);
-      if (!value || value->gain_bits < action.min_gain_bits) continue;
-      test_values.emplace(a, *value);
-    }
+    // A test valued for its information fires only when that value is there.
+    if (!action.reveals.empty() && !test_values.contains(a)) continue;
     if (action.condition < 0 || evaluator.Eval(action.condition) == Tri::kTrue) fired.push_back(a);
   }
   auto gain_of = [&](int32_t a) {
@@ -918,9 +1032,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     if (rs.actions[a].kind == cds::v1::ALERT) emit_action(a);
   }
   constexpr size_t kAlwaysShownDiagnoses = 3;
-  for (size_t r = 0; r < n; ++r) {
-    const int32_t h = diagnosis_order[r];
-    if (r >= kAlwaysShownDiagnoses && facts.posterior[h] < rs.min_probability_to_show) break;
+  for (size_t r = 0; r < rs.hypotheses.size(); ++r) {
+    const int32_t h = scores.Top(r + 1)[r];
+    const double posterior = scores.Posterior(h);
+    if (r >= kAlwaysShownDiagnoses && posterior < rs.min_probability_to_show) break;
     const compiler::CompiledHypothesis& hyp = rs.hypotheses[h];
     auto* s = response->add_suggestions();
     s->set_kind(cds::v1::DIAGNOSIS);
@@ -929,10 +1044,13 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     s->set_title(hyp.title);
     s->set_detail(hyp.detail);
     s->set_urgency(cds::v1::INFO);
-    s->set_probability(facts.posterior[h]);
+    s->set_probability(posterior);
     s->set_pretest_probability(hyp.pretest_probability);
     if (!options.explain) continue;
-    std::vector<Applied> items = applied[h];
+    std::vector<Applied> items;
+    if (auto range = applied_range.find(h); range != applied_range.end()) {
+      for (size_t i = range->second.first; i < range->second.second; ++i) items.push_back(applied[i]);
+    }
     std::sort(items.begin(), items.end(), [&](const Applied& x, const Applied& y) {
       if (x.superseded != y.superseded) return !x.superseded;
       if (std::fabs(x.log_lr) != std::fabs(y.log_lr)) return std::fabs(x.log_lr) > std::fabs(y.log_lr);
