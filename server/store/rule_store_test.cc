@@ -5,6 +5,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -12,6 +13,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "absl/time/clock.h"
+#include "server/bundle/bundle.h"
 #include "gtest/gtest.h"
 
 namespace cds::store {
@@ -369,6 +372,205 @@ TEST(RuleStoreTest, ReadersAreNotDisturbedByVersionsBeingAdded) {
   for (std::thread& t : readers) t.join();
   EXPECT_EQ(failures.load(), 0);
   EXPECT_EQ(store.Resolve("demo", "").value().rule_set->version, "1.5.0");
+}
+
+// ---- lifecycle: signed bundles, publish, labels, persistence, scans ------------------------
+
+// A store with a state directory and one trusted key, and helpers to make bundles.
+class LifecycleTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(root_.path().empty());
+    key_ = bundle::PrivateKey::Generate().value();
+    root_.Write("keys/author.pub", key_.public_key().ToPem());
+    store_ = std::make_unique<RuleStore>(StoreOptions());
+  }
+
+  RuleStore::Options StoreOptions() const {
+    RuleStore::Options options;
+    options.trusted_keys_dir = root_.path() + "/keys";
+    options.state_dir = root_.path() + "/state";
+    options.ontology_dir = root_.path() + "/ontology";
+    return options;
+  }
+
+  cds::v1::Bundle Signed(const compiler::RuleSetSource& source, const std::string& version,
+                         const bundle::PrivateKey* key = nullptr, const std::string& name = "demo") {
+    return bundle::SignFiles(name, version, source.files, "test", key ? *key : key_, absl::Now())
+        .value();
+  }
+
+  // Publishes and returns the refusal's reason name (the message's first word) or "OK".
+  std::string PublishReason(const cds::v1::Bundle& bundle) {
+    absl::StatusOr<PublishResult> result = store_->Publish(bundle);
+    if (result.ok()) return "OK";
+    const std::string message(result.status().message());
+    return message.substr(0, message.find(':'));
+  }
+
+  TempRoot root_;
+  bundle::PrivateKey key_;
+  std::unique_ptr<RuleStore> store_;
+};
+
+TEST_F(LifecycleTest, PublishedBundleServesAndRepublishingIsANoOp) {
+  absl::StatusOr<PublishResult> published = store_->Publish(Signed(Good("1.0.0"), "1.0.0"));
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_TRUE(published->created);
+  EXPECT_EQ(published->info.state(), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(published->info.signer(), key_.public_key().key_id());
+  EXPECT_EQ(published->info.origin(), "published");
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.0");
+  published = store_->Publish(Signed(Good("1.0.0"), "1.0.0"));  // new signature, same files
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_FALSE(published->created);
+}
+
+TEST_F(LifecycleTest, EachBadBundleIsRejectedWithItsOwnReasonAndServingIsUntouched) {
+  ASSERT_TRUE(store_->Publish(Signed(Good("1.0.0"), "1.0.0")).ok());
+  const std::string digest = store_->Resolve("demo", "1.0.0").value().rule_set->digest;
+
+  const cds::v1::Bundle good = Signed(Good("1.1.0"), "1.1.0");
+  cds::v1::Bundle bad_signature = good;
+  std::string manifest = bad_signature.manifest();
+  manifest[manifest.size() - 3] ^= 1;
+  bad_signature.set_manifest(manifest);
+  const bundle::PrivateKey stranger = bundle::PrivateKey::Generate().value();
+  cds::v1::Bundle tampered = good;
+  tampered.mutable_files(1)->mutable_content()->append("\n# edited after signing\n");
+  cds::v1::Bundle missing = good;
+  missing.mutable_files()->RemoveLast();
+  cds::v1::Bundle extra = good;
+  extra.add_files()->set_path("notes.txt");
+  Spec failing;
+  failing.version = "1.1.0";
+  failing.top = "other";
+  Spec changed;
+  changed.version = "1.0.0";
+  changed.extra = "references { id: \"r\" citation: \"changed content\" }";
+  cds::v1::Bundle unsigned_bundle = good;
+  unsigned_bundle.clear_signature();
+
+  const std::vector<std::pair<std::string, cds::v1::Bundle>> cases = {
+      {"BAD_SIGNATURE", bad_signature},
+      {"UNKNOWN_KEY", Signed(Good("1.1.0"), "1.1.0", &stranger)},
+      {"TAMPERED_FILE", tampered},
+      {"MISSING_FILE", missing},
+      {"EXTRA_FILE", extra},
+      {"COMPILE_ERROR", Signed(Broken("1.1.0"), "1.1.0")},
+      {"FAILING_TEST", Signed(Source(failing), "1.1.0")},
+      {"VERSION_CONFLICT", Signed(Source(changed), "1.0.0")},
+      {"MANIFEST_MISMATCH", Signed(Good("1.1.0"), "1.1.0", nullptr, "other")},
+      {"EMPTY_BUNDLE", cds::v1::Bundle()},
+      {"UNSIGNED", unsigned_bundle},
+  };
+  for (const auto& [reason, bundle] : cases) {
+    EXPECT_EQ(PublishReason(bundle), reason);
+    absl::StatusOr<Resolved> serving = store_->Resolve("demo", "");
+    ASSERT_TRUE(serving.ok()) << reason;
+    EXPECT_EQ(serving->rule_set->version, "1.0.0") << reason;
+    EXPECT_EQ(serving->rule_set->digest, digest) << reason;
+    EXPECT_EQ(store_->AvailableCount(), 1) << reason;
+  }
+  EXPECT_EQ(store_->PublishBytes("").status().message().substr(0, 12), "EMPTY_BUNDLE");
+  EXPECT_EQ(store_->PublishBytes("\xff\xff garbage").status().message().substr(0, 16),
+            "MALFORMED_BUNDLE");
+  // Author mistakes past the signature are listed, with their reason.
+  const std::vector<RuleSetInfo> list = store_->List("demo");
+  const RuleSetInfo* rejected = Find(list, "1.1.0");
+  ASSERT_NE(rejected, nullptr);
+  EXPECT_EQ(rejected->state(), RuleSetInfo::REJECTED);
+  EXPECT_NE(rejected->reject_reason(), cds::v1::REJECT_REASON_UNSPECIFIED);
+  // Nothing but the good version reached the disk.
+  EXPECT_TRUE(std::filesystem::exists(root_.path() + "/state/bundles/demo/1.0.0/MANIFEST.sig"));
+  EXPECT_FALSE(std::filesystem::exists(root_.path() + "/state/bundles/demo/1.1.0"));
+}
+
+TEST_F(LifecycleTest, LabelsPickTheDefaultAndRollBack) {
+  ASSERT_TRUE(store_->Publish(Signed(Good("1.0.0"), "1.0.0")).ok());
+  ASSERT_TRUE(store_->Publish(Signed(Good("1.0.1"), "1.0.1")).ok());
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.1");  // highest
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.0").ok());
+  ASSERT_TRUE(store_->SetLabel("demo", "canary", "1.0.1").ok());
+  Resolved by_default = store_->Resolve("demo", "").value();
+  EXPECT_EQ(by_default.rule_set->version, "1.0.0");
+  EXPECT_EQ(by_default.label, "stable");
+  EXPECT_EQ(store_->Resolve("demo", "", "canary").value().rule_set->version, "1.0.1");
+  EXPECT_EQ(store_->Resolve("demo", "", "nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->SetLabel("demo", "stable", "1.0.1").value(), "1.0.0");  // promote
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.1");
+  EXPECT_EQ(store_->SetLabel("demo", "stable", "1.0.0").value(), "1.0.1");  // roll back
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.0");
+  EXPECT_EQ(store_->SetLabel("demo", "stable", "9.9.9").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_->SetLabel("demo", "Bad Label", "1.0.0").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  const std::vector<RuleSetInfo> list = store_->List("demo");
+  const RuleSetInfo* info = Find(list, "1.0.1");
+  ASSERT_NE(info, nullptr);
+  ASSERT_EQ(info->labels_size(), 1);
+  EXPECT_EQ(info->labels(0), "canary");
+
+  // Retiring a labelled version is refused; an unlabelled one stops serving.
+  EXPECT_EQ(store_->Retire("demo", "1.0.1").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(store_->SetLabel("demo", "canary", "1.0.0").ok());
+  ASSERT_TRUE(store_->Retire("demo", "1.0.1").ok());
+  EXPECT_EQ(store_->Resolve("demo", "1.0.1").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Find(store_->List("demo"), "1.0.1")->state(), RuleSetInfo::RETIRED);
+}
+
+TEST_F(LifecycleTest, ARestartRestoresVersionsLabelsAndRetirements) {
+  ASSERT_TRUE(store_->Publish(Signed(Good("1.0.0"), "1.0.0")).ok());
+  ASSERT_TRUE(store_->Publish(Signed(Good("1.0.1"), "1.0.1")).ok());
+  ASSERT_TRUE(store_->Publish(Signed(Good("1.0.2"), "1.0.2")).ok());
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.1").ok());
+  ASSERT_TRUE(store_->Retire("demo", "1.0.2").ok());
+  // Leftovers of a publish that died before its rename.
+  root_.Write("state/tmp/bundle-1-2-3/ruleset.textproto", "half");
+
+  RuleStore restarted(StoreOptions());
+  ASSERT_EQ(restarted.RestoreState().value(), 2);
+  EXPECT_EQ(restarted.Resolve("demo", "").value().rule_set->version, "1.0.1");
+  EXPECT_EQ(Find(restarted.List("demo"), "1.0.2")->state(), RuleSetInfo::RETIRED);
+  EXPECT_TRUE(std::filesystem::is_empty(root_.path() + "/state/tmp"));
+
+  // A key no longer trusted: its bundles are not served after a restart.
+  std::filesystem::remove(root_.path() + "/keys/author.pub");
+  RuleStore distrustful(StoreOptions());
+  EXPECT_EQ(distrustful.RestoreState().value(), 0);
+}
+
+TEST_F(LifecycleTest, ScanTakesOnlyCompleteSignedDirectories) {
+  const std::string rules = root_.path() + "/rules";
+  std::filesystem::create_directories(rules);
+  ASSERT_EQ(store_->LoadFromDirectory(rules).value(), 0);
+  const cds::v1::Bundle bundle = Signed(Good("2.0.0"), "2.0.0");
+  // Half-copied: one file, no signature yet. Not even looked at.
+  root_.Write("rules/demo/2.0.0/ruleset.textproto", bundle.files(0).content());
+  EXPECT_EQ(store_->ScanRulesDir(), 0);
+  EXPECT_TRUE(store_->List("demo").empty());
+  // Signature copied before the last file: fails its hashes, never served.
+  root_.Write("rules/demo/2.0.0/MANIFEST", bundle.manifest());
+  root_.Write("rules/demo/2.0.0/MANIFEST.sig", bundle.signature());
+  EXPECT_EQ(store_->ScanRulesDir(), 0);
+  EXPECT_EQ(store_->Resolve("demo", "2.0.0").status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Find(store_->List("demo"), "2.0.0")->reject_reason(), cds::v1::MISSING_FILE);
+  // Complete: served at the next scan.
+  root_.Write("rules/demo/2.0.0/tests.textproto", bundle.files(1).content());
+  EXPECT_EQ(store_->ScanRulesDir(), 1);
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "2.0.0");
+  EXPECT_EQ(store_->ScanRulesDir(), 0);
+}
+
+TEST_F(LifecycleTest, AdminCallsNeedAStateDirectory) {
+  RuleStore::Options options = StoreOptions();
+  options.state_dir.clear();
+  RuleStore store(options);
+  EXPECT_EQ(store.Publish(Signed(Good("1.0.0"), "1.0.0")).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store.SetLabel("demo", "stable", "1.0.0").status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(SemverLessTest, Ordering) {
