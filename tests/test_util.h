@@ -30,6 +30,7 @@ class ServerProcess {
              std::string* error, int timeout_seconds = 60);
 
   int port() const { return port_; }
+  pid_t pid() const { return pid_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
 
   // Sends `signal` and waits for the exit. Returns the exit status (128 + signal number
