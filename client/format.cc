@@ -118,7 +118,11 @@ std::string FormatEvaluateResponse(const cds::v1::EvaluateResponse& response) {
     }
   }
   absl::StrAppend(&out, "\nRule set: ", response.rule_set().name(), "@",
-                  response.rule_set().version(), " (", response.rule_set().digest(), ")\n");
+                  response.rule_set().version(), " (", response.rule_set().digest(), ")",
+                  response.rule_set().label().empty()
+                      ? ""
+                      : absl::StrCat(" via label ", response.rule_set().label()),
+                  "\n");
   if (!response.evaluation_id().empty()) {
     absl::StrAppend(&out, "Evaluation: ", response.evaluation_id());
     if (response.has_evaluated_at()) {
@@ -132,10 +136,13 @@ std::string FormatEvaluateResponse(const cds::v1::EvaluateResponse& response) {
 
 std::string FormatRuleSets(const cds::v1::ListRuleSetsResponse& response) {
   if (response.rule_sets().empty()) return "No rule sets loaded.\n";
-  std::vector<Row> rows = {{"NAME", "VERSION", "STATE", "DEFAULT", "EVALUATIONS", "DIGEST"}};
+  std::vector<Row> rows = {
+      {"NAME", "VERSION", "STATE", "DEFAULT", "LABELS", "SIGNER", "EVALUATIONS", "DIGEST"}};
   for (const cds::v1::RuleSetInfo& info : response.rule_sets()) {
     rows.push_back({info.ref().name(), info.ref().version(),
                     cds::v1::RuleSetInfo::State_Name(info.state()), info.is_default() ? "*" : "",
+                    info.labels().empty() ? "-" : absl::StrJoin(info.labels(), ","),
+                    info.signer().empty() ? "-" : info.signer(),
                     absl::StrCat(info.evaluation_count()), info.ref().digest()});
   }
   const std::vector<size_t> widths = ColumnWidths(rows);
