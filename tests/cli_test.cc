@@ -60,7 +60,8 @@ TEST_F(CliTest, EvaluatePrintsARankedTableWithReasons) {
   EXPECT_TRUE(absl::StrContains(r.out, "DIAGNOSIS")) << r.out;
   EXPECT_TRUE(absl::StrContains(r.out, "(LR ")) << r.out;
   EXPECT_TRUE(absl::StrContains(r.out, "%")) << r.out;
-  EXPECT_TRUE(absl::StrContains(r.out, "ipex@1.0.0 (sha256:")) << r.out;
+  // The default version (the highest available: no "stable" label on this server).
+  EXPECT_TRUE(absl::StrContains(r.out, "Rule set: ipex@1.1.0 (sha256:")) << r.out;
   EXPECT_TRUE(r.err.empty()) << r.err;
 }
 
@@ -273,6 +274,50 @@ TEST(CliOfflineTest, RulesCheckReportsEveryErrorWithItsLine) {
   EXPECT_EQ(r.exit_code, 1) << Describe(r);
   r = Cdsctl({"rules", "check", dir.path() + "/nothing/1.0.0"});
   EXPECT_EQ(r.exit_code, 3) << Describe(r);
+}
+
+TEST(CliOfflineTest, RulesCheckVerifiesTheManifestAndSignature) {
+  CommandResult r = Cdsctl({"rules", "check", kIpexDir, "--keys", kSourceDir + "/rules/keys"});
+  EXPECT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_TRUE(absl::StrContains(r.out, "MANIFEST: 2 files match, key 1c3fd966ea0b8a0a, signature valid"))
+      << r.out;
+  // A file edited after signing: the server would refuse it, and check says why.
+  TempDir dir;
+  const std::string copy = dir.path() + "/ipex/1.0.0";
+  ASSERT_TRUE(testing::LinkOntologies(dir.path()));
+  for (const char* file : {"ruleset.textproto", "tests.textproto", "MANIFEST", "MANIFEST.sig"}) {
+    ASSERT_TRUE(testing::WriteFile(copy + "/" + file,
+                                   testing::ReadFileOrEmpty(kIpexDir + "/" + file)));
+  }
+  ASSERT_TRUE(testing::WriteFile(copy + "/tests.textproto",
+                                 testing::ReadFileOrEmpty(kIpexDir + "/tests.textproto") + "\n"));
+  r = Cdsctl({"rules", "check", copy});
+  EXPECT_EQ(r.exit_code, 1) << Describe(r);
+  EXPECT_TRUE(absl::StrContains(r.out, "MANIFEST: TAMPERED_FILE")) << r.out;
+}
+
+TEST(CliOfflineTest, RulesTestRunsExtraCasesAndSignRefusesAFailingVersion) {
+  TempDir dir;
+  ASSERT_TRUE(testing::WriteFile(dir.path() + "/cases/extra.textproto",
+                                 "cases {\n  name: \"extra_impossible\"\n"
+                                 "  patient { reference: \"t\" sex: MALE age { days: 30 } }\n"
+                                 "  expect { top_diagnosis: \"ipex\" not_top_diagnosis: \"ipex\" }\n}\n"));
+  CommandResult r = Cdsctl({"rules", "test", kIpexDir, "--cases", dir.path() + "/cases"});
+  EXPECT_EQ(r.exit_code, 1) << Describe(r);
+  EXPECT_TRUE(absl::StrContains(r.out, "FAIL extra_impossible")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "PASS ")) << r.out;  // the embedded ones still pass
+
+  r = Cdsctl({"rules", "keygen", "--out", dir.path() + "/keys/me"});
+  ASSERT_EQ(r.exit_code, 0) << Describe(r);
+  r = Cdsctl({"rules", "keygen", "--out", dir.path() + "/keys/me"});
+  EXPECT_EQ(r.exit_code, 2) << Describe(r);  // never overwrites a key
+  r = Cdsctl({"rules", "sign", dir.path() + "/nothing/1.0.0", "--key", dir.path() + "/keys/me.key"});
+  EXPECT_EQ(r.exit_code, 3) << Describe(r);
+  r = Cdsctl({"rules", "sign", kIpexDir});
+  EXPECT_EQ(r.exit_code, 2) << Describe(r);  // --key is required
+  r = Cdsctl({"rules", "diff", kIpexDir, kIpexDir});
+  EXPECT_EQ(r.exit_code, 0) << Describe(r);
+  EXPECT_TRUE(absl::StrContains(r.out, " 0 changed")) << r.out;
 }
 
 TEST(CliOfflineTest, RulesTestFailsWhenACaseFails) {

@@ -178,7 +178,7 @@ TEST_F(ServerIntegrationTest, TriadBoyGetsIpexFirstWithFoxp3SequencingAndReasons
     EXPECT_FALSE(s.evidence().empty()) << "suggestion " << s.rule_id() << " says no why";
   }
   EXPECT_EQ(response.rule_set().name(), "ipex");
-  EXPECT_EQ(response.rule_set().version(), "1.0.0");
+  EXPECT_EQ(response.rule_set().version(), "1.1.0");  // the default: highest available
   EXPECT_TRUE(absl::StartsWith(response.rule_set().digest(), "sha256:"));
   EXPECT_EQ(response.rule_set().digest().size(), 7u + 64u);
   EXPECT_TRUE(IsUuidV4(response.evaluation_id())) << response.evaluation_id();
@@ -226,11 +226,13 @@ TEST_F(ServerIntegrationTest, ListAndGetRuleSets) {
   const cds::v1::ListRuleSetsResponse list = server_.List();
   const cds::v1::RuleSetInfo* ipex = nullptr;
   for (const cds::v1::RuleSetInfo& info : list.rule_sets()) {
-    if (info.ref().name() == "ipex" && info.ref().version() == "1.0.0") ipex = &info;
+    if (info.ref().name() == "ipex" && info.is_default()) ipex = &info;
   }
   ASSERT_NE(ipex, nullptr) << list.DebugString();
   EXPECT_EQ(ipex->state(), cds::v1::RuleSetInfo::AVAILABLE);
-  EXPECT_TRUE(ipex->is_default());
+  // The default is the highest available version (no "stable" label on this server).
+  EXPECT_EQ(ipex->ref().version(), "1.1.0");
+  EXPECT_EQ(ipex->signer(), "1c3fd966ea0b8a0a");  // the project release key
   EXPECT_TRUE(absl::StartsWith(ipex->ref().digest(), "sha256:"));
   EXPECT_GT(ipex->hypothesis_count(), 4);  // IPEX, IPEX-like and at least three others
   EXPECT_GT(ipex->action_count(), 0);
@@ -240,7 +242,7 @@ TEST_F(ServerIntegrationTest, ListAndGetRuleSets) {
   cds::v1::GetRuleSetResponse get;
   const grpc::Status status = server_.Get("ipex", "", &get);
   ASSERT_TRUE(status.ok()) << status.error_message();
-  EXPECT_EQ(get.info().ref().version(), "1.0.0");
+  EXPECT_EQ(get.info().ref().version(), ipex->ref().version());
   EXPECT_EQ(get.definition().metadata().name(), "ipex");
   EXPECT_EQ(get.definition().hypotheses_size(), ipex->hypothesis_count());
 }

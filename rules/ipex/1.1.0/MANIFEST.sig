@@ -1,0 +1,1 @@
+wV+46n8NctTbfd7DIKa33zeNd0JQunmwTItMFX3W/Y1xo4FbiscplpYMpH6Jwz7IX8kBMJi+nHhYsOT+XXYuBw==
