@@ -208,7 +208,6 @@ class RuleStore {
   std::map<std::string, std::string> scanned_ ABSL_GUARDED_BY(writer_mu_);
   // "name@version" retired (persisted even when that version is not loaded).
   std::set<std::string> retired_ ABSL_GUARDED_BY(writer_mu_);
-  bool warned_unsigned_ ABSL_GUARDED_BY(writer_mu_) = false;
 
   mutable absl::Mutex mu_;
   // name -> version -> entry.
