@@ -49,6 +49,10 @@ absl::StatusOr<RuleSetSource> LoadRuleSetDir(const std::string& dir) {
   };
   for (const auto& entry : fs::directory_iterator(path, ec)) {
     if (!entry.is_regular_file()) continue;
+    // The bundle's signed manifest describes the rule set; it is not part of it (and not
+    // of its content digest). server/bundle verifies it.
+    const std::string name = entry.path().filename().string();
+    if (name == "MANIFEST" || name == "MANIFEST.sig") continue;
     std::ifstream in(entry.path(), std::ios::binary);
     if (!in) {
       return absl::PermissionDeniedError(

@@ -10,7 +10,8 @@
 
 namespace cds::compiler {
 
-// Reads every regular file directly in `dir` (a rules/<name>/<version>/ directory).
+// Reads every regular file directly in `dir` (a rules/<name>/<version>/ directory), except
+// the bundle's MANIFEST and MANIFEST.sig.
 // The expected name and version are taken from the last two path components. Ontologies
 // named by the rule set are read from `<dir>/../../ontology/<release>.tsv` (rules/ontology/),
 // once per process.
