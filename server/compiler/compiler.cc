@@ -138,6 +138,7 @@ class Compilation {
       CheckTests();
       LintUnusedConcepts();
       BuildTriggerIndex();
+      LintActionsThatCannotFire();
     }
     CompileResult result;
     result.issues = std::move(issues_);
@@ -1089,6 +1090,7 @@ class Compilation {
       if (!compiled.reveals.empty()) {
         out_->information_actions.push_back(static_cast<int32_t>(out_->actions.size()));
       }
+      action_locations_.push_back(at);
       out_->actions.push_back(std::move(compiled));
     }
   }
@@ -1205,6 +1207,108 @@ class Compilation {
     }
   }
 
+  // Conditions that no patient can satisfy: a posterior above the hypothesis' ceiling, a
+  // rank deeper than the differential, two sexes or disjoint ages required together, and
+  // tests whose result no evidence would weigh.
+  bool CanNeverHold(ConditionId id, std::string* why) const {
+    const CompiledCondition& c = out_->conditions[id];
+    using K = CompiledCondition::Kind;
+    switch (c.kind) {
+      case K::kProbability: {
+        const auto& h = out_->hypotheses[c.ref];
+        if (h.max_probability && c.value > *h.max_probability) {
+          *why = absl::StrCat("P(", h.id, ") >= ", FormatNumber(c.value),
+                              " is above its max_probability ", FormatNumber(*h.max_probability));
+          return true;
+        }
+        if (c.count > static_cast<int32_t>(out_->hypotheses.size())) {
+          *why = absl::StrCat("in_top ", c.count, " is deeper than the ", out_->hypotheses.size(),
+                              " hypotheses");
+          return true;
+        }
+        return false;
+      }
+      case K::kAll: {
+        int sex = -1;
+        DayRange ages;
+        for (ConditionId child : c.children) {
+          if (CanNeverHold(child, why)) return true;
+          const CompiledCondition& leaf = out_->conditions[child];
+          if (leaf.kind == K::kSex) {
+            if (sex >= 0 && sex != leaf.count) {
+              *why = "it requires two different sexes at once";
+              return true;
+            }
+            sex = leaf.count;
+          }
+          if (leaf.kind == K::kAge) {
+            ages.from = std::max(ages.from, leaf.ages.from);
+            ages.to = std::min(ages.to, leaf.ages.to);
+            if (ages.from >= ages.to) {
+              *why = "it requires ages that do not overlap";
+              return true;
+            }
+          }
+        }
+        return false;
+      }
+      case K::kAny: {
+        std::string first;
+        for (ConditionId child : c.children) {
+          std::string child_why;
+          if (!CanNeverHold(child, &child_why)) return false;
+          if (first.empty()) first = child_why;
+        }
+        *why = first;
+        return true;
+      }
+      case K::kAtLeast: {
+        int possible = 0;
+        std::string first;
+        for (ConditionId child : c.children) {
+          std::string child_why;
+          if (CanNeverHold(child, &child_why)) {
+            if (first.empty()) first = child_why;
+          } else {
+            ++possible;
+          }
+        }
+        if (possible < c.count) {
+          *why = first;
+          return true;
+        }
+        return false;
+      }
+      default:
+        return false;
+    }
+  }
+
+  void LintActionsThatCannotFire() {
+    for (size_t a = 0; a < out_->actions.size(); ++a) {
+      const CompiledAction& action = out_->actions[a];
+      std::string why;
+      if (action.condition >= 0 && CanNeverHold(action.condition, &why)) {
+        Warn(kRuleSetFile, action_locations_[a], action.id,
+             absl::StrCat("action can never fire: ", why));
+        continue;
+      }
+      if (action.reveals.empty()) continue;
+      bool weighed = false;
+      for (const FactKey& key : action.reveals) {
+        const std::vector<int32_t>& items =
+            key.kind == FactKey::Kind::kConcept ? out_->leaf_evidence_by_concept[key.index]
+            : key.kind == FactKey::Kind::kLab   ? out_->leaf_evidence_by_lab[key.index]
+                                                : out_->leaf_evidence_on_family;
+        weighed = weighed || !items.empty();
+      }
+      if (!weighed) {
+        Warn(kRuleSetFile, action_locations_[a], action.id,
+             "action can never fire: no evidence with a frequency weighs what the test reveals");
+      }
+    }
+  }
+
   // ---- pass: index --------------------------------------------------------------------
   // Lists each evidence item and action under every fact that can give one of its leaves a
   // known value; a rule none of whose facts are known evaluates to UNKNOWN and is skipped.
@@ -1316,6 +1420,7 @@ class Compilation {
   absl::flat_hash_map<std::string, int> references_;
   absl::flat_hash_map<std::string, int32_t> concept_index_;
   std::vector<Src> concept_locations_;
+  std::vector<Src> action_locations_;
   absl::flat_hash_set<int32_t> used_concepts_;
   absl::flat_hash_map<std::string, int32_t> lab_index_;
   absl::flat_hash_map<std::string, int32_t> hypothesis_index_;

@@ -1,5 +1,6 @@
 #include "server/compiler/compiler.h"
 
+#include <set>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -454,6 +455,33 @@ TEST(CompilerTest, WarningsDoNotFailCompilation) {
   EXPECT_THAT(result.issues,
               Contains(AllOf(Field(&Issue::severity, Issue::Severity::kWarning),
                              Field(&Issue::message, HasSubstr("not used by any rule")))));
+}
+
+TEST(CompilerTest, ActionsThatCanNeverFireAreWarnings) {
+  const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    concepts { id: "d" codes { system: "HPO" code: "HP:0000002" } }
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      max_probability: 0.9 max_probability_provenance { assumption: true note: "x" }
+      evidence { id: "e" when { finding { concept: "c" } } frequencies { in_hypothesis: 0.5 in_comparison: 0.1 } provenance { reference_ids: "SRC" } }
+    }
+    actions { id: "above_cap" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "h" at_least: 0.95 } } }
+    actions { id: "too_deep" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "h" in_top: 5 } } }
+    actions { id: "two_sexes" kind: TEST title: "A" urgency: INFO when { all { conditions { sex: MALE } conditions { sex: FEMALE } } } }
+    actions { id: "no_age" kind: TEST title: "A" urgency: INFO when { all { conditions { age { to { days: 10 } } } conditions { age { from { days: 20 } } } } } }
+    actions { id: "any_dead" kind: TEST title: "A" urgency: INFO when { any { conditions { probability { hypothesis: "h" at_least: 0.99 } } conditions { all { conditions { sex: MALE } conditions { sex: FEMALE } } } } } }
+    actions { id: "unweighed" kind: TEST title: "A" urgency: INFO information { concepts: "d" } }
+    actions { id: "fine" kind: TEST title: "A" urgency: INFO when { any { conditions { sex: MALE } conditions { probability { hypothesis: "h" at_least: 0.99 } } } } }
+    actions { id: "weighed" kind: TEST title: "A" urgency: INFO information { concepts: "c" } }
+  )pb");
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  std::set<std::string> never;
+  for (const Issue& issue : result.issues) {
+    if (issue.message.find("can never fire") != std::string::npos) never.insert(issue.rule_id);
+  }
+  EXPECT_EQ(never, (std::set<std::string>{"above_cap", "too_deep", "two_sexes", "no_age",
+                                          "any_dead", "unweighed"}));
 }
 
 TEST(CompilerTest, ImplausibleLikelihoodRatioIsAWarning) {
