@@ -221,6 +221,15 @@ struct CompiledRuleSet {
   std::vector<std::vector<int32_t>> leaf_evidence_by_concept;
   std::vector<std::vector<int32_t>> leaf_evidence_by_lab;
   std::vector<int32_t> leaf_evidence_on_family;
+  // The single-leaf evidence on one fact.
+  const std::vector<int32_t>& LeafEvidenceOn(const FactKey& key) const {
+    switch (key.kind) {
+      case FactKey::Kind::kConcept: return leaf_evidence_by_concept[key.index];
+      case FactKey::Kind::kLab: return leaf_evidence_by_lab[key.index];
+      case FactKey::Kind::kFamily: break;
+    }
+    return leaf_evidence_on_family;
+  }
   // Per hypothesis, the information actions whose result would move it.
   std::vector<std::vector<int32_t>> information_actions_by_hypothesis;
   // Hypotheses by pretest probability (descending, then id): the order of every hypothesis

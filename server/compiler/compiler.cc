@@ -1296,11 +1296,7 @@ class Compilation {
       if (action.reveals.empty()) continue;
       bool weighed = false;
       for (const FactKey& key : action.reveals) {
-        const std::vector<int32_t>& items =
-            key.kind == FactKey::Kind::kConcept ? out_->leaf_evidence_by_concept[key.index]
-            : key.kind == FactKey::Kind::kLab   ? out_->leaf_evidence_by_lab[key.index]
-                                                : out_->leaf_evidence_on_family;
-        weighed = weighed || !items.empty();
+        weighed = weighed || !out_->LeafEvidenceOn(key).empty();
       }
       if (!weighed) {
         Warn(kRuleSetFile, action_locations_[a], action.id,
@@ -1363,11 +1359,7 @@ class Compilation {
     for (int32_t a : out_->information_actions) {
       absl::flat_hash_set<int32_t> moved;
       for (const FactKey& key : out_->actions[a].reveals) {
-        const std::vector<int32_t>* items =
-            key.kind == FactKey::Kind::kConcept ? &out_->leaf_evidence_by_concept[key.index]
-            : key.kind == FactKey::Kind::kLab   ? &out_->leaf_evidence_by_lab[key.index]
-                                                : &out_->leaf_evidence_on_family;
-        for (int32_t e : *items) moved.insert(out_->evidence[e].hypothesis);
+        for (int32_t e : out_->LeafEvidenceOn(key)) moved.insert(out_->evidence[e].hypothesis);
       }
       for (int32_t h : moved) out_->information_actions_by_hypothesis[h].push_back(a);
     }

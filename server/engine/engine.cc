@@ -660,12 +660,7 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
   std::vector<double> q_of_fact;
   for (const compiler::FactKey& key : action.reveals) {
     if (FactKnown(facts, key)) continue;
-    const std::vector<int32_t>* items = nullptr;
-    switch (key.kind) {
-      case compiler::FactKey::Kind::kConcept: items = &rs.leaf_evidence_by_concept[key.index]; break;
-      case compiler::FactKey::Kind::kLab: items = &rs.leaf_evidence_by_lab[key.index]; break;
-      case compiler::FactKey::Kind::kFamily: items = &rs.leaf_evidence_on_family; break;
-    }
+    const std::vector<int32_t>* items = &rs.LeafEvidenceOn(key);
     if (items->empty()) continue;
     // Per hypothesis, its most informative item on this fact.
     absl::flat_hash_map<int32_t, int32_t> best;
