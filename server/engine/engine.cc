@@ -850,13 +850,18 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   const Evaluator evaluator(rs, facts);
 
   // 1. Candidate rules: those listed under a fact the patient record makes known.
-  absl::flat_hash_set<int32_t> evidence_candidates;
-  absl::flat_hash_set<int32_t> action_candidates;
+  // Vectors, sorted and made unique once: cheaper than hash sets for these sizes.
+  std::vector<int32_t> evidence_candidates;
+  std::vector<int32_t> action_candidates;
   auto add = [&](const std::vector<RuleRef>& refs) {
     for (const RuleRef& r : refs) {
       (r.kind == RuleRef::Kind::kEvidence ? evidence_candidates : action_candidates)
-          .insert(r.index);
+          .push_back(r.index);
     }
+  };
+  auto sort_unique = [](std::vector<int32_t>* v) {
+    std::sort(v->begin(), v->end());
+    v->erase(std::unique(v->begin(), v->end()), v->end());
   };
   for (const auto& [concept_index, unused] : facts.findings) add(rs.rules_by_concept[concept_index]);
   for (const auto& [lab, unused] : facts.labs) add(rs.rules_by_lab[lab]);
@@ -871,8 +876,8 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
 
   // 2. Score: sum of log likelihood ratios per hypothesis; within a correlated group only
   // the strongest item counts.
-  std::vector<int32_t> ordered(evidence_candidates.begin(), evidence_candidates.end());
-  std::sort(ordered.begin(), ordered.end());  // deterministic explanations
+  sort_unique(&evidence_candidates);  // also makes explanations deterministic
+  const std::vector<int32_t>& ordered = evidence_candidates;
   std::vector<Applied> applied;
   absl::flat_hash_map<std::pair<int32_t, int32_t>, size_t> group_best;  // (h, group) -> index
   for (int32_t e : ordered) {
@@ -897,8 +902,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     }
   }
   // Applied items grouped by hypothesis (stable: evidence order within each).
-  std::stable_sort(applied.begin(), applied.end(), [&](const Applied& x, const Applied& y) {
-    return rs.evidence[x.evidence].hypothesis < rs.evidence[y.evidence].hypothesis;
+  std::sort(applied.begin(), applied.end(), [&](const Applied& x, const Applied& y) {
+    const int32_t hx = rs.evidence[x.evidence].hypothesis;
+    const int32_t hy = rs.evidence[y.evidence].hypothesis;
+    return hx != hy ? hx < hy : x.evidence < y.evidence;
   });
   std::vector<std::pair<int32_t, double>> log_lr;  // per touched hypothesis
   absl::flat_hash_map<int32_t, std::pair<size_t, size_t>> applied_range;  // h -> [begin, end)
@@ -938,7 +945,8 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     const auto value = ValueOfTest(rs, facts, scores, lead, rs.actions[a]);
     if (value && value->gain_bits >= rs.actions[a].min_gain_bits) test_values.emplace(a, *value);
   }
-  for (const auto& [a, value] : test_values) action_candidates.insert(a);
+  for (const auto& [a, value] : test_values) action_candidates.push_back(a);
+  sort_unique(&action_candidates);
   std::vector<int32_t> fired;
   for (int32_t a : action_candidates) {
     const compiler::CompiledAction& action = rs.actions[a];
