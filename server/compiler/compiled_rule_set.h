@@ -191,6 +191,8 @@ struct CompiledRuleSet {
   // Per percentage lab, the labs derived from it.
   std::vector<std::vector<CompiledDerivation>> derivations_by_percent_lab;
   std::vector<CompiledHypothesis> hypotheses;
+  // Numbered hypothesis by hypothesis: the evidence of one hypothesis is contiguous and in
+  // ascending order (the engine relies on it to group applied evidence without sorting).
   std::vector<CompiledEvidence> evidence;
   std::vector<CompiledAction> actions;
   std::vector<CompiledCondition> conditions;

@@ -112,6 +112,23 @@ TEST(CompilerTest, CompilesValidRuleSet) {
   EXPECT_EQ(rs.actions_by_hypothesis[0].size(), 1u);
 }
 
+TEST(CompilerTest, EvidenceIsNumberedHypothesisByHypothesis) {
+  const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    hypotheses { id: "b" title: "B" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      evidence { id: "e1" when { finding { concept: "c" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e2" when { sex: MALE } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } } }
+    hypotheses { id: "a" title: "A" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      evidence { id: "e1" when { finding { concept: "c" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } } }
+  )pb");
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  int32_t last = -1;
+  for (const auto& ev : result.rule_set->evidence) {
+    EXPECT_GE(ev.hypothesis, last);
+    last = ev.hypothesis;
+  }
+}
+
 TEST(CompilerTest, DigestDependsOnContentNotOrder) {
   std::vector<SourceFile> a = {{"a", "1"}, {"b", "2"}};
   std::vector<SourceFile> b = {{"b", "2"}, {"a", "1"}};

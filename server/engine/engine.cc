@@ -651,9 +651,11 @@ bool FactKnown(const Facts& facts, const compiler::FactKey& key) {
 std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Facts& facts,
                                             const Scores& scores, int32_t lead,
                                             const compiler::CompiledAction& action) {
-  // Classes: the hypotheses some fact moves, then the lumped rest.
+  // Classes: the hypotheses some fact moves, then the lumped rest. (Small: linear search.)
   std::vector<int32_t> classes;
-  absl::flat_hash_map<int32_t, size_t> class_of;
+  auto class_of = [&classes](int32_t h) -> size_t {
+    return static_cast<size_t>(std::find(classes.begin(), classes.end(), h) - classes.begin());
+  };
   // Per informative unknown fact: P(positive | class), the rest's last.
   std::vector<std::vector<double>> p_positive;
   std::vector<std::vector<std::pair<int32_t, double>>> per_fact;  // (hypothesis, p)
@@ -662,24 +664,27 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
     if (FactKnown(facts, key)) continue;
     const std::vector<int32_t>* items = &rs.LeafEvidenceOn(key);
     if (items->empty()) continue;
-    // Per hypothesis, its most informative item on this fact.
-    absl::flat_hash_map<int32_t, int32_t> best;
+    // Per hypothesis, its most informative item on this fact. The items are in evidence
+    // order, so each hypothesis' items are contiguous.
     auto strength = [&](int32_t e) {
       return std::fabs(std::log(rs.evidence[e].lr_positive)) +
              std::fabs(std::log(rs.evidence[e].lr_negative));
     };
-    for (int32_t e : *items) {
-      auto [it, inserted] = best.emplace(rs.evidence[e].hypothesis, e);
-      if (!inserted && strength(e) > strength(it->second)) it->second = e;
-    }
     double q_sum = 0;
     std::vector<std::pair<int32_t, double>> ps;
-    for (const auto& [h, e] : best) {
-      q_sum += rs.evidence[e].p_comparison;
-      ps.emplace_back(h, rs.evidence[e].p_hypothesis);
-      if (class_of.emplace(h, classes.size()).second) classes.push_back(h);
+    for (size_t i = 0; i < items->size();) {
+      const int32_t h = rs.evidence[(*items)[i]].hypothesis;
+      int32_t best = (*items)[i];
+      size_t j = i + 1;
+      for (; j < items->size() && rs.evidence[(*items)[j]].hypothesis == h; ++j) {
+        if (strength((*items)[j]) > strength(best)) best = (*items)[j];
+      }
+      q_sum += rs.evidence[best].p_comparison;
+      ps.emplace_back(h, rs.evidence[best].p_hypothesis);
+      if (class_of(h) == classes.size()) classes.push_back(h);
+      i = j;
     }
-    q_of_fact.push_back(q_sum / static_cast<double>(best.size()));
+    q_of_fact.push_back(q_sum / static_cast<double>(ps.size()));
     per_fact.push_back(std::move(ps));
   }
   if (per_fact.empty()) return std::nullopt;
@@ -688,7 +693,7 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
   p_positive.assign(k, {});
   for (size_t f = 0; f < k; ++f) {
     p_positive[f].assign(m, q_of_fact[f]);
-    for (const auto& [h, p] : per_fact[f]) p_positive[f][class_of[h]] = p;
+    for (const auto& [h, p] : per_fact[f]) p_positive[f][class_of(h)] = p;
   }
   std::vector<double> belief(m);
   double involved = 0;
@@ -698,7 +703,7 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
   }
   belief[m - 1] = std::max(0.0, 1.0 - involved);
   // The leading hypothesis' own class, or the rest when no fact moves it.
-  auto lead_class = class_of.find(lead);
+  const size_t lead_class = class_of(lead);  // classes.size() when in the lumped rest
   InformationValue value;
   value.lead = lead;
   value.lead_now = scores.Belief(lead);
@@ -718,8 +723,8 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
     for (double& x : post) x /= p_outcome;
     expected_posterior_entropy += p_outcome * Entropy(post);
     // Within the lumped rest every member moves by the same factor.
-    const double lead_after = lead_class != class_of.end()
-                                  ? post[lead_class->second]
+    const double lead_after = lead_class < classes.size()
+                                  ? post[lead_class]
                                   : (belief[m - 1] > 0 ? value.lead_now * post[m - 1] / belief[m - 1] : 0);
     if (mask == 0) value.lead_if_negative = lead_after;
     if (mask == (1u << k) - 1) value.lead_if_positive = lead_after;
@@ -901,12 +906,8 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       }
     }
   }
-  // Applied items grouped by hypothesis (stable: evidence order within each).
-  std::sort(applied.begin(), applied.end(), [&](const Applied& x, const Applied& y) {
-    const int32_t hx = rs.evidence[x.evidence].hypothesis;
-    const int32_t hy = rs.evidence[y.evidence].hypothesis;
-    return hx != hy ? hx < hy : x.evidence < y.evidence;
-  });
+  // Applied items are already grouped by hypothesis: the compiler numbers evidence
+  // hypothesis by hypothesis, and the candidates were taken in evidence order.
   std::vector<std::pair<int32_t, double>> log_lr;  // per touched hypothesis
   absl::flat_hash_map<int32_t, std::pair<size_t, size_t>> applied_range;  // h -> [begin, end)
   for (size_t i = 0; i < applied.size();) {
