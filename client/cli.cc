@@ -16,6 +16,7 @@
 #include "client/input.h"
 #include "client/phenopacket.h"
 #include "client/rules_tool.h"
+#include "client/screen.h"
 #include "client/validation.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -44,6 +45,15 @@ Usage:
       ipex; default version: the one labelled stable, else the highest available);
       --rule-set also takes NAME@VERSION or NAME@LABEL. Prints a ranked table, or with --json the
       EvaluateResponse in protobuf's JSON mapping.
+  cdsctl screen FILE.jsonl [--server HOST:PORT] [--rule-set NAME] [--version V]
+                           [--label L] [--deadline 5s]
+      Screens many patients on one stream (DecisionSupport.EvaluateStream). FILE holds one
+      cds.v1.Patient or cds.v1.EvaluateRequest per line, in protobuf's JSON mapping. Writes
+      one line of JSON per input line, in order: {"correlationId": LINE, "index": N,
+      "response": {...}} or {"correlationId": LINE, "error": {"code": C, "message": M}}; a
+      malformed line or refused patient gets its error and the others go on. Exit code 0
+      when every patient succeeded, 3 when a line did not parse, 5 when the server refused
+      a patient; --deadline applies per 100 patients.
   cdsctl validate --corpus FILE.jsonl [--rules DIR | --server HOST:PORT] [--json]
       Runs a corpus of published cases (one JSON object per line, the format of
       shared/validation/cases.jsonl) through a rule set: in-process from DIR
@@ -303,6 +313,39 @@ int Evaluate(const Options& options, std::ostream& out, std::ostream& err) {
   return kOk;
 }
 
+int ScreenCommand(const Options& options, std::ostream& out, std::ostream& err) {
+  if (options.positional.size() != 2) {
+    err << "cdsctl: usage: cdsctl screen FILE.jsonl [--server HOST:PORT] [--rule-set NAME]\n";
+    return kUsage;
+  }
+  absl::StatusOr<std::string> content = ReadFile(options.positional[1]);
+  if (!content.ok()) {
+    err << "cdsctl: " << content.status().message() << "\n";
+    return kBadInput;
+  }
+  ScreenDefaults defaults;
+  defaults.rule_set = kDefaultRuleSet;
+  defaults.rule_set_override = options.rule_set;
+  defaults.version = options.version;
+  defaults.label = options.label;
+  const std::vector<ScreenItem> items = ParseScreenInput(*content, defaults);
+
+  Connection connection(options);
+  auto stub = cds::v1::DecisionSupport::NewStub(connection.channel());
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(
+      absl::Now() + options.deadline * static_cast<double>(1 + items.size() / 100)));
+  ScreenSummary summary;
+  const grpc::Status status = Screen(*stub, &context, items, out, &summary);
+  if (!status.ok()) return connection.Report(status, err);
+  err << "cdsctl: screened " << items.size() << " line(s): " << summary.ok << " ok, "
+      << summary.patient_errors << " refused by the server, " << summary.bad_lines
+      << " malformed\n";
+  if (summary.bad_lines > 0) return kBadInput;
+  if (summary.patient_errors > 0) return kServerError;
+  return kOk;
+}
+
 int RuleSets(const Options& options, std::ostream& out, std::ostream& err) {
   Connection connection(options);
   auto stub = cds::v1::DecisionSupport::NewStub(connection.channel());
@@ -530,6 +573,7 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   const std::string& command = options->positional[0];
   if (command == "evaluate") return Evaluate(*options, out, err);
   if (command == "rulesets") return RuleSets(*options, out, err);
+  if (command == "screen") return ScreenCommand(*options, out, err);
   if (command == "health") return Health(*options, out, err);
   if (command == "rules") return Rules(*options, out, err);
   if (command == "validate") return Validate(*options, out, err);

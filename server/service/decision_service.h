@@ -27,6 +27,9 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
   grpc::ServerUnaryReactor* GetRuleSet(grpc::CallbackServerContext* context,
                                        const cds::v1::GetRuleSetRequest* request,
                                        cds::v1::GetRuleSetResponse* response) override;
+  // Screening: see evaluate_stream.cc.
+  grpc::ServerBidiReactor<cds::v1::StreamEvaluateRequest, cds::v1::StreamEvaluateResponse>*
+  EvaluateStream(grpc::CallbackServerContext* context) override;
 
  private:
   const store::RuleStore& store_;

@@ -1,0 +1,52 @@
+#pragma once
+
+// `cdsctl screen FILE.jsonl`: streams a file of patients through
+// DecisionSupport.EvaluateStream and writes one JSON result per input line, in order.
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cds/v1/service.grpc.pb.h"
+#include "cds/v1/service.pb.h"
+#include "grpcpp/grpcpp.h"
+
+namespace cds::cli {
+
+// One non-blank line of the input: a request to send, or why the line could not be read.
+struct ScreenItem {
+  int line = 0;  // 1-based
+  std::optional<cds::v1::EvaluateRequest> request;
+  std::string error;  // set when `request` is empty; names the line, never its content
+};
+
+// What the request of every line gets unless the line names its own.
+struct ScreenDefaults {
+  std::string rule_set = "ipex";
+  std::optional<std::string> rule_set_override;
+  std::optional<std::string> version;
+  std::optional<std::string> label;
+};
+
+// Parses `content` (JSON Lines: a cds.v1.Patient or cds.v1.EvaluateRequest per line; blank
+// lines skipped). A malformed line becomes an item with `error`, not a failure.
+std::vector<ScreenItem> ParseScreenInput(const std::string& content,
+                                         const ScreenDefaults& defaults);
+
+struct ScreenSummary {
+  int64_t ok = 0;
+  int64_t patient_errors = 0;  // refused by the server, one by one
+  int64_t bad_lines = 0;       // not sent: the line does not parse
+};
+
+// Sends every parsed item on one EvaluateStream call (made with `context`) and writes one
+// line of JSON per item to `out`, in input order: the StreamEvaluateResponse (correlationId
+// = the line number) with `response` or `error`. Returns the stream's final status.
+grpc::Status Screen(cds::v1::DecisionSupport::Stub& stub, grpc::ClientContext* context,
+                    const std::vector<ScreenItem>& items, std::ostream& out,
+                    ScreenSummary* summary);
+
+}  // namespace cds::cli

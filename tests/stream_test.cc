@@ -1,0 +1,238 @@
+// DecisionSupport.EvaluateStream and `cdsctl screen` against the real cds-server binary:
+// results come back in order with their correlation ids, a malformed patient in the middle
+// gets its own error while the others succeed, the stream keeps going after errors, a
+// client that writes everything before reading is served in full (flow control).
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "cds/v1/service.grpc.pb.h"
+#include "client/input.h"
+#include "google/protobuf/util/json_util.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace cds {
+namespace {
+
+using ::cds::testing::ServerProcess;
+using ::cds::testing::TempDir;
+using StreamRequest = ::cds::v1::StreamEvaluateRequest;
+using StreamResponse = ::cds::v1::StreamEvaluateResponse;
+
+const std::string kSourceDir = CDS_SOURCE_DIR;
+// Marks the patients so a test can tell whether any of them leaks into a message.
+constexpr char kReference[] = "pseudo-ref-5c21e8";
+
+cds::v1::EvaluateRequest IpexRequest(const std::string& example) {
+  absl::StatusOr<cds::v1::EvaluateRequest> input =
+      cli::ReadEvaluateInput(kSourceDir + "/client/examples/" + example);
+  EXPECT_TRUE(input.ok()) << input.status();
+  cds::v1::EvaluateRequest request = input.ok() ? *input : cds::v1::EvaluateRequest();
+  request.set_rule_set("ipex");
+  request.mutable_patient()->set_reference(kReference);
+  return request;
+}
+
+std::string OneLineJson(const google::protobuf::Message& message) {
+  std::string text;
+  EXPECT_TRUE(google::protobuf::util::MessageToJsonString(message, &text).ok());
+  return text;
+}
+
+class StreamTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Start({}); }
+
+  void Start(const std::vector<std::string>& extra) {
+    std::string error;
+    std::vector<std::string> flags = {"--listen", "127.0.0.1:0", "--rules_dir",
+                                      kSourceDir + "/rules", "--drain", "0s"};
+    flags.insert(flags.end(), extra.begin(), extra.end());
+    ASSERT_TRUE(server_.Start(CDS_SERVER_BINARY, flags, &error)) << error;
+    channel_ = grpc::CreateChannel(server_.address(), grpc::InsecureChannelCredentials());
+    stub_ = cds::v1::DecisionSupport::NewStub(channel_);
+  }
+
+  // Writes every request (from a thread of its own, before reading anything), then reads
+  // every response. Returns the stream's final status.
+  grpc::Status RunStream(const std::vector<StreamRequest>& requests,
+                         std::vector<StreamResponse>* responses) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto stream = stub_->EvaluateStream(&context);
+    std::thread writer([&] {
+      for (const StreamRequest& request : requests) {
+        if (!stream->Write(request)) return;
+      }
+      stream->WritesDone();
+    });
+    StreamResponse response;
+    while (stream->Read(&response)) responses->push_back(response);
+    writer.join();
+    return stream->Finish();
+  }
+
+  ServerProcess server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<cds::v1::DecisionSupport::Stub> stub_;
+};
+
+StreamRequest Wrap(const cds::v1::EvaluateRequest& request, const std::string& id) {
+  StreamRequest message;
+  message.set_correlation_id(id);
+  *message.mutable_request() = request;
+  return message;
+}
+
+TEST_F(StreamTest, MalformedPatientInTheMiddleGetsItsOwnErrorAndTheRestSucceed) {
+  const cds::v1::EvaluateRequest boy = IpexRequest("triad_boy.json");
+  cds::v1::EvaluateRequest malformed = boy;
+  malformed.mutable_patient()->set_sex(cds::v1::SEX_UNSPECIFIED);
+  cds::v1::EvaluateRequest unknown_rule_set = boy;
+  unknown_rule_set.set_rule_set("no-such-rule-set");
+  const std::vector<StreamRequest> requests = {
+      Wrap(boy, "a"), Wrap(IpexRequest("triad_girl.json"), "b"), Wrap(malformed, "c"),
+      Wrap(unknown_rule_set, "d"), StreamRequest(), Wrap(boy, "f")};
+
+  std::vector<StreamResponse> responses;
+  const grpc::Status status = RunStream(requests, &responses);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(responses.size(), requests.size());
+  for (size_t i = 0; i < responses.size(); ++i) {
+    EXPECT_EQ(responses[i].index(), static_cast<int64_t>(i));
+    EXPECT_EQ(responses[i].correlation_id(), requests[i].correlation_id());
+  }
+  for (size_t i : {0, 1, 5}) {
+    ASSERT_TRUE(responses[i].has_response()) << i << ": " << responses[i].error().message();
+    EXPECT_EQ(responses[i].response().rule_set().name(), "ipex");
+    EXPECT_GT(responses[i].response().suggestions_size(), 0);
+    EXPECT_FALSE(responses[i].response().evaluation_id().empty());
+  }
+  // The same patient gives the same suggestions on a stream as on its own.
+  grpc::ClientContext context;
+  cds::v1::EvaluateResponse unary;
+  ASSERT_TRUE(stub_->Evaluate(&context, boy, &unary).ok());
+  ASSERT_EQ(unary.suggestions_size(), responses[0].response().suggestions_size());
+  for (int i = 0; i < unary.suggestions_size(); ++i) {
+    EXPECT_EQ(unary.suggestions(i).rule_id(), responses[0].response().suggestions(i).rule_id());
+  }
+
+  ASSERT_TRUE(responses[2].has_error());
+  EXPECT_EQ(responses[2].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_TRUE(absl::StrContains(responses[2].error().message(), "sex"))
+      << responses[2].error().message();
+  ASSERT_TRUE(responses[3].has_error());
+  EXPECT_EQ(responses[3].error().code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
+  ASSERT_TRUE(responses[4].has_error());
+  EXPECT_EQ(responses[4].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  for (const StreamResponse& r : responses) {
+    EXPECT_FALSE(absl::StrContains(r.error().message(), kReference));
+  }
+  EXPECT_FALSE(absl::StrContains(server_.Stderr(), kReference));
+}
+
+TEST_F(StreamTest, ClientThatWritesEverythingFirstGetsEveryResultInOrder) {
+  // Far more than the server reads ahead: it must stop reading, let HTTP/2 flow control
+  // hold the writer back, and resume as the responses drain.
+  const cds::v1::EvaluateRequest boy = IpexRequest("triad_boy.json");
+  std::vector<StreamRequest> requests;
+  for (int i = 0; i < 500; ++i) requests.push_back(Wrap(boy, absl::StrCat("p", i)));
+  std::vector<StreamResponse> responses;
+  const grpc::Status status = RunStream(requests, &responses);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(responses.size(), requests.size());
+  for (size_t i = 0; i < responses.size(); ++i) {
+    EXPECT_EQ(responses[i].correlation_id(), absl::StrCat("p", i));
+    EXPECT_TRUE(responses[i].has_response());
+  }
+}
+
+TEST_F(StreamTest, EmptyStreamEndsOk) {
+  std::vector<StreamResponse> responses;
+  EXPECT_TRUE(RunStream({}, &responses).ok());
+  EXPECT_TRUE(responses.empty());
+}
+
+TEST_F(StreamTest, ClientCancellingMidStreamLeavesTheServerServing) {
+  {
+    grpc::ClientContext context;
+    auto stream = stub_->EvaluateStream(&context);
+    const StreamRequest request = Wrap(IpexRequest("triad_boy.json"), "x");
+    for (int i = 0; i < 20; ++i) ASSERT_TRUE(stream->Write(request));
+    StreamResponse response;
+    ASSERT_TRUE(stream->Read(&response));
+    context.TryCancel();
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  std::vector<StreamResponse> responses;
+  ASSERT_TRUE(RunStream({Wrap(IpexRequest("triad_boy.json"), "y")}, &responses).ok());
+  ASSERT_EQ(responses.size(), 1u);
+  EXPECT_TRUE(responses[0].has_response());
+}
+
+TEST_F(StreamTest, ScreenWritesOneResultPerLineInOrder) {
+  TempDir dir;
+  cds::v1::EvaluateRequest malformed = IpexRequest("triad_boy.json");
+  malformed.mutable_patient()->set_sex(cds::v1::SEX_UNSPECIFIED);
+  const std::string file = dir.path() + "/unit.jsonl";
+  const std::string content = absl::StrCat(
+      OneLineJson(IpexRequest("triad_boy.json").patient()), "\n",  // line 1: a Patient
+      OneLineJson(malformed), "\n",                                 // line 2: refused
+      "{\"patient\": {\"sex\": \"MALE\", \"findings\": [\n",         // line 3: bad JSON
+      "\n",                                                         // line 4: skipped
+      OneLineJson(IpexRequest("triad_girl.json")), "\n");           // line 5: a request
+  ASSERT_TRUE(testing::WriteFile(file, content));
+
+  const testing::CommandResult result = testing::RunCommand(
+      {CDSCTL_BINARY, "screen", file, "--server", server_.address()});
+  // A line that does not parse outranks a refused patient in the exit code.
+  EXPECT_EQ(result.exit_code, 3) << result.err;
+  std::vector<std::string> lines = absl::StrSplit(result.out, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 4u) << result.out;
+  std::vector<StreamResponse> parsed(lines.size());
+  for (size_t i = 0; i < lines.size(); ++i) {
+    ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(lines[i], &parsed[i]).ok())
+        << lines[i];
+  }
+  EXPECT_EQ(parsed[0].correlation_id(), "1");
+  EXPECT_TRUE(parsed[0].has_response());
+  EXPECT_EQ(parsed[1].correlation_id(), "2");
+  EXPECT_EQ(parsed[1].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_EQ(parsed[2].correlation_id(), "3");
+  EXPECT_EQ(parsed[2].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_EQ(parsed[3].correlation_id(), "5");
+  EXPECT_TRUE(parsed[3].has_response());
+  for (size_t i : {1, 2}) EXPECT_FALSE(absl::StrContains(parsed[i].error().message(), kReference));
+  EXPECT_FALSE(absl::StrContains(result.err, kReference));
+  EXPECT_TRUE(absl::StrContains(result.err, "2 ok, 1 refused by the server, 1 malformed"))
+      << result.err;
+}
+
+TEST_F(StreamTest, ScreenOfGoodPatientsExitsZero) {
+  TempDir dir;
+  const std::string file = dir.path() + "/unit.jsonl";
+  std::string content;
+  for (int i = 0; i < 30; ++i) {
+    absl::StrAppend(&content, OneLineJson(IpexRequest("triad_boy.json").patient()), "\n");
+  }
+  ASSERT_TRUE(testing::WriteFile(file, content));
+  const testing::CommandResult result = testing::RunCommand(
+      {CDSCTL_BINARY, "screen", file, "--server", server_.address(), "--rule-set", "ipex@1.1.0"});
+  EXPECT_EQ(result.exit_code, 0) << result.err;
+  std::vector<std::string> lines = absl::StrSplit(result.out, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 30u);
+  StreamResponse last;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(lines.back(), &last).ok());
+  EXPECT_EQ(last.response().rule_set().version(), "1.1.0");
+}
+
+}  // namespace
+}  // namespace cds
