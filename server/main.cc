@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <memory>
@@ -52,6 +53,9 @@ ABSL_FLAG(std::string, state_dir, "",
 ABSL_FLAG(absl::Duration, poll_interval, absl::Seconds(30),
           "How often to look for complete new bundles under --rules_dir (0: never; SIGHUP "
           "always triggers a look).");
+ABSL_FLAG(int32_t, max_request_bytes, 16 << 20,
+          "Largest request message accepted, in bytes (larger ones get RESOURCE_EXHAUSTED "
+          "before any of our code runs). Rule-set bundles are the largest requests.");
 ABSL_FLAG(absl::Duration, drain, absl::Seconds(5),
           "On SIGTERM/SIGINT, how long to report NOT_SERVING before stopping, so that "
           "clients and load balancers move away first.");
@@ -174,6 +178,7 @@ int main(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int selected_port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &selected_port);
+  builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_request_bytes));
   builder.RegisterService(&service);
   builder.RegisterService(&admin);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();

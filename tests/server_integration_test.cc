@@ -262,11 +262,11 @@ TEST_F(ServerIntegrationTest, UnknownRuleSetOrVersionIsNotFound) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_TRUE(absl::StrContains(status.error_message(), "0.0.9")) << status.error_message();
 
-  // An absurdly long name is not echoed back whole.
+  // An absurdly long name is refused as malformed and not echoed back.
   request.set_rule_set(std::string(100000, 'x'));
   request.clear_version();
   status = server_.Evaluate(request, &response);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_LT(status.error_message().size(), 600u);
 
   cds::v1::GetRuleSetResponse get;

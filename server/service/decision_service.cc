@@ -1,6 +1,7 @@
 #include "server/service/decision_service.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -14,6 +15,7 @@
 #include "server/common/status_macros.h"
 #include "server/engine/engine.h"
 #include "server/service/grpc_status.h"
+#include "server/service/request_validation.h"
 
 namespace cds::service {
 namespace {
@@ -64,12 +66,11 @@ std::string NewUuidV4() {
 
 absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,
                           cds::v1::EvaluateResponse* response) {
-  // Validate before resolving, so a malformed request gets INVALID_ARGUMENT whatever the
-  // server holds. Messages name fields only, never values.
-  if (request.rule_set().empty()) return absl::InvalidArgumentError("rule_set is required");
-  if (!request.has_patient()) return absl::InvalidArgumentError("patient is required");
+  // Validate before resolving, so a malformed request gets INVALID_ARGUMENT (with a
+  // BadRequest field violation per problem) whatever the server holds. Messages name
+  // fields only, never values.
+  CDS_RETURN_IF_ERROR(ValidateEvaluateRequest(request));
   CDS_ASSIGN_OR_RETURN(const Pin pin, ParsePin(request));
-  CDS_RETURN_IF_ERROR(engine::ValidatePatient(request.patient()));
   CDS_ASSIGN_OR_RETURN(store::Resolved resolved, store.Resolve(pin.name, pin.version, pin.label));
   CDS_RETURN_IF_ERROR(
       engine::Evaluate(*resolved.rule_set, request.patient(), engine::EvaluateOptions{}, response));
@@ -84,6 +85,12 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
                                                         const cds::v1::EvaluateRequest* request,
                                                         cds::v1::EvaluateResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // A call whose client has given up (deadline passed, cancelled) is not evaluated.
+  if (context->IsCancelled() || context->deadline() <= std::chrono::system_clock::now()) {
+    reactor->Finish(ToGrpcStatus(
+        absl::DeadlineExceededError("the call's deadline passed before evaluation")));
+    return reactor;
+  }
   reactor->Finish(ToGrpcStatus(EvaluateOnce(store_, *request, response)));
   return reactor;
 }
