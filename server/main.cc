@@ -35,6 +35,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/common/log.h"
 #include "server/service/decision_service.h"
+#include "server/service/noop_service.h"
 #include "server/store/rule_store.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
@@ -56,6 +57,10 @@ ABSL_FLAG(absl::Duration, poll_interval, absl::Seconds(30),
 ABSL_FLAG(int32_t, max_request_bytes, 16 << 20,
           "Largest request message accepted, in bytes (larger ones get RESOURCE_EXHAUSTED "
           "before any of our code runs). Rule-set bundles are the largest requests.");
+ABSL_FLAG(bool, noop_baseline, false,
+          "BENCHMARKS ONLY: Evaluate evaluates the first successful call and answers every "
+          "later one with a copy of that response (the baseline of bench/load_generator). "
+          "Never for clinical use.");
 ABSL_FLAG(absl::Duration, drain, absl::Seconds(5),
           "On SIGTERM/SIGINT, how long to report NOT_SERVING before stopping, so that "
           "clients and load balancers move away first.");
@@ -179,7 +184,14 @@ int main(int argc, char** argv) {
   int selected_port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &selected_port);
   builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_request_bytes));
-  builder.RegisterService(&service);
+  cds::service::NoopDecisionService noop(store);
+  if (absl::GetFlag(FLAGS_noop_baseline)) {
+    cds::log::Warning("--noop_baseline: Evaluate answers every call with the first response "
+                      "(benchmarks only)");
+    builder.RegisterService(&noop);
+  } else {
+    builder.RegisterService(&service);
+  }
   builder.RegisterService(&admin);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {

@@ -1,7 +1,8 @@
 // DecisionSupport.EvaluateStream and `cdsctl screen` against the real cds-server binary:
 // results come back in order with their correlation ids, a malformed patient in the middle
 // gets its own error while the others succeed, the stream keeps going after errors, a
-// client that writes everything before reading is served in full (flow control).
+// client that writes everything before reading is served in full (flow control). Also the
+// --noop_baseline mode the load generator compares against.
 
 #include <chrono>
 #include <memory>
@@ -232,6 +233,34 @@ TEST_F(StreamTest, ScreenOfGoodPatientsExitsZero) {
   StreamResponse last;
   ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(lines.back(), &last).ok());
   EXPECT_EQ(last.response().rule_set().version(), "1.1.0");
+}
+
+TEST(NoopBaselineTest, AnswersEveryCallWithTheFirstResponseWithoutEvaluating) {
+  ServerProcess server;
+  std::string error;
+  ASSERT_TRUE(server.Start(CDS_SERVER_BINARY,
+                           {"--listen", "127.0.0.1:0", "--rules_dir", kSourceDir + "/rules",
+                            "--drain", "0s", "--noop_baseline"},
+                           &error))
+      << error;
+  EXPECT_TRUE(absl::StrContains(server.Stderr(), "--noop_baseline"));
+  auto stub = cds::v1::DecisionSupport::NewStub(
+      grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials()));
+  auto call = [&](const cds::v1::EvaluateRequest& request, cds::v1::EvaluateResponse* response) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return stub->Evaluate(&context, request, response);
+  };
+  cds::v1::EvaluateResponse first, second, third;
+  ASSERT_TRUE(call(IpexRequest("triad_boy.json"), &first).ok());
+  EXPECT_GT(first.suggestions_size(), 0);
+  // Another patient, even a malformed one, gets the very same bytes: nothing is evaluated.
+  ASSERT_TRUE(call(IpexRequest("triad_girl.json"), &second).ok());
+  cds::v1::EvaluateRequest malformed = IpexRequest("triad_girl.json");
+  malformed.mutable_patient()->set_sex(cds::v1::SEX_UNSPECIFIED);
+  ASSERT_TRUE(call(malformed, &third).ok());
+  EXPECT_EQ(second.SerializeAsString(), first.SerializeAsString());
+  EXPECT_EQ(third.SerializeAsString(), first.SerializeAsString());
 }
 
 }  // namespace

@@ -1,0 +1,467 @@
+// Load generator for cds-server: N unary Evaluate calls in flight over M channels (gRPC
+// callback API) for a fixed time after a warm-up, against a real server and a no-op
+// baseline server (`cds-server --noop_baseline`) that are both up at once. It alternates
+// between them for several rounds (real first in even rounds, no-op first in odd ones) and
+// reports, per target, the median over rounds of QPS, p50/p90/p99/p99.9 latency, errors,
+// and server and client CPU per call (server: utime+stime of /proc/<pid>/stat across the
+// measured window), plus the real/no-op ratios of each round's pair (median). Optionally it
+// also measures patients per second on one EvaluateStream.
+//
+// Talks only to the addresses it is given (bench/run.sh: 127.0.0.1) and stops by itself.
+//
+//   load_generator --real=127.0.0.1:P1 --real_pid=PID1 --noop=127.0.0.1:P2 --noop_pid=PID2
+//       --patient=bench/typical_patient.textproto --in_flight=1,64 --channels=4
+//       --warmup=1s --duration=3s --rounds=5 --json_out=FILE
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "cds/v1/service.grpc.pb.h"
+#include "google/protobuf/text_format.h"
+#include "grpcpp/grpcpp.h"
+
+ABSL_FLAG(std::string, real, "", "Address of the real server (HOST:PORT).");
+ABSL_FLAG(int, real_pid, 0, "PID of the real server, for its CPU time (0: not measured).");
+ABSL_FLAG(std::string, noop, "", "Address of the no-op baseline server (empty: none).");
+ABSL_FLAG(int, noop_pid, 0, "PID of the no-op server, for its CPU time (0: not measured).");
+ABSL_FLAG(std::string, patient, "bench/typical_patient.textproto",
+          "cds.v1.Patient or cds.v1.EvaluateRequest in text format: the request sent.");
+ABSL_FLAG(std::string, rule_set, "ipex", "Rule set for a file holding a bare Patient.");
+ABSL_FLAG(std::string, in_flight, "1,64", "Comma-separated numbers of calls in flight.");
+ABSL_FLAG(int, channels, 4, "Channels (TCP connections) per target; at most in_flight.");
+ABSL_FLAG(absl::Duration, warmup, absl::Seconds(1), "Warm-up before each measurement.");
+ABSL_FLAG(absl::Duration, duration, absl::Seconds(3), "Measured time per target and round.");
+ABSL_FLAG(int, rounds, 5, "Rounds; each measures both targets.");
+ABSL_FLAG(absl::Duration, stream_duration, absl::ZeroDuration(),
+          "If positive: also measure patients/s on one EvaluateStream to --real for this long.");
+ABSL_FLAG(std::string, json_out, "", "Write the results as JSON to this file.");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Target {
+  std::string name;
+  std::string address;
+  int pid = 0;
+  std::vector<std::unique_ptr<cds::v1::DecisionSupport::Stub>> stubs;
+};
+
+// One target, one in-flight setting, one round.
+struct Sample {
+  double qps = 0;
+  double p50_us = 0, p90_us = 0, p99_us = 0, p999_us = 0;
+  int64_t calls = 0;
+  int64_t errors = 0;
+  double server_cpu_us_per_call = -1;  // -1: not measured
+  double client_cpu_us_per_call = 0;
+};
+
+// utime + stime of a process, in microseconds; -1 when unreadable.
+double ProcessCpuMicros(int pid) {
+  if (pid <= 0) return -1;
+  std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
+  std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Fields after the command name, which is in parentheses and may hold spaces.
+  const size_t close = content.rfind(')');
+  if (close == std::string::npos) return -1;
+  std::vector<std::string> fields = absl::StrSplit(content.substr(close + 2), ' ');
+  // utime and stime are fields 14 and 15 of the whole line, 12 and 13 (1-based) here.
+  if (fields.size() < 13) return -1;
+  int64_t utime = 0, stime = 0;
+  if (!absl::SimpleAtoi(fields[11], &utime) || !absl::SimpleAtoi(fields[12], &stime)) return -1;
+  return static_cast<double>(utime + stime) * 1e6 / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+double SelfCpuMicros() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  auto micros = [](const timeval& t) { return t.tv_sec * 1e6 + t.tv_usec; };
+  return micros(usage.ru_utime) + micros(usage.ru_stime);
+}
+
+double Percentile(const std::vector<int64_t>& sorted_ns, double q) {
+  if (sorted_ns.empty()) return 0;
+  size_t index = static_cast<size_t>(std::ceil(q * static_cast<double>(sorted_ns.size())));
+  index = std::min(sorted_ns.size() - 1, index == 0 ? 0 : index - 1);
+  return static_cast<double>(sorted_ns[index]) / 1e3;
+}
+
+double Median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+}
+
+// Drives `in_flight` call loops ("slots") until the window ends. A slot's calls are
+// sequential, so each slot records into its own vector without locking.
+class Run {
+ public:
+  Run(Target& target, const cds::v1::EvaluateRequest& request, int in_flight,
+      Clock::time_point measure_start, Clock::time_point measure_end)
+      : target_(target),
+        request_(request),
+        measure_start_(measure_start),
+        measure_end_(measure_end),
+        slots_(in_flight) {}
+
+  void Start() {
+    active_ = static_cast<int>(slots_.size());
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      slots_[i].stub = target_.stubs[i % target_.stubs.size()].get();
+      Issue(&slots_[i]);
+    }
+  }
+
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [&] { return active_ == 0; });
+  }
+
+  void Collect(std::vector<int64_t>* latencies_ns, int64_t* errors, std::string* first_error) {
+    for (Slot& slot : slots_) {
+      latencies_ns->insert(latencies_ns->end(), slot.latencies_ns.begin(),
+                           slot.latencies_ns.end());
+      *errors += slot.errors;
+      if (first_error->empty()) *first_error = slot.first_error;
+    }
+  }
+
+ private:
+  struct Slot {
+    cds::v1::DecisionSupport::Stub* stub = nullptr;
+    std::vector<int64_t> latencies_ns;
+    int64_t errors = 0;
+    std::string first_error;
+  };
+
+  // One call; deletes itself when done (the callback API's reactor pattern).
+  class Call final : public grpc::ClientUnaryReactor {
+   public:
+    Call(Run* run, Slot* slot) : run_(run), slot_(slot), start_(Clock::now()) {
+      context_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+      slot->stub->async()->Evaluate(&context_, &run->request_, &response_, this);
+      StartCall();
+    }
+    void OnDone(const grpc::Status& status) override {
+      const Clock::time_point end = Clock::now();
+      if (start_ >= run_->measure_start_ && end <= run_->measure_end_) {
+        if (status.ok()) {
+          slot_->latencies_ns.push_back(
+              std::chrono::duration_cast<std::chrono::nanoseconds>(end - start_).count());
+        } else {
+          ++slot_->errors;
+          if (slot_->first_error.empty()) {
+            slot_->first_error = absl::StrCat(status.error_code(), ": ", status.error_message());
+          }
+        }
+      }
+      Run* run = run_;
+      Slot* slot = slot_;
+      delete this;
+      if (end < run->measure_end_) {
+        run->Issue(slot);
+      } else {
+        run->SlotDone();
+      }
+    }
+
+   private:
+    Run* run_;
+    Slot* slot_;
+    const Clock::time_point start_;
+    grpc::ClientContext context_;
+    cds::v1::EvaluateResponse response_;
+  };
+
+  void Issue(Slot* slot) { new Call(this, slot); }
+
+  void SlotDone() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--active_ == 0) done_.notify_all();
+  }
+
+  Target& target_;
+  const cds::v1::EvaluateRequest& request_;
+  const Clock::time_point measure_start_;
+  const Clock::time_point measure_end_;
+  std::vector<Slot> slots_;
+  std::mutex mu_;
+  std::condition_variable done_;
+  int active_ = 0;  // guarded by mu_
+};
+
+Sample Measure(Target& target, const cds::v1::EvaluateRequest& request, int in_flight,
+               std::string* first_error) {
+  const auto to_chrono = [](absl::Duration d) {
+    return std::chrono::nanoseconds(absl::ToInt64Nanoseconds(d));
+  };
+  const Clock::time_point measure_start = Clock::now() + to_chrono(absl::GetFlag(FLAGS_warmup));
+  const Clock::time_point measure_end = measure_start + to_chrono(absl::GetFlag(FLAGS_duration));
+  Run run(target, request, in_flight, measure_start, measure_end);
+  run.Start();
+  std::this_thread::sleep_until(measure_start);
+  const double server_before = ProcessCpuMicros(target.pid);
+  const double client_before = SelfCpuMicros();
+  std::this_thread::sleep_until(measure_end);
+  const double server_after = ProcessCpuMicros(target.pid);
+  const double client_after = SelfCpuMicros();
+  run.Wait();
+
+  std::vector<int64_t> latencies;
+  Sample sample;
+  run.Collect(&latencies, &sample.errors, first_error);
+  std::sort(latencies.begin(), latencies.end());
+  const double seconds = absl::ToDoubleSeconds(absl::GetFlag(FLAGS_duration));
+  sample.calls = static_cast<int64_t>(latencies.size());
+  sample.qps = static_cast<double>(sample.calls) / seconds;
+  sample.p50_us = Percentile(latencies, 0.50);
+  sample.p90_us = Percentile(latencies, 0.90);
+  sample.p99_us = Percentile(latencies, 0.99);
+  sample.p999_us = Percentile(latencies, 0.999);
+  // The calls completed in the window stand for the work done in it.
+  const double calls = std::max<double>(1, static_cast<double>(sample.calls + sample.errors));
+  if (server_before >= 0 && server_after >= 0) {
+    sample.server_cpu_us_per_call = (server_after - server_before) / calls;
+  }
+  sample.client_cpu_us_per_call = (client_after - client_before) / calls;
+  return sample;
+}
+
+// Patients per second on one EvaluateStream: a writer thread sends as fast as flow control
+// lets it, the reader counts results for the measured window.
+double MeasureStream(Target& target, const cds::v1::EvaluateRequest& request, int64_t* errors) {
+  grpc::ClientContext context;
+  auto stream = target.stubs[0]->EvaluateStream(&context);
+  std::atomic<bool> stop{false};
+  cds::v1::StreamEvaluateRequest message;
+  *message.mutable_request() = request;
+  std::thread writer([&] {
+    while (!stop.load(std::memory_order_relaxed)) {
+      if (!stream->Write(message)) return;
+    }
+    stream->WritesDone();
+  });
+  const absl::Time measure_start = absl::Now() + absl::GetFlag(FLAGS_warmup);
+  const absl::Time measure_end = measure_start + absl::GetFlag(FLAGS_stream_duration);
+  cds::v1::StreamEvaluateResponse response;
+  int64_t counted = 0;
+  while (stream->Read(&response)) {
+    const absl::Time now = absl::Now();
+    if (now >= measure_end) stop.store(true);
+    if (now < measure_start || now >= measure_end) continue;
+    ++counted;
+    if (!response.has_response()) ++*errors;
+  }
+  writer.join();
+  const grpc::Status status = stream->Finish();
+  if (!status.ok()) {
+    std::cerr << "stream ended with " << status.error_code() << ": " << status.error_message()
+              << "\n";
+    ++*errors;
+  }
+  return static_cast<double>(counted) / absl::ToDoubleSeconds(absl::GetFlag(FLAGS_stream_duration));
+}
+
+std::string SampleJson(const Sample& s) {
+  return absl::StrFormat(
+      R"({"qps": %.1f, "p50_us": %.1f, "p90_us": %.1f, "p99_us": %.1f, "p999_us": %.1f, )"
+      R"("calls": %d, "errors": %d, "server_cpu_us_per_call": %.2f, "client_cpu_us_per_call": %.2f})",
+      s.qps, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.calls, s.errors,
+      s.server_cpu_us_per_call, s.client_cpu_us_per_call);
+}
+
+// The median of each field over rounds, and the total errors.
+Sample MedianOf(const std::vector<Sample>& samples) {
+  auto median = [&](auto field) {
+    std::vector<double> v;
+    for (const Sample& s : samples) v.push_back(field(s));
+    return Median(v);
+  };
+  Sample m;
+  m.qps = median([](const Sample& s) { return s.qps; });
+  m.p50_us = median([](const Sample& s) { return s.p50_us; });
+  m.p90_us = median([](const Sample& s) { return s.p90_us; });
+  m.p99_us = median([](const Sample& s) { return s.p99_us; });
+  m.p999_us = median([](const Sample& s) { return s.p999_us; });
+  m.server_cpu_us_per_call = median([](const Sample& s) { return s.server_cpu_us_per_call; });
+  m.client_cpu_us_per_call = median([](const Sample& s) { return s.client_cpu_us_per_call; });
+  for (const Sample& s : samples) {
+    m.calls += s.calls;
+    m.errors += s.errors;
+  }
+  return m;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Load generator: the real cds-server against its --noop_baseline twin.\n"
+      "Usage: load_generator --real=HOST:PORT [--real_pid=PID] [--noop=HOST:PORT "
+      "--noop_pid=PID] [--in_flight=1,64] [--rounds=5] [--json_out=FILE]");
+  absl::ParseCommandLine(argc, argv);
+
+  // The request: a Patient (wrapped, with --rule_set) or a whole EvaluateRequest.
+  std::ifstream in(absl::GetFlag(FLAGS_patient));
+  std::stringstream text;
+  text << in.rdbuf();
+  cds::v1::EvaluateRequest request;
+  cds::v1::Patient patient;
+  if (google::protobuf::TextFormat::ParseFromString(text.str(), &patient)) {
+    request.set_rule_set(absl::GetFlag(FLAGS_rule_set));
+    *request.mutable_patient() = patient;
+  } else if (!google::protobuf::TextFormat::ParseFromString(text.str(), &request)) {
+    std::cerr << "load_generator: " << absl::GetFlag(FLAGS_patient)
+              << " is not a cds.v1.Patient or cds.v1.EvaluateRequest in text format\n";
+    return 2;
+  }
+
+  std::vector<int> in_flight_values;
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_in_flight), ',')) {
+    int n = 0;
+    if (!absl::SimpleAtoi(part, &n) || n <= 0) {
+      std::cerr << "load_generator: --in_flight wants positive integers\n";
+      return 2;
+    }
+    in_flight_values.push_back(n);
+  }
+  if (absl::GetFlag(FLAGS_real).empty()) {
+    std::cerr << "load_generator: --real is required\n";
+    return 2;
+  }
+
+  std::vector<Target> targets;
+  targets.push_back({"real", absl::GetFlag(FLAGS_real), absl::GetFlag(FLAGS_real_pid), {}});
+  if (!absl::GetFlag(FLAGS_noop).empty()) {
+    targets.push_back({"noop", absl::GetFlag(FLAGS_noop), absl::GetFlag(FLAGS_noop_pid), {}});
+  }
+  const int channels = std::max(1, absl::GetFlag(FLAGS_channels));
+  for (Target& target : targets) {
+    for (int i = 0; i < channels; ++i) {
+      grpc::ChannelArguments args;
+      // Distinct arguments give each channel its own TCP connection.
+      args.SetInt("cds.load_generator.channel", i);
+      target.stubs.push_back(cds::v1::DecisionSupport::NewStub(grpc::CreateCustomChannel(
+          target.address, grpc::InsecureChannelCredentials(), args)));
+    }
+  }
+  const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
+
+  std::vector<std::string> json_configs;
+  for (const int in_flight : in_flight_values) {
+    std::vector<std::vector<Sample>> samples(targets.size());
+    std::vector<double> qps_ratios, p50_ratios, p99_ratios, cpu_deltas, p50_deltas;
+    for (int round = 0; round < rounds; ++round) {
+      std::vector<size_t> order;
+      for (size_t t = 0; t < targets.size(); ++t) order.push_back(t);
+      if (round % 2 == 1) std::reverse(order.begin(), order.end());
+      for (size_t t : order) {
+        Target& target = targets[t];
+        std::string first_error;
+        Sample s = Measure(target, request, in_flight, &first_error);
+        samples[t].push_back(s);
+        std::cerr << absl::StrFormat(
+            "in_flight=%d round=%d %-4s qps=%.0f p50=%.1fus p99=%.1fus errors=%d "
+            "server_cpu/call=%.1fus client_cpu/call=%.1fus%s\n",
+            in_flight, round, target.name, s.qps, s.p50_us, s.p99_us, s.errors,
+            s.server_cpu_us_per_call, s.client_cpu_us_per_call,
+            first_error.empty() ? "" : absl::StrCat(" first error: ", first_error));
+      }
+      if (targets.size() == 2) {
+        const Sample& r = samples[0].back();
+        const Sample& n = samples[1].back();
+        if (n.qps > 0) qps_ratios.push_back(r.qps / n.qps);
+        if (n.p50_us > 0) p50_ratios.push_back(r.p50_us / n.p50_us);
+        if (n.p99_us > 0) p99_ratios.push_back(r.p99_us / n.p99_us);
+        p50_deltas.push_back(r.p50_us - n.p50_us);
+        cpu_deltas.push_back(r.server_cpu_us_per_call - n.server_cpu_us_per_call);
+      }
+    }
+    std::vector<std::string> per_target;
+    std::printf("in flight %d, %d channel(s), %d round(s):\n", in_flight,
+                std::min(channels, in_flight), rounds);
+    std::printf("  %-5s %9s %9s %9s %9s %9s %7s %14s %14s\n", "", "QPS", "p50 us", "p90 us",
+                "p99 us", "p99.9 us", "errors", "srv CPU/call", "cli CPU/call");
+    for (size_t t = 0; t < targets.size(); ++t) {
+      const Sample m = MedianOf(samples[t]);
+      std::printf("  %-5s %9.0f %9.1f %9.1f %9.1f %9.1f %7lld %11.1f us %11.1f us\n",
+                  targets[t].name.c_str(), m.qps, m.p50_us, m.p90_us, m.p99_us, m.p999_us,
+                  static_cast<long long>(m.errors), m.server_cpu_us_per_call,
+                  m.client_cpu_us_per_call);
+      std::vector<std::string> rounds_json;
+      for (const Sample& s : samples[t]) rounds_json.push_back(SampleJson(s));
+      per_target.push_back(absl::StrCat("\"", targets[t].name, "\": {\"median\": ", SampleJson(m),
+                                        ", \"rounds\": [", absl::StrJoin(rounds_json, ", "),
+                                        "]}"));
+    }
+    std::string ratios_json;
+    if (targets.size() == 2) {
+      std::printf(
+          "  real/noop (median of %d paired rounds): QPS %.3f, p50 %.3f (%+.1f us), p99 %.3f, "
+          "server CPU/call %+.1f us\n",
+          rounds, Median(qps_ratios), Median(p50_ratios), Median(p50_deltas),
+          Median(p99_ratios), Median(cpu_deltas));
+      ratios_json = absl::StrFormat(
+          R"(, "real_vs_noop": {"qps_ratio": %.4f, "p50_ratio": %.4f, "p50_delta_us": %.2f, )"
+          R"("p99_ratio": %.4f, "server_cpu_delta_us_per_call": %.2f})",
+          Median(qps_ratios), Median(p50_ratios), Median(p50_deltas), Median(p99_ratios),
+          Median(cpu_deltas));
+    }
+    json_configs.push_back(absl::StrCat("{\"in_flight\": ", in_flight, ", \"channels\": ",
+                                        std::min(channels, in_flight), ", \"rounds\": ", rounds,
+                                        ", ", absl::StrJoin(per_target, ", "), ratios_json, "}"));
+  }
+
+  std::string stream_json;
+  if (absl::GetFlag(FLAGS_stream_duration) > absl::ZeroDuration()) {
+    int64_t errors = 0;
+    const double rate = MeasureStream(targets[0], request, &errors);
+    std::printf("one EvaluateStream to the real server: %.0f patients/s, %lld error(s)\n", rate,
+                static_cast<long long>(errors));
+    stream_json = absl::StrFormat(R"(, "stream": {"patients_per_second": %.1f, "errors": %d})",
+                                  rate, errors);
+  }
+
+  const std::string json =
+      absl::StrCat("{\"request_bytes\": ", request.ByteSizeLong(), ", \"warmup_s\": ",
+                   absl::ToDoubleSeconds(absl::GetFlag(FLAGS_warmup)), ", \"duration_s\": ",
+                   absl::ToDoubleSeconds(absl::GetFlag(FLAGS_duration)), ", \"configs\": [",
+                   absl::StrJoin(json_configs, ", "), "]", stream_json, "}\n");
+  if (!absl::GetFlag(FLAGS_json_out).empty()) {
+    std::ofstream out(absl::GetFlag(FLAGS_json_out));
+    out << json;
+    if (!out) {
+      std::cerr << "load_generator: cannot write " << absl::GetFlag(FLAGS_json_out) << "\n";
+      return 1;
+    }
+  }
+  return 0;
+}
