@@ -1,6 +1,7 @@
 #include "client/cli.h"
 
 #include <chrono>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -93,6 +94,9 @@ Usage:
 
 Options:
   --server HOST:PORT   default 127.0.0.1:50051
+  --tls_ca PEM         use TLS, trusting this CA for the server's certificate
+  --tls_cert PEM       client certificate for mutual TLS (with --tls_key)
+  --tls_key PEM        its private key
   --deadline DURATION  per call, default 5s
   --help               this text
 
@@ -127,7 +131,21 @@ struct Options {
   absl::Duration deadline = absl::Seconds(5);
   bool json = false;
   bool help = false;
+  // TLS: file contents (PEM) read at parse time; all empty for plaintext.
+  std::string tls_ca_pem;
+  std::string tls_cert_pem;
+  std::string tls_key_pem;
 };
+
+// The whole file into *out; false when it cannot be read or is empty.
+bool ReadPem(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  std::stringstream content;
+  content << in.rdbuf();
+  *out = content.str();
+  return !out->empty();
+}
 
 absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
   Options options;
@@ -180,6 +198,13 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       options.out_prefix = value;
     } else if (arg == "--author") {
       options.author = value;
+    } else if (arg == "--tls_ca" || arg == "--tls_cert" || arg == "--tls_key") {
+      std::string* pem = arg == "--tls_ca"     ? &options.tls_ca_pem
+                         : arg == "--tls_cert" ? &options.tls_cert_pem
+                                               : &options.tls_key_pem;
+      if (!ReadPem(value, pem)) {
+        return absl::InvalidArgumentError(absl::StrCat(arg, ": cannot read ", value));
+      }
     } else if (arg == "--deadline") {
       if (!absl::ParseDuration(value, &options.deadline) || options.deadline <= absl::ZeroDuration()) {
         return absl::InvalidArgumentError(
@@ -189,7 +214,22 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       return absl::InvalidArgumentError(absl::StrCat("unknown option ", arg));
     }
   }
+  if (options.tls_cert_pem.empty() != options.tls_key_pem.empty()) {
+    return absl::InvalidArgumentError("--tls_cert and --tls_key go together");
+  }
+  if (!options.tls_cert_pem.empty() && options.tls_ca_pem.empty()) {
+    return absl::InvalidArgumentError("--tls_cert needs --tls_ca (the server's CA)");
+  }
   return options;
+}
+
+std::shared_ptr<grpc::ChannelCredentials> CredentialsFor(const Options& options) {
+  if (options.tls_ca_pem.empty()) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = options.tls_ca_pem;
+  ssl.pem_private_key = options.tls_key_pem;
+  ssl.pem_cert_chain = options.tls_cert_pem;
+  return grpc::SslCredentials(ssl);
 }
 
 // A channel and the per-call context settings shared by the RPC commands.
@@ -198,7 +238,7 @@ class Connection {
   explicit Connection(const Options& options)
       : server_(options.server),
         deadline_(options.deadline),
-        channel_(grpc::CreateChannel(options.server, grpc::InsecureChannelCredentials())) {}
+        channel_(grpc::CreateChannel(options.server, CredentialsFor(options))) {}
 
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }
 

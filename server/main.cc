@@ -34,6 +34,7 @@
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "server/common/log.h"
+#include "server/security/transport.h"
 #include "server/service/decision_service.h"
 #include "server/service/noop_service.h"
 #include "server/store/rule_store.h"
@@ -61,6 +62,17 @@ ABSL_FLAG(bool, noop_baseline, false,
           "BENCHMARKS ONLY: Evaluate evaluates the first successful call and answers every "
           "later one with a copy of that response (the baseline of bench/load_generator). "
           "Never for clinical use.");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the server (with --tls_key): serve TLS. Re-read every "
+          "--tls_refresh, so a renewed certificate takes effect without a restart.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle: require mutual TLS, accepting client certificates it signed.");
+ABSL_FLAG(absl::Duration, tls_refresh, absl::Minutes(1),
+          "How often the TLS files are checked for changes.");
+ABSL_FLAG(bool, insecure_dev, false,
+          "DEVELOPMENT ONLY: serve plaintext (no TLS); refused unless --listen is a loopback "
+          "address.");
 ABSL_FLAG(absl::Duration, drain, absl::Seconds(5),
           "On SIGTERM/SIGINT, how long to report NOT_SERVING before stopping, so that "
           "clients and load balancers move away first.");
@@ -78,11 +90,6 @@ bool SplitHostPort(const std::string& address, std::string* host, std::string* p
   *host = address.substr(0, colon);
   *port = address.substr(colon + 1);
   return !host->empty();
-}
-
-bool IsLoopback(const std::string& host) {
-  return host == "127.0.0.1" || host == "localhost" || host == "[::1]" ||
-         host.rfind("127.", 0) == 0;
 }
 
 void SetHealth(grpc::Server& server, bool serving) {
@@ -113,7 +120,8 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Serves IPEX clinical decision support over gRPC (cds.v1.DecisionSupport).\n"
       "Usage: cds-server [--listen=127.0.0.1:50051] [--rules_dir=rules] [--state_dir=DIR]\n"
-      "                  [--trusted_keys_dir=DIR] [--poll_interval=30s] [--drain=5s]");
+      "                  [--trusted_keys_dir=DIR] [--poll_interval=30s] [--drain=5s]\n"
+      "                  (--tls_cert=PEM --tls_key=PEM [--tls_client_ca=PEM] | --insecure_dev)");
   absl::ParseCommandLine(argc, argv);
   const std::string listen = absl::GetFlag(FLAGS_listen);
   const std::string rules_dir = absl::GetFlag(FLAGS_rules_dir);
@@ -129,11 +137,6 @@ int main(int argc, char** argv) {
     cds::log::Error("--listen must be HOST:PORT, got '", listen, "'");
     return 2;
   }
-  if (!IsLoopback(host)) {
-    // TLS arrives with a later issue; until then anything beyond loopback is plaintext.
-    cds::log::Warning("listening on non-loopback ", host,
-                      " WITHOUT TLS: traffic (patient findings) is unencrypted");
-  }
 
   // Block the shutdown signals before gRPC starts its threads, so that they inherit the
   // mask and only the waiter thread below ever receives them.
@@ -143,6 +146,23 @@ int main(int argc, char** argv) {
   sigaddset(&shutdown_signals, SIGINT);
   sigaddset(&shutdown_signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
+
+  // After the signal mask: the certificate provider starts a file-watching thread.
+  cds::security::TransportOptions transport;
+  transport.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  transport.tls_key = absl::GetFlag(FLAGS_tls_key);
+  transport.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  transport.insecure_dev = absl::GetFlag(FLAGS_insecure_dev);
+  transport.refresh = absl::GetFlag(FLAGS_tls_refresh);
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      cds::security::MakeServerCredentials(transport, host);
+  if (!credentials.ok()) {
+    cds::log::Error(credentials.status().message());
+    return 2;
+  }
+  if (transport.insecure_dev) {
+    cds::log::Warning("--insecure_dev: PLAINTEXT on ", host, ", for development only");
+  }
 
   // Health follows the number of AVAILABLE versions once the server runs.
   std::atomic<grpc::Server*> running{nullptr};
@@ -182,7 +202,7 @@ int main(int argc, char** argv) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int selected_port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &selected_port);
+  builder.AddListeningPort(listen, *credentials, &selected_port);
   builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_request_bytes));
   cds::service::NoopDecisionService noop(store);
   if (absl::GetFlag(FLAGS_noop_baseline)) {
@@ -207,6 +227,7 @@ int main(int argc, char** argv) {
                     "UNAVAILABLE");
   }
   // Tests start the server on port 0 and read the chosen port from this line.
+  cds::log::Info("transport: ", cds::security::Describe(transport));
   cds::log::Info("listening on ", host, ":", selected_port);
 
   absl::Notification stop_polling;

@@ -19,7 +19,8 @@ except ImportError:
 
 def start_server(binary, rules_dir):
     proc = subprocess.Popen(
-        [binary, "--listen", "127.0.0.1:0", "--rules_dir", rules_dir, "--drain", "0s"],
+        [binary, "--listen", "127.0.0.1:0", "--insecure_dev", "--rules_dir", rules_dir,
+         "--drain", "0s"],
         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     log = []

@@ -1,11 +1,17 @@
 // The service layer without a network: status conversion, evaluation ids, and
 // EvaluateOnce against a store loaded from the bundled rules.
 
+#include <chrono>
+#include <memory>
 #include <set>
+#include <thread>
+#include <vector>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/support/server_interceptor.h"
 #include "gtest/gtest.h"
 #include "server/service/decision_service.h"
 #include "server/service/grpc_status.h"
@@ -104,6 +110,55 @@ TEST_F(EvaluateOnceTest, ValidatesBeforeResolving) {
   EXPECT_EQ(EvaluateOnce(store_, request, &response).code(), absl::StatusCode::kInvalidArgument);
   request.mutable_patient()->set_sex(cds::v1::MALE);
   EXPECT_EQ(EvaluateOnce(store_, request, &response).code(), absl::StatusCode::kNotFound);
+}
+
+// Holds every call after its request arrives for longer than the client will wait.
+class SlowInterceptor : public grpc::experimental::Interceptor {
+ public:
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::POST_RECV_MESSAGE)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    }
+    methods->Proceed();
+  }
+};
+class SlowInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* /*info*/) override {
+    return new SlowInterceptor;
+  }
+};
+
+TEST_F(EvaluateOnceTest, CallPastItsDeadlineIsNotEvaluated) {
+  DecisionServiceImpl service(store_);
+  grpc::ServerBuilder builder;
+  builder.RegisterService(&service);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
+  creators.push_back(std::make_unique<SlowInterceptorFactory>());
+  builder.experimental().SetInterceptorCreators(std::move(creators));
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto stub = cds::v1::DecisionSupport::NewStub(server->InProcessChannel(grpc::ChannelArguments()));
+  auto evaluations = [&] {
+    int64_t count = 0;
+    for (const cds::v1::RuleSetInfo& info : store_.List("ipex")) count += info.evaluation_count();
+    return count;
+  };
+
+  grpc::ClientContext late;
+  late.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
+  cds::v1::EvaluateResponse response;
+  EXPECT_EQ(stub->Evaluate(&late, Request(), &response).error_code(),
+            grpc::StatusCode::DEADLINE_EXCEEDED);
+  // The same call with time to spare is evaluated (after the first has been handled).
+  grpc::ClientContext in_time;
+  in_time.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  const grpc::Status status = stub->Evaluate(&in_time, Request(), &response);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  server->Shutdown();
+  EXPECT_EQ(evaluations(), 1);
 }
 
 TEST(EvaluateOnceEmptyStoreTest, IsUnavailable) {

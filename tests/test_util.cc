@@ -44,6 +44,19 @@ int ParsePort(const std::string& log) {
   return std::atoi(address.c_str() + colon + 1);
 }
 
+bool NeedsInsecureDev(const std::string& binary, const std::vector<std::string>& args) {
+  if (binary.size() < 10 || binary.compare(binary.size() - 10, 10, "cds-server") != 0) {
+    return false;
+  }
+  for (const std::string& arg : args) {
+    if (arg.rfind("--tls_", 0) == 0 || arg.rfind("--insecure_dev", 0) == 0 ||
+        arg == "--no_auto_insecure_dev") {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 ServerProcess::~ServerProcess() {
@@ -64,6 +77,7 @@ bool ServerProcess::Start(const std::string& binary, const std::vector<std::stri
   }
   std::vector<std::string> full = {binary};
   full.insert(full.end(), args.begin(), args.end());
+  if (NeedsInsecureDev(binary, args)) full.push_back("--insecure_dev");
   std::vector<char*> argv = Argv(full);
   pid_ = fork();
   if (pid_ < 0) {

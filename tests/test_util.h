@@ -25,7 +25,9 @@ class ServerProcess {
   ~ServerProcess();
 
   // Starts `binary` with `args`. False (with the reason in *error, and the child's
-  // stderr) when it exits or does not report a port within `timeout_seconds`.
+  // stderr) when it exits or does not report a port within `timeout_seconds`. A
+  // cds-server given no --tls_* flag gets --insecure_dev (plaintext on loopback), unless
+  // --insecure_dev is already there.
   bool Start(const std::string& binary, const std::vector<std::string>& args,
              std::string* error, int timeout_seconds = 60);
 

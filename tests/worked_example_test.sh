@@ -27,7 +27,7 @@ export PATH="$WORK/bin:$PATH"
 export HOME="$WORK/home"
 cd "$WORK"
 
-"$SERVER_BIN" --listen 127.0.0.1:0 --rules_dir rules --state_dir state --poll_interval 0s \
+"$SERVER_BIN" --listen 127.0.0.1:0 --insecure_dev --rules_dir rules --state_dir state --poll_interval 0s \
   --drain 0s 2> server.log &
 SERVER_PID=$!
 for _ in $(seq 1 600); do
