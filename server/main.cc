@@ -34,6 +34,7 @@
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "server/common/log.h"
+#include "server/security/authz.h"
 #include "server/security/transport.h"
 #include "server/service/decision_service.h"
 #include "server/service/noop_service.h"
@@ -70,6 +71,10 @@ ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA bundle: require mutual TLS, accepting client certificates it signed.");
 ABSL_FLAG(absl::Duration, tls_refresh, absl::Minutes(1),
           "How often the TLS files are checked for changes.");
+ABSL_FLAG(std::string, policy, "",
+          "Access policy (cds.v1.AccessPolicy, text format) mapping client-certificate "
+          "identities to roles clinical / author / admin; needs TLS. Empty: every caller "
+          "the transport admits may call every method.");
 ABSL_FLAG(bool, insecure_dev, false,
           "DEVELOPMENT ONLY: serve plaintext (no TLS); refused unless --listen is a loopback "
           "address.");
@@ -154,6 +159,9 @@ int main(int argc, char** argv) {
   transport.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
   transport.insecure_dev = absl::GetFlag(FLAGS_insecure_dev);
   transport.refresh = absl::GetFlag(FLAGS_tls_refresh);
+  // With a policy, callers without a certificate get UNAUTHENTICATED from it (or use a
+  // development bearer token) instead of a failed handshake.
+  transport.client_cert_optional = !absl::GetFlag(FLAGS_policy).empty();
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       cds::security::MakeServerCredentials(transport, host);
   if (!credentials.ok()) {
@@ -162,6 +170,23 @@ int main(int argc, char** argv) {
   }
   if (transport.insecure_dev) {
     cds::log::Warning("--insecure_dev: PLAINTEXT on ", host, ", for development only");
+  }
+  if (const std::string policy_file = absl::GetFlag(FLAGS_policy); !policy_file.empty()) {
+    if (transport.insecure_dev) {
+      cds::log::Error("--policy needs TLS (--tls_cert, --tls_key, --tls_client_ca)");
+      return 2;
+    }
+    absl::StatusOr<std::shared_ptr<const cds::security::AccessPolicy>> policy =
+        cds::security::AccessPolicy::FromFile(policy_file);
+    if (!policy.ok()) {
+      cds::log::Error(policy.status().message());
+      return 2;
+    }
+    (*credentials)->SetAuthMetadataProcessor(
+        std::make_shared<cds::security::PolicyAuthProcessor>(*std::move(policy)));
+    cds::log::Info("access policy from ", policy_file);
+  } else if (!transport.insecure_dev) {
+    cds::log::Warning("no --policy: every caller the transport admits may call every method");
   }
 
   // Health follows the number of AVAILABLE versions once the server runs.

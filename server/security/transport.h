@@ -20,6 +20,10 @@ struct TransportOptions {
   std::string tls_key;        // PEM private key
   std::string tls_client_ca;  // PEM CA bundle; non-empty: mutual TLS required
   bool insecure_dev = false;  // plaintext, loopback only
+  // With tls_client_ca: verify a client certificate when one is presented, but let
+  // callers without one connect (an access policy then answers them UNAUTHENTICATED, or
+  // admits them by a development bearer token). False: the handshake requires one.
+  bool client_cert_optional = false;
   absl::Duration refresh = absl::Minutes(1);
 };
 

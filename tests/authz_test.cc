@@ -1,0 +1,249 @@
+// Roles (issue 6, part 2) against the real cds-server with mutual TLS and an access
+// policy: every method x every role, plus no certificate, an unknown identity, an expired
+// certificate, a certificate from another CA and development bearer tokens, each with the
+// expected status. Certificates are made in the test by scripts/make-dev-certs.sh.
+
+#include <signal.h>
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "cds/v1/service.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace cds {
+namespace {
+
+using ::cds::testing::CommandResult;
+using ::cds::testing::ReadFileOrEmpty;
+using ::cds::testing::RunCommand;
+using ::cds::testing::ServerProcess;
+using ::cds::testing::TempDir;
+using ::cds::testing::WriteFile;
+
+const std::string kSourceDir = CDS_SOURCE_DIR;
+constexpr char kDevToken[] = "dev-token-0123456789abcdef";
+
+constexpr char kPolicy[] = R"pb(
+  grants { identity: "clin" roles: CLINICAL }
+  grants { identity: "cds:auth" roles: AUTHOR }  # by subject alternative name
+  grants { identity: "adm" roles: ADMIN }
+  grants { identity: "both" roles: [ CLINICAL, AUTHOR ] }
+  grants { identity: "expired" roles: ADMIN }
+  bearer_tokens { token: "dev-token-0123456789abcdef" identity: "clin" }
+)pb";
+
+// One call of each method; returns its status.
+using Call = std::function<grpc::Status(const std::shared_ptr<grpc::Channel>&,
+                                        grpc::ClientContext*)>;
+
+std::map<std::string, Call> Methods() {
+  std::map<std::string, Call> m;
+  m["Evaluate"] = [](auto channel, auto* context) {
+    cds::v1::EvaluateRequest request;
+    request.set_rule_set("ipex");
+    request.mutable_patient()->set_sex(cds::v1::MALE);
+    cds::v1::EvaluateResponse response;
+    return cds::v1::DecisionSupport::NewStub(channel)->Evaluate(context, request, &response);
+  };
+  m["ListRuleSets"] = [](auto channel, auto* context) {
+    cds::v1::ListRuleSetsResponse response;
+    return cds::v1::DecisionSupport::NewStub(channel)->ListRuleSets(
+        context, cds::v1::ListRuleSetsRequest(), &response);
+  };
+  m["GetRuleSet"] = [](auto channel, auto* context) {
+    cds::v1::GetRuleSetRequest request;
+    request.set_name("ipex");
+    cds::v1::GetRuleSetResponse response;
+    return cds::v1::DecisionSupport::NewStub(channel)->GetRuleSet(context, request, &response);
+  };
+  m["PublishRuleSet"] = [](auto channel, auto* context) {
+    cds::v1::PublishRuleSetResponse response;
+    return cds::v1::RuleSetAdmin::NewStub(channel)->PublishRuleSet(
+        context, cds::v1::PublishRuleSetRequest(), &response);
+  };
+  m["SetLabel"] = [](auto channel, auto* context) {
+    cds::v1::SetLabelRequest request;
+    request.set_name("ipex");
+    request.set_label("canary");
+    request.set_version("9.9.9");
+    cds::v1::SetLabelResponse response;
+    return cds::v1::RuleSetAdmin::NewStub(channel)->SetLabel(context, request, &response);
+  };
+  m["RetireRuleSet"] = [](auto channel, auto* context) {
+    cds::v1::RetireRuleSetRequest request;
+    request.set_name("ipex");
+    request.set_version("9.9.9");
+    cds::v1::RetireRuleSetResponse response;
+    return cds::v1::RuleSetAdmin::NewStub(channel)->RetireRuleSet(context, request, &response);
+  };
+  m["Health"] = [](auto channel, auto* context) {
+    grpc::health::v1::HealthCheckResponse response;
+    return grpc::health::v1::Health::NewStub(channel)->Check(
+        context, grpc::health::v1::HealthCheckRequest(), &response);
+  };
+  return m;
+}
+
+// Which methods each role may call.
+const std::map<std::string, std::vector<std::string>> kAllowed = {
+    {"clin", {"Evaluate", "ListRuleSets", "GetRuleSet", "Health"}},
+    {"auth", {"PublishRuleSet", "SetLabel", "Health"}},
+    {"both", {"Evaluate", "ListRuleSets", "GetRuleSet", "PublishRuleSet", "SetLabel", "Health"}},
+    {"adm",
+     {"Evaluate", "ListRuleSets", "GetRuleSet", "PublishRuleSet", "SetLabel", "RetireRuleSet",
+      "Health"}},
+    {"stranger", {"Health"}},
+};
+
+class AuthzTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    CommandResult made = RunCommand({"/usr/bin/env", "EXPIRED_CLIENTS=expired", "/bin/bash",
+                                     kSourceDir + "/scripts/make-dev-certs.sh", certs_.path(),
+                                     "clin", "auth", "adm", "both", "stranger"});
+    ASSERT_EQ(made.exit_code, 0) << made.err;
+    made = RunCommand({"/bin/bash", kSourceDir + "/scripts/make-dev-certs.sh", other_ca_.path(),
+                       "adm"});
+    ASSERT_EQ(made.exit_code, 0) << made.err;
+    ASSERT_TRUE(WriteFile(state_.path() + "/policy.textproto", kPolicy));
+    std::string error;
+    ASSERT_TRUE(server_.Start(
+        CDS_SERVER_BINARY,
+        {"--listen", "127.0.0.1:0", "--rules_dir", kSourceDir + "/rules", "--state_dir",
+         state_.path() + "/state", "--drain", "0s", "--poll_interval", "0", "--tls_cert",
+         certs_.path() + "/server.pem", "--tls_key", certs_.path() + "/server.key",
+         "--tls_client_ca", certs_.path() + "/ca.pem", "--policy",
+         state_.path() + "/policy.textproto"},
+        &error))
+        << error;
+  }
+
+  // A channel presenting `who`'s certificate from `dir` ("" for none).
+  std::shared_ptr<grpc::Channel> Channel(const std::string& who, const std::string& dir = "") {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = ReadFileOrEmpty(certs_.path() + "/ca.pem");
+    if (!who.empty()) {
+      const std::string from = dir.empty() ? certs_.path() : dir;
+      ssl.pem_cert_chain = ReadFileOrEmpty(from + "/" + who + ".pem");
+      ssl.pem_private_key = ReadFileOrEmpty(from + "/" + who + ".key");
+    }
+    grpc::ChannelArguments args;
+    args.SetInt("grpc.use_local_subchannel_pool", 1);
+    return grpc::CreateCustomChannel(server_.address(), grpc::SslCredentials(ssl), args);
+  }
+
+  static grpc::Status Invoke(const Call& call, const std::shared_ptr<grpc::Channel>& channel,
+                             const std::string& token = "") {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    if (!token.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+    return call(channel, &context);
+  }
+
+  TempDir certs_;
+  TempDir other_ca_;
+  TempDir state_;
+  ServerProcess server_;
+};
+
+bool Denied(const grpc::Status& s) {
+  return s.error_code() == grpc::StatusCode::PERMISSION_DENIED ||
+         s.error_code() == grpc::StatusCode::UNAUTHENTICATED;
+}
+
+TEST_F(AuthzTest, EveryMethodTimesEveryRole) {
+  const std::map<std::string, Call> methods = Methods();
+  for (const auto& [who, allowed] : kAllowed) {
+    std::shared_ptr<grpc::Channel> channel = Channel(who);
+    for (const auto& [name, call] : methods) {
+      SCOPED_TRACE(who + " calls " + name);
+      const grpc::Status status = Invoke(call, channel);
+      const bool may = std::find(allowed.begin(), allowed.end(), name) != allowed.end();
+      if (may) {
+        EXPECT_FALSE(Denied(status)) << status.error_message();
+        EXPECT_NE(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+      } else {
+        EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+            << status.error_message();
+      }
+    }
+  }
+}
+
+TEST_F(AuthzTest, NoCertificateIsUnauthenticatedExceptForHealth) {
+  std::shared_ptr<grpc::Channel> channel = Channel("");
+  for (const auto& [name, call] : Methods()) {
+    SCOPED_TRACE(name);
+    const grpc::Status status = Invoke(call, channel);
+    if (name == "Health") {
+      EXPECT_TRUE(status.ok()) << status.error_message();
+    } else {
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED) << status.error_message();
+    }
+  }
+}
+
+TEST_F(AuthzTest, DevelopmentBearerTokensStandForTheirIdentity) {
+  std::shared_ptr<grpc::Channel> channel = Channel("");
+  const std::map<std::string, Call> methods = Methods();
+  // The token stands for "clin".
+  EXPECT_TRUE(Invoke(methods.at("ListRuleSets"), channel, kDevToken).ok());
+  EXPECT_EQ(Invoke(methods.at("SetLabel"), channel, kDevToken).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Invoke(methods.at("ListRuleSets"), channel, "not-a-known-token-0000").error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+}
+
+TEST_F(AuthzTest, ExpiredOrForeignCertificatesNeverGetIn) {
+  // The TLS handshake refuses them: the client sees UNAVAILABLE, no identity is ever
+  // established, and no method runs.
+  for (const auto& [name, call] : Methods()) {
+    SCOPED_TRACE(name);
+    EXPECT_EQ(Invoke(call, Channel("expired")).error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(Invoke(call, Channel("adm", other_ca_.path())).error_code(),
+              grpc::StatusCode::UNAVAILABLE);
+  }
+}
+
+TEST_F(AuthzTest, DeniedCallsAreLoggedWithoutRequestData) {
+  const std::map<std::string, Call> methods = Methods();
+  EXPECT_EQ(Invoke(methods.at("RetireRuleSet"), Channel("clin")).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  server_.Stop(SIGTERM);
+  const std::string log = server_.Stderr();
+  EXPECT_TRUE(absl::StrContains(log, "denied /cds.v1.RuleSetAdmin/RetireRuleSet to clin"))
+      << log;
+}
+
+TEST(AuthzStartupTest, PolicyNeedsTlsAndMustParse) {
+  TempDir dir;
+  ASSERT_TRUE(WriteFile(dir.path() + "/bad.textproto", "grants { identity: \"x\" roles: 0 }"));
+  ASSERT_TRUE(WriteFile(dir.path() + "/good.textproto", kPolicy));
+  CommandResult result = RunCommand({CDS_SERVER_BINARY, "--listen", "127.0.0.1:0",
+                                     "--rules_dir", kSourceDir + "/rules", "--insecure_dev",
+                                     "--policy", dir.path() + "/good.textproto"});
+  EXPECT_EQ(result.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(result.err, "--policy needs TLS")) << result.err;
+  ASSERT_EQ(RunCommand({"/bin/bash", kSourceDir + "/scripts/make-dev-certs.sh", dir.path()})
+                .exit_code,
+            0);
+  result = RunCommand({CDS_SERVER_BINARY, "--listen", "127.0.0.1:0", "--rules_dir",
+                       kSourceDir + "/rules", "--tls_cert", dir.path() + "/server.pem",
+                       "--tls_key", dir.path() + "/server.key", "--policy",
+                       dir.path() + "/bad.textproto"});
+  EXPECT_EQ(result.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(result.err, "not a known role")) << result.err;
+}
+
+}  // namespace
+}  // namespace cds
