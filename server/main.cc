@@ -33,9 +33,11 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "server/audit/audit_log.h"
 #include "server/common/log.h"
 #include "server/security/authz.h"
 #include "server/security/transport.h"
+#include "server/service/auditor.h"
 #include "server/service/decision_service.h"
 #include "server/service/noop_service.h"
 #include "server/store/rule_store.h"
@@ -75,6 +77,13 @@ ABSL_FLAG(std::string, policy, "",
           "Access policy (cds.v1.AccessPolicy, text format) mapping client-certificate "
           "identities to roles clinical / author / admin; needs TLS. Empty: every caller "
           "the transport admits may call every method.");
+ABSL_FLAG(std::string, audit_db, "",
+          "SQLite database of the audit trail (created if missing; WAL). Every evaluation, "
+          "lifecycle call and denied call is recorded before it is answered; a call whose "
+          "record cannot be committed fails with UNAVAILABLE. Empty: no audit trail.");
+ABSL_FLAG(std::string, audit_key_file, "",
+          "Secret (at least 32 bytes) keying the HMAC-SHA256 pseudonyms of patient "
+          "references in the audit trail. Required with --audit_db.");
 ABSL_FLAG(bool, insecure_dev, false,
           "DEVELOPMENT ONLY: serve plaintext (no TLS); refused unless --listen is a loopback "
           "address.");
@@ -171,6 +180,34 @@ int main(int argc, char** argv) {
   if (transport.insecure_dev) {
     cds::log::Warning("--insecure_dev: PLAINTEXT on ", host, ", for development only");
   }
+  // The audit trail, opened before anything can be called.
+  std::unique_ptr<cds::audit::AuditSink> audit_sink;
+  std::unique_ptr<cds::service::Auditor> auditor;
+  if (const std::string audit_db = absl::GetFlag(FLAGS_audit_db); !audit_db.empty()) {
+    absl::StatusOr<cds::audit::Pseudonymizer> pseudonymizer =
+        cds::audit::Pseudonymizer::FromKeyFile(absl::GetFlag(FLAGS_audit_key_file));
+    if (!pseudonymizer.ok()) {
+      cds::log::Error(pseudonymizer.status().message());
+      return 2;
+    }
+    cds::audit::SqliteAuditOptions audit_options;
+    audit_options.path = audit_db;
+    // Tests only: a slow audit disk.
+    if (const char* delay = std::getenv("CDS_TEST_AUDIT_COMMIT_DELAY"); delay != nullptr) {
+      if (absl::ParseDuration(delay, &audit_options.commit_delay)) {
+        cds::log::Warning("CDS_TEST_AUDIT_COMMIT_DELAY=", delay, ": test hook armed");
+      }
+    }
+    absl::StatusOr<std::unique_ptr<cds::audit::AuditSink>> sink =
+        cds::audit::OpenSqliteAudit(audit_options);
+    if (!sink.ok()) {
+      cds::log::Error(sink.status().message());
+      return 2;
+    }
+    audit_sink = *std::move(sink);
+    auditor = std::make_unique<cds::service::Auditor>(*audit_sink, *std::move(pseudonymizer));
+    cds::log::Info("audit trail in ", audit_db);
+  }
   if (const std::string policy_file = absl::GetFlag(FLAGS_policy); !policy_file.empty()) {
     if (transport.insecure_dev) {
       cds::log::Error("--policy needs TLS (--tls_cert, --tls_key, --tls_client_ca)");
@@ -182,8 +219,21 @@ int main(int argc, char** argv) {
       cds::log::Error(policy.status().message());
       return 2;
     }
-    (*credentials)->SetAuthMetadataProcessor(
-        std::make_shared<cds::security::PolicyAuthProcessor>(*std::move(policy)));
+    cds::security::PolicyAuthProcessor::OnDenied on_denied;
+    if (audit_sink != nullptr) {
+      cds::audit::AuditSink* sink = audit_sink.get();
+      on_denied = [sink](const std::string& caller, const std::string& method,
+                         grpc::StatusCode code) {
+        cds::audit::AuditRecord record;
+        record.time = absl::Now();
+        record.caller = caller;
+        record.method = method;
+        record.status_code = static_cast<int>(code);
+        sink->Record(std::move(record)).IgnoreError();  // denied either way
+      };
+    }
+    (*credentials)->SetAuthMetadataProcessor(std::make_shared<cds::security::PolicyAuthProcessor>(
+        *std::move(policy), std::move(on_denied)));
     cds::log::Info("access policy from ", policy_file);
   } else if (!transport.insecure_dev) {
     cds::log::Warning("no --policy: every caller the transport admits may call every method");
@@ -223,6 +273,8 @@ int main(int argc, char** argv) {
 
   cds::service::DecisionServiceImpl service(store);
   cds::service::RuleSetAdminImpl admin(store);
+  service.set_auditor(auditor.get());
+  admin.set_auditor(auditor.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

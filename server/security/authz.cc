@@ -142,6 +142,7 @@ grpc::Status PolicyAuthProcessor::Process(const InputMetadata& auth_metadata,
     const std::string identity = policy_->IdentityOfToken(value.substr(sizeof(kBearerPrefix) - 1));
     if (identity.empty()) {
       cds::log::Warning("denied ", method, ": unknown bearer token");
+      if (on_denied_) on_denied_("", method, grpc::StatusCode::UNAUTHENTICATED);
       return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown bearer token");
     }
     identities.insert(identities.begin(), identity);
@@ -153,7 +154,9 @@ grpc::Status PolicyAuthProcessor::Process(const InputMetadata& auth_metadata,
                       identities.empty() ? std::string("an anonymous caller")
                                          : absl::StrJoin(identities, "|"),
                       ": ", absl::StatusCodeToString(status.code()));
-    return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+    const auto code = static_cast<grpc::StatusCode>(status.code());
+    if (on_denied_) on_denied_(identities.empty() ? "" : identities.front(), method, code);
+    return grpc::Status(code, std::string(status.message()));
   }
   if (!granted.empty()) context->AddProperty(kIdentityProperty, granted);
   return grpc::Status::OK;

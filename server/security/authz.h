@@ -10,6 +10,7 @@
 // logged with the identity and method (never request data). The granted identity is added
 // to the call's AuthContext as property kIdentityProperty.
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -53,8 +54,12 @@ class AccessPolicy {
 // Runs `policy` on every call (see the file comment).
 class PolicyAuthProcessor final : public grpc::AuthMetadataProcessor {
  public:
-  explicit PolicyAuthProcessor(std::shared_ptr<const AccessPolicy> policy)
-      : policy_(std::move(policy)) {}
+  // Called for every denied call (e.g. to audit it); may be empty.
+  using OnDenied = std::function<void(const std::string& caller, const std::string& method,
+                                      grpc::StatusCode code)>;
+  explicit PolicyAuthProcessor(std::shared_ptr<const AccessPolicy> policy,
+                               OnDenied on_denied = nullptr)
+      : policy_(std::move(policy)), on_denied_(std::move(on_denied)) {}
   bool IsBlocking() const override { return false; }
   grpc::Status Process(const InputMetadata& auth_metadata, grpc::AuthContext* context,
                        OutputMetadata* consumed_auth_metadata,
@@ -62,6 +67,7 @@ class PolicyAuthProcessor final : public grpc::AuthMetadataProcessor {
 
  private:
   const std::shared_ptr<const AccessPolicy> policy_;
+  const OnDenied on_denied_;
 };
 
 }  // namespace cds::security

@@ -9,6 +9,7 @@
 #include "absl/random/random.h"
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
@@ -85,13 +86,19 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
                                                         const cds::v1::EvaluateRequest* request,
                                                         cds::v1::EvaluateResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::Time start = absl::Now();
+  grpc::Status status;
   // A call whose client has given up (deadline passed, cancelled) is not evaluated.
   if (context->IsCancelled() || context->deadline() <= std::chrono::system_clock::now()) {
-    reactor->Finish(ToGrpcStatus(
-        absl::DeadlineExceededError("the call's deadline passed before evaluation")));
-    return reactor;
+    status = ToGrpcStatus(
+        absl::DeadlineExceededError("the call's deadline passed before evaluation"));
+  } else {
+    status = ToGrpcStatus(EvaluateOnce(store_, *request, response));
   }
-  reactor->Finish(ToGrpcStatus(EvaluateOnce(store_, *request, response)));
+  if (auditor_ != nullptr) {
+    status = auditor_->Evaluated(*context, start, *request, *response, std::move(status));
+  }
+  reactor->Finish(status);
   return reactor;
 }
 
@@ -128,19 +135,28 @@ namespace cds::service {
 grpc::ServerUnaryReactor* RuleSetAdminImpl::PublishRuleSet(
     grpc::CallbackServerContext* context, const cds::v1::PublishRuleSetRequest* request,
     cds::v1::PublishRuleSetResponse* response) {
+  const absl::Time start = absl::Now();
   absl::StatusOr<store::PublishResult> published = store_.PublishBytes(request->bundle());
+  std::string rule_set;
   if (published.ok()) {
+    rule_set = absl::StrCat(published->info.ref().name(), "@", published->info.ref().version());
     *response->mutable_info() = std::move(published->info);
     response->set_created(published->created);
   }
+  grpc::Status status = ToGrpcStatus(published.status());
+  if (auditor_ != nullptr) {
+    status = auditor_->Lifecycle(*context, "/cds.v1.RuleSetAdmin/PublishRuleSet", start, rule_set,
+                                 std::move(status));
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(published.status()));
+  reactor->Finish(status);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* RuleSetAdminImpl::SetLabel(grpc::CallbackServerContext* context,
                                                      const cds::v1::SetLabelRequest* request,
                                                      cds::v1::SetLabelResponse* response) {
+  const absl::Time start = absl::Now();
   absl::Status status;
   if (request->name().empty() || request->label().empty() || request->version().empty()) {
     status = absl::InvalidArgumentError("name, label and version are required");
@@ -150,14 +166,21 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::SetLabel(grpc::CallbackServerContext
     if (previous.ok()) response->set_previous_version(*previous);
     status = previous.status();
   }
+  grpc::Status result = ToGrpcStatus(status);
+  if (auditor_ != nullptr) {
+    result = auditor_->Lifecycle(*context, "/cds.v1.RuleSetAdmin/SetLabel", start,
+                                 absl::StrCat(request->name(), "@", request->version()),
+                                 std::move(result));
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
+  reactor->Finish(result);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* RuleSetAdminImpl::RetireRuleSet(
     grpc::CallbackServerContext* context, const cds::v1::RetireRuleSetRequest* request,
     cds::v1::RetireRuleSetResponse* response) {
+  const absl::Time start = absl::Now();
   absl::Status status;
   if (request->name().empty() || request->version().empty()) {
     status = absl::InvalidArgumentError("name and version are required");
@@ -166,8 +189,14 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::RetireRuleSet(
     if (info.ok()) *response->mutable_info() = std::move(*info);
     status = info.status();
   }
+  grpc::Status result = ToGrpcStatus(status);
+  if (auditor_ != nullptr) {
+    result = auditor_->Lifecycle(*context, "/cds.v1.RuleSetAdmin/RetireRuleSet", start,
+                                 absl::StrCat(request->name(), "@", request->version()),
+                                 std::move(result));
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
+  reactor->Finish(result);
   return reactor;
 }
 

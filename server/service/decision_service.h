@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "cds/v1/service.pb.h"
+#include "server/service/auditor.h"
 #include "server/store/rule_store.h"
 
 namespace cds::service {
@@ -17,6 +18,8 @@ namespace cds::service {
 class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackService {
  public:
   explicit DecisionServiceImpl(const store::RuleStore& store) : store_(store) {}
+  // Evaluations are audited (and fail closed) when set; the auditor must outlive this.
+  void set_auditor(const Auditor* auditor) { auditor_ = auditor; }
 
   grpc::ServerUnaryReactor* Evaluate(grpc::CallbackServerContext* context,
                                      const cds::v1::EvaluateRequest* request,
@@ -33,6 +36,7 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
 
  private:
   const store::RuleStore& store_;
+  const Auditor* auditor_ = nullptr;
 };
 
 // cds.v1.RuleSetAdmin: publish bundles, move labels, retire versions. Thread-safe; borrows
@@ -41,6 +45,8 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
 class RuleSetAdminImpl final : public cds::v1::RuleSetAdmin::CallbackService {
  public:
   explicit RuleSetAdminImpl(store::RuleStore& store) : store_(store) {}
+  // Every call is audited (and fails closed) when set; the auditor must outlive this.
+  void set_auditor(const Auditor* auditor) { auditor_ = auditor; }
 
   grpc::ServerUnaryReactor* PublishRuleSet(grpc::CallbackServerContext* context,
                                            const cds::v1::PublishRuleSetRequest* request,
@@ -54,6 +60,7 @@ class RuleSetAdminImpl final : public cds::v1::RuleSetAdmin::CallbackService {
 
  private:
   store::RuleStore& store_;
+  const Auditor* auditor_ = nullptr;
 };
 
 // Which version a request asks for: `rule_set` may carry "name@version" or "name@label"

@@ -1,0 +1,71 @@
+#pragma once
+
+// The audit trail (issue 6, part 3): one record per evaluation, lifecycle call and denied
+// call. A call is answered only after its record is committed; records from concurrent
+// calls are committed together (group commit: one transaction, one fsync, per batch). When
+// the store cannot keep up (queue full, or no commit within the wait) or cannot be written,
+// Record() returns UNAVAILABLE and the caller fails the call closed rather than answering
+// it unaudited. Patient references are stored only as a keyed pseudonym (HMAC-SHA256 with
+// a server secret); the raw reference never reaches the store.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace cds::audit {
+
+struct AuditRecord {
+  absl::Time time;
+  std::string caller;      // identity, "" when anonymous
+  std::string method;      // "/cds.v1.DecisionSupport/Evaluate"
+  std::string rule_set;    // "ipex@1.1.0", "" when none resolved
+  std::string digest;      // "sha256:..."
+  std::string pseudonym;   // Pseudonymizer::Of(reference), "" without a reference
+  std::string evaluation_id;
+  std::string top_suggestions;  // rule ids of the first suggestions, comma-separated
+  int status_code = 0;          // gRPC code
+  int64_t latency_us = 0;
+};
+
+// Where records go. Implementations are thread-safe; a shared database for several
+// replicas can be added behind this interface.
+class AuditSink {
+ public:
+  virtual ~AuditSink() = default;
+  // Blocks until `record` is durably committed: OK, or UNAVAILABLE (fail closed).
+  virtual absl::Status Record(AuditRecord record) = 0;
+};
+
+// HMAC-SHA256 of patient references under a server secret, as lower-case hex. Immutable,
+// thread-safe.
+class Pseudonymizer {
+ public:
+  // REQUIRES: key of at least 32 bytes.
+  static absl::StatusOr<Pseudonymizer> FromKeyFile(const std::string& path);
+  explicit Pseudonymizer(std::string key) : key_(std::move(key)) {}
+  // "" for an empty reference.
+  std::string Of(const std::string& reference) const;
+
+ private:
+  std::string key_;
+};
+
+struct SqliteAuditOptions {
+  std::string path;
+  // Records waiting for a commit beyond this are refused at once (UNAVAILABLE).
+  int max_queued = 10000;
+  // A record not committed within this is answered UNAVAILABLE.
+  absl::Duration max_wait = absl::Seconds(2);
+  // Tests only: sleep this long inside each commit (a slow disk).
+  absl::Duration commit_delay = absl::ZeroDuration();
+};
+
+// The embedded default: SQLite in WAL mode with synchronous=FULL, one writer thread that
+// commits whatever is queued as one transaction.
+absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOptions& options);
+
+}  // namespace cds::audit

@@ -1,0 +1,38 @@
+#pragma once
+
+// Writes the audit record of a finished call (see server/audit/audit_log.h) and fails the
+// call closed: when the record cannot be committed, the caller gets UNAVAILABLE instead
+// of its answer. Thread-safe; borrows the sink, which must outlive it.
+
+#include <string>
+
+#include "absl/time/time.h"
+#include "cds/v1/service.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "server/audit/audit_log.h"
+
+namespace cds::service {
+
+class Auditor {
+ public:
+  Auditor(audit::AuditSink& sink, audit::Pseudonymizer pseudonymizer)
+      : sink_(sink), pseudonymizer_(std::move(pseudonymizer)) {}
+
+  // An evaluation: rule set, digest, pseudonym, id and top suggestions.
+  grpc::Status Evaluated(const grpc::ServerContextBase& context, absl::Time start,
+                         const cds::v1::EvaluateRequest& request,
+                         const cds::v1::EvaluateResponse& response, grpc::Status status) const;
+  // A lifecycle call on `rule_set` ("name@version", or "name").
+  grpc::Status Lifecycle(const grpc::ServerContextBase& context, const std::string& method,
+                         absl::Time start, const std::string& rule_set,
+                         grpc::Status status) const;
+
+ private:
+  grpc::Status Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,
+                      absl::Time start, grpc::Status status) const;
+
+  audit::AuditSink& sink_;
+  const audit::Pseudonymizer pseudonymizer_;
+};
+
+}  // namespace cds::service
