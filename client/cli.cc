@@ -9,7 +9,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "cds/v1/service.grpc.pb.h"
@@ -22,6 +24,7 @@
 #include "google/protobuf/util/json_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "server/audit/audit_log.h"
 #include "server/bundle/bundle.h"
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
@@ -65,6 +68,11 @@ Usage:
       Lists the rule-set versions the server holds, their state and digest.
   cdsctl health [--server HOST:PORT] [--service NAME]
       Prints SERVING or NOT_SERVING (grpc.health.v1; default service "" = whole server).
+  cdsctl audit --db FILE [--since T] [--until T] [--caller ID] [--rule-set NAME[@VERSION]]
+               [--pseudonym HEX | --patient-ref REF --audit-key FILE] [--limit N] [--json]
+      Lists audit records (cds-server --audit_db), oldest first. T is RFC 3339
+      (2026-11-23T10:00:00Z) or a duration back from now (24h). --patient-ref computes the
+      pseudonym with the server's --audit_key_file; the reference itself is never stored.
   cdsctl rules check DIR [--keys DIR]
       Compiles a rule-set directory (rules/<name>/<version>/) exactly as the server does,
       prints every issue (errors, and lint warnings such as unused concepts or
@@ -133,6 +141,15 @@ struct Options {
   bool help = false;
   // TLS: file contents (PEM) read at parse time; all empty for plaintext.
   std::string tls_ca_pem;
+  // audit
+  std::string audit_db;
+  std::optional<absl::Time> since;
+  std::optional<absl::Time> until;
+  std::string caller;
+  std::string pseudonym;
+  std::string patient_ref;
+  std::string audit_key;
+  int limit = 1000;
   std::string tls_cert_pem;
   std::string tls_key_pem;
 };
@@ -204,6 +221,31 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
                                                : &options.tls_key_pem;
       if (!ReadPem(value, pem)) {
         return absl::InvalidArgumentError(absl::StrCat(arg, ": cannot read ", value));
+      }
+    } else if (arg == "--db") {
+      options.audit_db = value;
+    } else if (arg == "--since" || arg == "--until") {
+      absl::Time t;
+      absl::Duration back;
+      std::string parse_error;
+      if (absl::ParseDuration(value, &back)) {
+        t = absl::Now() - back;
+      } else if (!absl::ParseTime(absl::RFC3339_full, value, &t, &parse_error)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(arg, " wants RFC 3339 time or a duration such as 24h, got '", value, "'"));
+      }
+      (arg == "--since" ? options.since : options.until) = t;
+    } else if (arg == "--caller") {
+      options.caller = value;
+    } else if (arg == "--pseudonym") {
+      options.pseudonym = value;
+    } else if (arg == "--patient-ref") {
+      options.patient_ref = value;
+    } else if (arg == "--audit-key") {
+      options.audit_key = value;
+    } else if (arg == "--limit") {
+      if (!absl::SimpleAtoi(value, &options.limit) || options.limit <= 0) {
+        return absl::InvalidArgumentError(absl::StrCat("--limit wants a positive number"));
       }
     } else if (arg == "--deadline") {
       if (!absl::ParseDuration(value, &options.deadline) || options.deadline <= absl::ZeroDuration()) {
@@ -398,6 +440,58 @@ int RuleSets(const Options& options, std::ostream& out, std::ostream& err) {
   if (!status.ok()) return connection.Report(status, err);
   if (options.json) return PrintJson(response, out, err);
   out << FormatRuleSets(response);
+  return kOk;
+}
+
+int Audit(const Options& options, std::ostream& out, std::ostream& err) {
+  if (options.audit_db.empty()) {
+    err << "cdsctl: usage: cdsctl audit --db FILE [--since T] [--until T] [--caller ID] "
+           "[--rule-set NAME[@VERSION]] [--pseudonym HEX | --patient-ref REF --audit-key FILE]\n";
+    return kUsage;
+  }
+  audit::AuditQuery query;
+  if (options.since) query.since = *options.since;
+  if (options.until) query.until = *options.until;
+  query.caller = options.caller;
+  query.rule_set = options.rule_set.value_or("");
+  query.pseudonym = options.pseudonym;
+  query.limit = options.limit;
+  if (!options.patient_ref.empty()) {
+    if (options.audit_key.empty() || !options.pseudonym.empty()) {
+      err << "cdsctl: --patient-ref needs --audit-key (and excludes --pseudonym)\n";
+      return kUsage;
+    }
+    absl::StatusOr<audit::Pseudonymizer> pseudonymizer =
+        audit::Pseudonymizer::FromKeyFile(options.audit_key);
+    if (!pseudonymizer.ok()) {
+      err << "cdsctl: " << pseudonymizer.status().message() << "\n";
+      return kBadInput;
+    }
+    query.pseudonym = pseudonymizer->Of(options.patient_ref);
+  }
+  absl::StatusOr<std::vector<audit::AuditRecord>> records =
+      audit::QuerySqliteAudit(options.audit_db, query);
+  if (!records.ok()) {
+    err << "cdsctl: " << records.status().message() << "\n";
+    return kBadInput;
+  }
+  for (const audit::AuditRecord& r : *records) {
+    const std::string time = absl::FormatTime(absl::RFC3339_full, r.time, absl::UTCTimeZone());
+    if (options.json) {
+      out << "{\"time\":\"" << time << "\",\"caller\":\"" << absl::CEscape(r.caller)
+          << "\",\"method\":\"" << r.method << "\",\"ruleSet\":\"" << absl::CEscape(r.rule_set)
+          << "\",\"digest\":\"" << r.digest << "\",\"pseudonym\":\"" << r.pseudonym
+          << "\",\"evaluationId\":\"" << r.evaluation_id << "\",\"topSuggestions\":\""
+          << absl::CEscape(r.top_suggestions) << "\",\"statusCode\":" << r.status_code
+          << ",\"latencyUs\":" << r.latency_us << "}\n";
+    } else {
+      out << time << "  " << (r.caller.empty() ? "-" : r.caller) << "  " << r.method << "  "
+          << (r.rule_set.empty() ? "-" : r.rule_set) << "  status=" << r.status_code << "  "
+          << r.latency_us << "us  " << (r.pseudonym.empty() ? "-" : r.pseudonym.substr(0, 16))
+          << "  " << (r.evaluation_id.empty() ? "-" : r.evaluation_id) << "  "
+          << r.top_suggestions << "\n";
+    }
+  }
   return kOk;
 }
 
@@ -615,6 +709,7 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   if (command == "rulesets") return RuleSets(*options, out, err);
   if (command == "screen") return ScreenCommand(*options, out, err);
   if (command == "health") return Health(*options, out, err);
+  if (command == "audit") return Audit(*options, out, err);
   if (command == "rules") return Rules(*options, out, err);
   if (command == "validate") return Validate(*options, out, err);
   err << "cdsctl: unknown command '" << command << "' (see cdsctl --help)\n";

@@ -18,6 +18,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -197,6 +198,37 @@ TEST_F(AuditTest, SamePatientSamePseudonymAndLifecycleCallsAreRecorded) {
                 "WHERE method LIKE '%SetLabel'");
   ASSERT_EQ(lifecycle.size(), 1u);
   EXPECT_EQ(lifecycle[0], "/cds.v1.RuleSetAdmin/SetLabel ipex@1.0.0 0");
+
+  // cdsctl audit: by patient (pseudonym computed with the key), rule version, time, caller.
+  auto lines = [](const std::string& text) {
+    std::vector<std::string> out;
+    for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
+      out.emplace_back(line);
+    }
+    return out;
+  };
+  const std::string key = dir_.path() + "/audit.key";
+  testing::CommandResult r = testing::RunCommand(
+      {CDSCTL_BINARY, "audit", "--db", db, "--patient-ref", "patient-a", "--audit-key", key});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(lines(r.out).size(), 2u) << r.out;
+  EXPECT_FALSE(absl::StrContains(r.out, "patient-a")) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", db, "--pseudonym", pseudonyms[1]});
+  EXPECT_EQ(lines(r.out).size(), 1u) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", db, "--rule-set", "ipex@1.0.0"});
+  ASSERT_EQ(lines(r.out).size(), 1u) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "SetLabel")) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", db, "--rule-set", "ipex", "--json"});
+  EXPECT_EQ(lines(r.out).size(), 5u) << r.out;  // the 4 evaluations and the label
+  EXPECT_TRUE(absl::StrContains(r.out, "\"statusCode\":0")) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", db, "--since", "1h"});
+  EXPECT_EQ(lines(r.out).size(), 5u) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", db, "--until", "2000-01-01T00:00:00Z"});
+  EXPECT_EQ(lines(r.out).size(), 0u) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", db, "--caller", "nobody"});
+  EXPECT_EQ(lines(r.out).size(), 0u) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", dir_.path() + "/missing.db"});
+  EXPECT_EQ(r.exit_code, 3) << r.err;
 }
 
 TEST_F(AuditTest, AStoreThatCannotKeepUpFailsCallsClosed) {

@@ -4,6 +4,7 @@
 #include <openssl/hmac.h>
 #include <sqlite3.h>
 
+#include <cstdint>
 #include <deque>
 #include <fstream>
 #include <sstream>
@@ -191,6 +192,62 @@ absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOpti
     return absl::InternalError("audit: cannot prepare the insert");
   }
   return std::unique_ptr<AuditSink>(new SqliteAuditSink(db, insert, options));
+}
+
+absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& path,
+                                                          const AuditQuery& query) {
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
+    sqlite3_close(db);
+    return absl::NotFoundError(absl::StrCat("cannot open the audit database ", path));
+  }
+  sqlite3_busy_timeout(db, 2000);
+  sqlite3_stmt* stmt = nullptr;
+  const char* sql =
+      "SELECT time_us, caller, method, rule_set, digest, pseudonym, evaluation_id, "
+      "top_suggestions, status_code, latency_us FROM audit WHERE time_us >= ?1 AND time_us < ?2 "
+      "AND (?3 = '' OR caller = ?3) "
+      "AND (?4 = '' OR rule_set = ?4 OR rule_set LIKE ?4 || '@%') "
+      "AND (?5 = '' OR pseudonym = ?5) ORDER BY id LIMIT ?6";
+  if (sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) != SQLITE_OK) {
+    const std::string message = sqlite3_errmsg(db);
+    sqlite3_close(db);
+    return absl::FailedPreconditionError(absl::StrCat(path, " is not an audit database: ", message));
+  }
+  auto micros = [](absl::Time t, int64_t fallback) {
+    if (t == absl::InfinitePast() || t == absl::InfiniteFuture()) return fallback;
+    return absl::ToUnixMicros(t);
+  };
+  sqlite3_bind_int64(stmt, 1, micros(query.since, INT64_MIN));
+  sqlite3_bind_int64(stmt, 2, micros(query.until, INT64_MAX));
+  sqlite3_bind_text(stmt, 3, query.caller.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(stmt, 4, query.rule_set.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_text(stmt, 5, query.pseudonym.c_str(), -1, SQLITE_TRANSIENT);
+  sqlite3_bind_int(stmt, 6, query.limit);
+  std::vector<AuditRecord> records;
+  auto text = [stmt](int i) {
+    const unsigned char* t = sqlite3_column_text(stmt, i);
+    return t == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(t));
+  };
+  int rc;
+  while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+    AuditRecord r;
+    r.time = absl::FromUnixMicros(sqlite3_column_int64(stmt, 0));
+    r.caller = text(1);
+    r.method = text(2);
+    r.rule_set = text(3);
+    r.digest = text(4);
+    r.pseudonym = text(5);
+    r.evaluation_id = text(6);
+    r.top_suggestions = text(7);
+    r.status_code = sqlite3_column_int(stmt, 8);
+    r.latency_us = sqlite3_column_int64(stmt, 9);
+    records.push_back(std::move(r));
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  if (rc != SQLITE_DONE) return absl::UnavailableError("the audit database cannot be read");
+  return records;
 }
 
 }  // namespace cds::audit

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -67,5 +68,20 @@ struct SqliteAuditOptions {
 // The embedded default: SQLite in WAL mode with synchronous=FULL, one writer thread that
 // commits whatever is queued as one transaction.
 absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOptions& options);
+
+// Which records a query returns; empty fields match everything.
+struct AuditQuery {
+  absl::Time since = absl::InfinitePast();
+  absl::Time until = absl::InfiniteFuture();
+  std::string caller;
+  std::string rule_set;   // "name@version", or "name" for every version
+  std::string pseudonym;
+  int limit = 1000;
+};
+
+// Records of the SQLite audit database at `path` matching `query`, oldest first. Opens
+// the database read-only (a running server may keep writing).
+absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& path,
+                                                          const AuditQuery& query);
 
 }  // namespace cds::audit
