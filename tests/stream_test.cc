@@ -263,5 +263,42 @@ TEST(NoopBaselineTest, AnswersEveryCallWithTheFirstResponseWithoutEvaluating) {
   EXPECT_EQ(third.SerializeAsString(), first.SerializeAsString());
 }
 
+TEST(StreamAuditTest, EveryStreamedPatientIsAuditedWithoutItsReference) {
+  TempDir dir;
+  ASSERT_TRUE(testing::WriteFile(dir.path() + "/audit.key", std::string(48, 'k') + "secret"));
+  ServerProcess server;
+  std::string error;
+  ASSERT_TRUE(server.Start(CDS_SERVER_BINARY,
+                           {"--listen", "127.0.0.1:0", "--rules_dir", kSourceDir + "/rules",
+                            "--drain", "0s", "--audit_db", dir.path() + "/audit.db",
+                            "--audit_key_file", dir.path() + "/audit.key"},
+                           &error))
+      << error;
+  auto stub = cds::v1::DecisionSupport::NewStub(
+      grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials()));
+  cds::v1::EvaluateRequest malformed = IpexRequest("triad_boy.json");
+  malformed.mutable_patient()->set_sex(cds::v1::SEX_UNSPECIFIED);
+  {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    auto stream = stub->EvaluateStream(&context);
+    ASSERT_TRUE(stream->Write(Wrap(IpexRequest("triad_boy.json"), "1")));
+    ASSERT_TRUE(stream->Write(Wrap(malformed, "2")));
+    ASSERT_TRUE(stream->Write(Wrap(IpexRequest("triad_girl.json"), "3")));
+    ASSERT_TRUE(stream->WritesDone());
+    StreamResponse response;
+    int ok = 0;
+    while (stream->Read(&response)) ok += response.has_response() ? 1 : 0;
+    ASSERT_TRUE(stream->Finish().ok());
+    EXPECT_EQ(ok, 2);
+  }
+  const testing::CommandResult audit =
+      testing::RunCommand({CDSCTL_BINARY, "audit", "--db", dir.path() + "/audit.db", "--json"});
+  ASSERT_EQ(audit.exit_code, 0) << audit.err;
+  std::vector<std::string> records = absl::StrSplit(audit.out, '\n', absl::SkipEmpty());
+  EXPECT_EQ(records.size(), 3u) << audit.out;
+  EXPECT_FALSE(absl::StrContains(audit.out, kReference));
+}
+
 }  // namespace
 }  // namespace cds

@@ -5,7 +5,9 @@
 // by HTTP/2 flow control instead of growing the server's memory. Each request is evaluated
 // on the callback thread that read it (as the unary Evaluate is), and responses are written
 // one at a time in request order. A patient's error goes into its own response; the stream
-// ends OK when the client half-closes and every response is written.
+// ends OK when the client half-closes and every response is written. With an auditor, each
+// patient is audited like a unary Evaluate before its response is queued, and fails closed
+// (its own UNAVAILABLE error) when the record cannot be committed.
 
 #include <cstdint>
 #include <deque>
@@ -14,6 +16,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "server/service/decision_service.h"
 #include "server/service/grpc_status.h"
 
@@ -27,7 +31,9 @@ class EvaluateStreamReactor final
     : public grpc::ServerBidiReactor<cds::v1::StreamEvaluateRequest,
                                      cds::v1::StreamEvaluateResponse> {
  public:
-  explicit EvaluateStreamReactor(const store::RuleStore& store) : store_(store) {
+  EvaluateStreamReactor(const store::RuleStore& store, const grpc::CallbackServerContext& context,
+                        const Auditor* auditor)
+      : store_(store), context_(context), auditor_(auditor) {
     absl::MutexLock lock(&mu_);
     reading_ = true;
     StartRead(&request_);
@@ -72,13 +78,18 @@ class EvaluateStreamReactor final
                 cds::v1::StreamEvaluateResponse* response) {
     response->set_correlation_id(request.correlation_id());
     response->set_index(index);
+    const absl::Time start = absl::Now();
     absl::Status status =
         request.has_request()
             ? EvaluateOnce(store_, request.request(), response->mutable_response())
             : absl::InvalidArgumentError("request is required");
-    if (status.ok()) return;
     // Same code and capped message as the unary RPC would return.
-    const grpc::Status converted = ToGrpcStatus(status);
+    grpc::Status converted = ToGrpcStatus(status);
+    if (auditor_ != nullptr) {
+      converted = auditor_->Evaluated(context_, start, request.request(), response->response(),
+                                      std::move(converted));
+    }
+    if (converted.ok()) return;
     response->mutable_error()->set_code(static_cast<int32_t>(converted.error_code()));
     response->mutable_error()->set_message(converted.error_message());
   }
@@ -108,6 +119,8 @@ class EvaluateStreamReactor final
   }
 
   const store::RuleStore& store_;
+  const grpc::CallbackServerContext& context_;
+  const Auditor* const auditor_;  // null: not audited
   absl::Mutex mu_;
   cds::v1::StreamEvaluateRequest request_ ABSL_GUARDED_BY(mu_);
   std::deque<cds::v1::StreamEvaluateResponse> queue_ ABSL_GUARDED_BY(mu_);
@@ -122,8 +135,8 @@ class EvaluateStreamReactor final
 }  // namespace
 
 grpc::ServerBidiReactor<cds::v1::StreamEvaluateRequest, cds::v1::StreamEvaluateResponse>*
-DecisionServiceImpl::EvaluateStream(grpc::CallbackServerContext* /*context*/) {
-  return new EvaluateStreamReactor(store_);
+DecisionServiceImpl::EvaluateStream(grpc::CallbackServerContext* context) {
+  return new EvaluateStreamReactor(store_, *context, auditor_);
 }
 
 }  // namespace cds::service
