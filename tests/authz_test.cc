@@ -4,6 +4,7 @@
 // expected status. Certificates are made in the test by scripts/make-dev-certs.sh.
 
 #include <signal.h>
+#include <sqlite3.h>
 
 #include <chrono>
 #include <functional>
@@ -116,6 +117,7 @@ class AuthzTest : public ::testing::Test {
                        "adm"});
     ASSERT_EQ(made.exit_code, 0) << made.err;
     ASSERT_TRUE(WriteFile(state_.path() + "/policy.textproto", kPolicy));
+    ASSERT_TRUE(WriteFile(state_.path() + "/audit.key", std::string(40, 'a')));
     std::string error;
     ASSERT_TRUE(server_.Start(
         CDS_SERVER_BINARY,
@@ -123,7 +125,8 @@ class AuthzTest : public ::testing::Test {
          state_.path() + "/state", "--drain", "0s", "--poll_interval", "0", "--tls_cert",
          certs_.path() + "/server.pem", "--tls_key", certs_.path() + "/server.key",
          "--tls_client_ca", certs_.path() + "/ca.pem", "--policy",
-         state_.path() + "/policy.textproto"},
+         state_.path() + "/policy.textproto", "--audit_db", state_.path() + "/audit.db",
+         "--audit_key_file", state_.path() + "/audit.key"},
         &error))
         << error;
   }
@@ -215,14 +218,41 @@ TEST_F(AuthzTest, ExpiredOrForeignCertificatesNeverGetIn) {
   }
 }
 
-TEST_F(AuthzTest, DeniedCallsAreLoggedWithoutRequestData) {
+TEST_F(AuthzTest, DeniedCallsAreLoggedAndAudited) {
   const std::map<std::string, Call> methods = Methods();
   EXPECT_EQ(Invoke(methods.at("RetireRuleSet"), Channel("clin")).error_code(),
             grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(Invoke(methods.at("Evaluate"), Channel("")).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(Invoke(methods.at("ListRuleSets"), Channel("clin")).ok());
+  EXPECT_TRUE(Invoke(methods.at("Evaluate"), Channel("clin")).ok());
   server_.Stop(SIGTERM);
   const std::string log = server_.Stderr();
   EXPECT_TRUE(absl::StrContains(log, "denied /cds.v1.RuleSetAdmin/RetireRuleSet to clin"))
       << log;
+  // The audit trail has both denials and the evaluation, with the caller's identity.
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open_v2((state_.path() + "/audit.db").c_str(), &db, SQLITE_OPEN_READONLY,
+                            nullptr),
+            SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db,
+                               "SELECT caller || ' ' || method || ' ' || status_code FROM audit "
+                               "ORDER BY id",
+                               -1, &stmt, nullptr),
+            SQLITE_OK);
+  std::vector<std::string> rows;
+  while (sqlite3_step(stmt) == SQLITE_ROW) {
+    rows.emplace_back(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0)));
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  const std::vector<std::string> expected = {
+      "clin /cds.v1.RuleSetAdmin/RetireRuleSet 7",
+      " /cds.v1.DecisionSupport/Evaluate 16",
+      "clin /cds.v1.DecisionSupport/Evaluate 0",
+  };
+  EXPECT_EQ(rows, expected);
 }
 
 TEST(AuthzStartupTest, PolicyNeedsTlsAndMustParse) {
