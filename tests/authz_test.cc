@@ -87,6 +87,15 @@ std::map<std::string, Call> Methods() {
     cds::v1::RetireRuleSetResponse response;
     return cds::v1::RuleSetAdmin::NewStub(channel)->RetireRuleSet(context, request, &response);
   };
+  m["EvaluateStream"] = [](auto channel, auto* context) {
+    auto stub = cds::v1::DecisionSupport::NewStub(channel);
+    auto stream = stub->EvaluateStream(context);
+    stream->WritesDone();
+    cds::v1::StreamEvaluateResponse response;
+    while (stream->Read(&response)) {
+    }
+    return stream->Finish();
+  };
   m["Health"] = [](auto channel, auto* context) {
     grpc::health::v1::HealthCheckResponse response;
     return grpc::health::v1::Health::NewStub(channel)->Check(
@@ -97,12 +106,14 @@ std::map<std::string, Call> Methods() {
 
 // Which methods each role may call.
 const std::map<std::string, std::vector<std::string>> kAllowed = {
-    {"clin", {"Evaluate", "ListRuleSets", "GetRuleSet", "Health"}},
+    {"clin", {"Evaluate", "EvaluateStream", "ListRuleSets", "GetRuleSet", "Health"}},
     {"auth", {"PublishRuleSet", "SetLabel", "Health"}},
-    {"both", {"Evaluate", "ListRuleSets", "GetRuleSet", "PublishRuleSet", "SetLabel", "Health"}},
-    {"adm",
-     {"Evaluate", "ListRuleSets", "GetRuleSet", "PublishRuleSet", "SetLabel", "RetireRuleSet",
+    {"both",
+     {"Evaluate", "EvaluateStream", "ListRuleSets", "GetRuleSet", "PublishRuleSet", "SetLabel",
       "Health"}},
+    {"adm",
+     {"Evaluate", "EvaluateStream", "ListRuleSets", "GetRuleSet", "PublishRuleSet", "SetLabel",
+      "RetireRuleSet", "Health"}},
     {"stranger", {"Health"}},
 };
 
