@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# One command for the performance figures of issue 5: builds Release (cds-server, the engine
+# microbenchmarks, the load generator; tests off), runs the engine microbenchmarks, starts a
+# real cds-server (auditing every call to a SQLite file) and a --noop_baseline one on
+# 127.0.0.1 (plaintext, --insecure_dev; both up at once, pinned to one core and the client to
+# the other when taskset and 2+ cores exist), alternates the load generator between them
+# (1 and 64 calls in flight, several rounds), measures one EvaluateStream, reads resident
+# memory (also with 10 rule-set versions loaded, between bursts of load), and writes
+# bench/report.md and bench/report.json. Everything stops by itself; nothing here is a test.
+#
+# Usage: bench/run.sh            (env: BUILD_DIR, OUT_DIR, ROUNDS=5, WARMUP=1s, DURATION=3s)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BUILD=${BUILD_DIR:-$ROOT/build-release}
+OUT=${OUT_DIR:-$ROOT/bench}
+ROUNDS=${ROUNDS:-5}
+WARMUP=${WARMUP:-1s}
+DURATION=${DURATION:-3s}
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+start=$(date +%s)
+echo "== build (Release) in $BUILD"
+cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCDS_BUILD_TESTS=OFF > /dev/null
+cmake --build "$BUILD" -j2 --target cds-server engine_benchmark load_generator > "$WORK/build.log" \
+  || { cat "$WORK/build.log"; exit 1; }
+
+PIN_CLIENT=()
+PIN_SERVER=()
+if command -v taskset > /dev/null && [ "$(nproc)" -ge 2 ]; then
+  PIN_CLIENT=(taskset -c 0)
+  PIN_SERVER=(taskset -c 1)
+fi
+
+echo "== engine microbenchmarks"
+"${PIN_SERVER[@]}" "$BUILD/bench/engine_benchmark" --benchmark_format=json \
+  --benchmark_min_time=0.3 > "$WORK/engine.json" 2> "$WORK/engine.err"
+
+# Starts cds-server with the given extra flags; sets PORT and PID.
+start_server() {
+  local log=$1
+  shift
+  "${PIN_SERVER[@]}" "$BUILD/server/cds-server" --listen 127.0.0.1:0 --rules_dir "$ROOT/rules" \
+    --poll_interval 0 --drain 0s --insecure_dev "$@" 2> "$log" &
+  PID=$!
+  PIDS+=("$PID")
+  PORT=""
+  for _ in $(seq 1 300); do
+    PORT=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)
+    [ -n "$PORT" ] && return 0
+    kill -0 "$PID" 2> /dev/null || break
+    sleep 0.1
+  done
+  echo "cds-server did not start:" >&2
+  cat "$log" >&2
+  exit 1
+}
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+echo "== servers"
+# The real server audits every call, as in production (the issue's targets include auditing).
+head -c 48 /dev/urandom | base64 > "$WORK/audit.key"
+start_server "$WORK/real.log" --audit_db "$WORK/audit.db" --audit_key_file "$WORK/audit.key"
+REAL_PID=$PID REAL_PORT=$PORT
+start_server "$WORK/noop.log" --noop_baseline
+NOOP_PID=$PID NOOP_PORT=$PORT
+REAL_RSS_BEFORE=$(rss_kib "$REAL_PID")
+
+echo "== load: real (pid $REAL_PID) against noop (pid $NOOP_PID), $ROUNDS rounds"
+"${PIN_CLIENT[@]}" "$BUILD/bench/load_generator" \
+  --real "127.0.0.1:$REAL_PORT" --real_pid "$REAL_PID" \
+  --noop "127.0.0.1:$NOOP_PORT" --noop_pid "$NOOP_PID" \
+  --patient "$ROOT/bench/typical_patient.textproto" --in_flight 1,64 --channels 4 \
+  --rounds "$ROUNDS" --warmup "$WARMUP" --duration "$DURATION" --stream_duration "$DURATION" \
+  --json_out "$WORK/load.json" | tee "$WORK/load.txt"
+REAL_RSS_AFTER=$(rss_kib "$REAL_PID")
+NOOP_RSS_AFTER=$(rss_kib "$NOOP_PID")
+kill "$REAL_PID" "$NOOP_PID"
+
+echo "== memory: 10 rule-set versions loaded, resident memory between load bursts"
+# The bundled versions plus unsigned copies of the newest one (hence --allow_unsigned) under
+# new version numbers, up to 10 versions of ipex.
+MEM_RULES="$WORK/rules"
+mkdir -p "$MEM_RULES/ipex"
+ln -s "$ROOT/rules/ontology" "$MEM_RULES/ontology"
+ln -s "$ROOT/rules/keys" "$MEM_RULES/keys"
+NEWEST=$(ls "$ROOT/rules/ipex" | sort -V | tail -1)
+count=0
+for v in "$ROOT"/rules/ipex/*/; do cp -r "$v" "$MEM_RULES/ipex/"; count=$((count + 1)); done
+n=0
+while [ "$count" -lt 10 ]; do
+  n=$((n + 1))
+  version="9.$n.0"
+  mkdir "$MEM_RULES/ipex/$version"
+  cp "$ROOT/rules/ipex/$NEWEST"/*.textproto "$MEM_RULES/ipex/$version/"
+  sed -i "0,/version: \"$NEWEST\"/s//version: \"$version\"/" "$MEM_RULES/ipex/$version/ruleset.textproto"
+  count=$((count + 1))
+done
+start_server "$WORK/mem.log" --rules_dir "$MEM_RULES" --allow_unsigned
+MEM_PID=$PID MEM_PORT=$PORT
+LOADED=$(sed -n 's/.*loaded rule sets from [^:]*: \([0-9]*\) available.*/\1/p' "$WORK/mem.log")
+MEM_RSS=("$(rss_kib "$MEM_PID")")
+MEM_CALLS=(0)
+total=0
+for burst in $(seq 1 "${MEMORY_BURSTS:-4}"); do
+  "${PIN_CLIENT[@]}" "$BUILD/bench/load_generator" --real "127.0.0.1:$MEM_PORT" \
+    --patient "$ROOT/bench/typical_patient.textproto" --in_flight 64 --channels 4 --rounds 1 \
+    --warmup 0s --duration "${MEMORY_BURST:-8s}" --json_out "$WORK/mem$burst.json" > /dev/null 2>&1
+  calls=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['configs'][0]['real']['median']['calls'])" "$WORK/mem$burst.json")
+  total=$((total + calls))
+  MEM_CALLS+=("$total")
+  MEM_RSS+=("$(rss_kib "$MEM_PID")")
+done
+echo "versions available: $LOADED; calls: ${MEM_CALLS[*]}; RSS KiB: ${MEM_RSS[*]}"
+elapsed=$(( $(date +%s) - start ))
+
+python3 - "$WORK" "$OUT" "$REAL_RSS_BEFORE" "$REAL_RSS_AFTER" "$NOOP_RSS_AFTER" "$elapsed" \
+  "${#PIN_SERVER[@]}" "$LOADED" "${MEM_CALLS[*]}" "${MEM_RSS[*]}" << 'EOF'
+import datetime, json, os, platform, subprocess, sys
+work, out, rss_before, rss_after, noop_rss, elapsed, pinned, loaded, mem_calls, mem_rss = sys.argv[1:]
+engine = json.load(open(os.path.join(work, "engine.json")))
+load = json.load(open(os.path.join(work, "load.json")))
+cpu = "unknown"
+for line in open("/proc/cpuinfo"):
+    if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+machine = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+report = {
+    "date": now, "machine": machine, "pinned": pinned != "0", "elapsed_s": int(elapsed),
+    "engine": [{"name": b["name"], "real_time": b["real_time"], "cpu_time": b["cpu_time"],
+                "time_unit": b["time_unit"], "label": b.get("label", "")}
+               for b in engine["benchmarks"]],
+    "load": load,
+    "memory_kib": {"real_rss_before_load": int(rss_before), "real_rss_after_load": int(rss_after),
+                   "noop_rss_after_load": int(noop_rss),
+                   "ten_versions": {"versions_available": int(loaded or 0),
+                                    "calls": [int(x) for x in mem_calls.split()],
+                                    "rss_kib": [int(x) for x in mem_rss.split()]}},
+}
+json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=2)
+
+md = [f"# Performance report", "",
+      f"{now}; {machine}; client and servers pinned to different cores: "
+      f"{'yes' if report['pinned'] else 'no'}; run took {elapsed} s (bench/run.sh).", "",
+      "## Engine (build/bench/engine_benchmark)", "",
+      "| benchmark | time | label |", "|---|---|---|"]
+for b in report["engine"]:
+    md.append(f"| {b['name']} | {b['real_time']:.1f} {b['time_unit']} | {b['label']} |")
+md += ["", "## Server against its no-op baseline (bench/load_generator)", "",
+       "The real server audits every call (--audit_db, SQLite); the no-op one does not evaluate. "
+       f"Request {load['request_bytes']} bytes (bench/typical_patient.textproto); "
+       f"{load['warmup_s']} s warm-up then {load['duration_s']} s measured per target and round; "
+       "medians over rounds; ratios are medians of each round's real/no-op pair.", "",
+       "| in flight | server | QPS | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | server CPU µs/call | client CPU µs/call |",
+       "|---|---|---|---|---|---|---|---|---|---|"]
+for c in load["configs"]:
+    for name in ("real", "noop"):
+        if name not in c: continue
+        m = c[name]["median"]
+        md.append(f"| {c['in_flight']} | {name} | {m['qps']:.0f} | {m['p50_us']:.1f} | {m['p90_us']:.1f} | "
+                  f"{m['p99_us']:.1f} | {m['p999_us']:.1f} | {m['errors']} | "
+                  f"{m['server_cpu_us_per_call']:.1f} | {m['client_cpu_us_per_call']:.1f} |")
+md += ["", "| in flight | QPS real/noop | p50 real/noop | p50 real−noop | p99 real/noop | server CPU real−noop |",
+       "|---|---|---|---|---|---|"]
+for c in load["configs"]:
+    r = c.get("real_vs_noop")
+    if r:
+        md.append(f"| {c['in_flight']} | {r['qps_ratio']:.3f} | {r['p50_ratio']:.3f} | {r['p50_delta_us']:+.1f} µs | "
+                  f"{r['p99_ratio']:.3f} | {r['server_cpu_delta_us_per_call']:+.1f} µs/call |")
+if "stream" in load:
+    s = load["stream"]
+    md += ["", f"One EvaluateStream to the real server: {s['patients_per_second']:.0f} patients/s "
+           f"({s['errors']} errors)."]
+m = report["memory_kib"]
+md += ["", "## Memory", "",
+       f"Real server resident memory: {m['real_rss_before_load'] / 1024:.1f} MiB before the load, "
+       f"{m['real_rss_after_load'] / 1024:.1f} MiB after it; no-op server after the load: "
+       f"{m['noop_rss_after_load'] / 1024:.1f} MiB.", "",
+       f"With {m['ten_versions']['versions_available']} ipex versions loaded, resident memory "
+       "after each burst of load (64 in flight): " +
+       ", ".join(f"{c} calls: {r / 1024:.1f} MiB" for c, r in
+                 zip(m['ten_versions']['calls'], m['ten_versions']['rss_kib'])) + "."]
+open(os.path.join(out, "report.md"), "w").write("\n".join(md) + "\n")
+print("\n".join(md))
+EOF
+echo "== wrote $OUT/report.md and $OUT/report.json in $(( $(date +%s) - start )) s"
