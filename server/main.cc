@@ -198,6 +198,12 @@ int main(int argc, char** argv) {
         cds::log::Warning("CDS_TEST_AUDIT_COMMIT_DELAY=", delay, ": test hook armed");
       }
     }
+    // Tests only: a full audit disk.
+    if (const char* pages = std::getenv("CDS_TEST_AUDIT_MAX_PAGES"); pages != nullptr) {
+      if (absl::SimpleAtoi(pages, &audit_options.max_pages)) {
+        cds::log::Warning("CDS_TEST_AUDIT_MAX_PAGES=", pages, ": test hook armed");
+      }
+    }
     absl::StatusOr<std::unique_ptr<cds::audit::AuditSink>> sink =
         cds::audit::OpenSqliteAudit(audit_options);
     if (!sink.ok()) {

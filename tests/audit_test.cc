@@ -248,6 +248,33 @@ TEST_F(AuditTest, AStoreThatCannotKeepUpFailsCallsClosed) {
   EXPECT_TRUE(absl::StrContains(status.error_message(), "audit")) << status.error_message();
 }
 
+TEST_F(AuditTest, AStoreThatCannotBeWrittenFailsCallsClosed) {
+  ServerProcess server;
+  std::string error;
+  setenv("CDS_TEST_AUDIT_MAX_PAGES", "8", 1);  // the disk fills up after a few records
+  const bool started = server.Start(CDS_SERVER_BINARY, Flags(dir_), &error);
+  unsetenv("CDS_TEST_AUDIT_MAX_PAGES");
+  ASSERT_TRUE(started) << error;
+  auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+  auto stub = cds::v1::DecisionSupport::NewStub(channel);
+  int ok = 0;
+  grpc::Status status;
+  for (int i = 0; i < 5000; ++i) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    cds::v1::EvaluateResponse response;
+    status = stub->Evaluate(&context, Request(absl::StrCat("full-", i)), &response);
+    if (!status.ok()) break;
+    ++ok;
+  }
+  EXPECT_GT(ok, 0);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "audit")) << status.error_message();
+  // Every call answered OK is recorded; the refused one is not.
+  EXPECT_EQ(Query(dir_.path() + "/audit.db", "SELECT COUNT(*) FROM audit")[0],
+            std::to_string(ok));
+}
+
 TEST_F(AuditTest, AuditDbNeedsAKey) {
   const testing::CommandResult result =
       testing::RunCommand({CDS_SERVER_BINARY, "--listen", "127.0.0.1:0", "--insecure_dev",

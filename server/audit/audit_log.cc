@@ -182,6 +182,10 @@ absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOpti
     sqlite3_close(db);
     return absl::UnavailableError(absl::StrCat("--audit_db ", options.path, ": ", message));
   }
+  if (options.max_pages > 0) {
+    const std::string limit = absl::StrCat("PRAGMA max_page_count = ", options.max_pages);
+    sqlite3_exec(db, limit.c_str(), nullptr, nullptr, nullptr);
+  }
   sqlite3_stmt* insert = nullptr;
   if (sqlite3_prepare_v2(db,
                          "INSERT INTO audit (time_us, caller, method, rule_set, digest, "

@@ -63,6 +63,9 @@ struct SqliteAuditOptions {
   absl::Duration max_wait = absl::Seconds(2);
   // Tests only: sleep this long inside each commit (a slow disk).
   absl::Duration commit_delay = absl::ZeroDuration();
+  // Tests only: when positive, the database may not grow beyond this many pages (a full
+  // disk: inserts then fail with SQLITE_FULL).
+  int max_pages = 0;
 };
 
 // The embedded default: SQLite in WAL mode with synchronous=FULL, one writer thread that
