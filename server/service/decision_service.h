@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "cds/v1/service.pb.h"
+#include "server/service/arena_allocator.h"
 #include "server/service/auditor.h"
 #include "server/store/rule_store.h"
 
@@ -17,7 +18,9 @@ namespace cds::service {
 
 class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackService {
  public:
-  explicit DecisionServiceImpl(const store::RuleStore& store) : store_(store) {}
+  explicit DecisionServiceImpl(const store::RuleStore& store) : store_(store) {
+    SetMessageAllocatorFor_Evaluate(&evaluate_allocator_);
+  }
   // Evaluations are audited (and fail closed) when set; the auditor must outlive this.
   void set_auditor(const Auditor* auditor) { auditor_ = auditor; }
 
@@ -37,6 +40,7 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
  private:
   const store::RuleStore& store_;
   const Auditor* auditor_ = nullptr;
+  ArenaMessageAllocator<cds::v1::EvaluateRequest, cds::v1::EvaluateResponse> evaluate_allocator_;
 };
 
 // cds.v1.RuleSetAdmin: publish bundles, move labels, retire versions. Thread-safe; borrows

@@ -14,13 +14,17 @@
 #include "absl/synchronization/mutex.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "cds/v1/service.pb.h"
+#include "server/service/arena_allocator.h"
 #include "server/store/rule_store.h"
 
 namespace cds::service {
 
 class NoopDecisionService final : public cds::v1::DecisionSupport::CallbackService {
  public:
-  explicit NoopDecisionService(const store::RuleStore& store) : store_(store) {}
+  // Same per-call arenas as DecisionServiceImpl, so that only the evaluation differs.
+  explicit NoopDecisionService(const store::RuleStore& store) : store_(store) {
+    SetMessageAllocatorFor_Evaluate(&evaluate_allocator_);
+  }
 
   grpc::ServerUnaryReactor* Evaluate(grpc::CallbackServerContext* context,
                                      const cds::v1::EvaluateRequest* request,
@@ -29,6 +33,7 @@ class NoopDecisionService final : public cds::v1::DecisionSupport::CallbackServi
 
  private:
   const store::RuleStore& store_;
+  ArenaMessageAllocator<cds::v1::EvaluateRequest, cds::v1::EvaluateResponse> evaluate_allocator_;
   absl::Mutex mu_;
   // The first successful response; null until then.
   std::shared_ptr<const cds::v1::EvaluateResponse> canned_ ABSL_GUARDED_BY(mu_);
