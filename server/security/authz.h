@@ -60,7 +60,9 @@ class PolicyAuthProcessor final : public grpc::AuthMetadataProcessor {
   explicit PolicyAuthProcessor(std::shared_ptr<const AccessPolicy> policy,
                                OnDenied on_denied = nullptr)
       : policy_(std::move(policy)), on_denied_(std::move(on_denied)) {}
-  bool IsBlocking() const override { return false; }
+  // Checking the policy never blocks; recording a denial may (the audit trail commits it),
+  // and then gRPC must run Process off its event threads.
+  bool IsBlocking() const override { return static_cast<bool>(on_denied_); }
   grpc::Status Process(const InputMetadata& auth_metadata, grpc::AuthContext* context,
                        OutputMetadata* consumed_auth_metadata,
                        OutputMetadata* response_metadata) override;
