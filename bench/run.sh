@@ -12,7 +12,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BUILD=${BUILD_DIR:-$ROOT/build-release}
+BUILD=${BUILD_DIR:-$ROOT/build/release}  # under build/, which git ignores
 OUT=${OUT_DIR:-$ROOT/bench}
 ROUNDS=${ROUNDS:-5}
 WARMUP=${WARMUP:-1s}
