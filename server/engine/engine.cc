@@ -733,8 +733,9 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
   return value;
 }
 
-void FillCode(const cds::v1::Code& code, cds::v1::Code* out) {
-  if (!code.code().empty()) *out = code;
+// Sets the suggestion's code only when the rule has one (no empty "code": {} in JSON).
+void FillCode(const cds::v1::Code& code, cds::v1::Suggestion* out) {
+  if (!code.code().empty()) *out->mutable_code() = code;
 }
 
 }  // namespace
@@ -975,7 +976,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     auto* s = response->add_suggestions();
     s->set_kind(action.kind);
     s->set_rule_id(action.id);
-    FillCode(action.code, s->mutable_code());
+    FillCode(action.code, s);
     s->set_title(action.title);
     s->set_detail(action.detail);
     s->set_urgency(action.urgency);
@@ -1044,7 +1045,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     auto* s = response->add_suggestions();
     s->set_kind(cds::v1::DIAGNOSIS);
     s->set_rule_id(hyp.id);
-    FillCode(hyp.code, s->mutable_code());
+    FillCode(hyp.code, s);
     s->set_title(hyp.title);
     s->set_detail(hyp.detail);
     s->set_urgency(cds::v1::INFO);

@@ -324,7 +324,10 @@ TEST(EngineTest, RankingIsDeterministic) {
   for (const auto& s : r.suggestions()) order.push_back(s.rule_id());
   EXPECT_THAT(order, ElementsAre("alert_c", "alert_w", "mid", "alpha", "zeta", "t_crit", "t_first",
                                  "t_a", "t_b", "t_info"));
-  for (int i = 0; i < r.suggestions_size(); ++i) EXPECT_EQ(r.suggestions(i).rank(), i + 1);
+  for (int i = 0; i < r.suggestions_size(); ++i) {
+    EXPECT_EQ(r.suggestions(i).rank(), i + 1);
+    EXPECT_FALSE(r.suggestions(i).has_code()) << "rules without a code leave it unset";
+  }
 }
 
 TEST(EngineTest, ProbabilityConditionsDriveActions) {
