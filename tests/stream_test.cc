@@ -297,6 +297,9 @@ TEST(StreamAuditTest, EveryStreamedPatientIsAuditedWithoutItsReference) {
   ASSERT_EQ(audit.exit_code, 0) << audit.err;
   std::vector<std::string> records = absl::StrSplit(audit.out, '\n', absl::SkipEmpty());
   EXPECT_EQ(records.size(), 3u) << audit.out;
+  for (const std::string& record : records) {
+    EXPECT_TRUE(absl::StrContains(record, "/cds.v1.DecisionSupport/EvaluateStream")) << record;
+  }
   EXPECT_FALSE(absl::StrContains(audit.out, kReference));
 }
 

@@ -26,9 +26,9 @@ std::string CallerOf(const grpc::ServerContextBase& context) {
 grpc::Status Auditor::Evaluated(const grpc::ServerContextBase& context, absl::Time start,
                                 const cds::v1::EvaluateRequest& request,
                                 const cds::v1::EvaluateResponse& response,
-                                grpc::Status status) const {
+                                grpc::Status status, const char* method) const {
   audit::AuditRecord record;
-  record.method = "/cds.v1.DecisionSupport/Evaluate";
+  record.method = method;
   record.pseudonym = pseudonymizer_.Of(request.patient().reference());
   if (status.ok()) {
     record.rule_set = absl::StrCat(response.rule_set().name(), "@", response.rule_set().version());

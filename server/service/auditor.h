@@ -18,10 +18,15 @@ class Auditor {
   Auditor(audit::AuditSink& sink, audit::Pseudonymizer pseudonymizer)
       : sink_(sink), pseudonymizer_(std::move(pseudonymizer)) {}
 
-  // An evaluation: rule set, digest, pseudonym, id and top suggestions.
+  // An evaluation: rule set, digest, pseudonym, id and top suggestions, recorded under
+  // `method` (a unary Evaluate, or one patient of an EvaluateStream).
   grpc::Status Evaluated(const grpc::ServerContextBase& context, absl::Time start,
                          const cds::v1::EvaluateRequest& request,
-                         const cds::v1::EvaluateResponse& response, grpc::Status status) const;
+                         const cds::v1::EvaluateResponse& response, grpc::Status status,
+                         const char* method = kEvaluateMethod) const;
+
+  static constexpr char kEvaluateMethod[] = "/cds.v1.DecisionSupport/Evaluate";
+  static constexpr char kEvaluateStreamMethod[] = "/cds.v1.DecisionSupport/EvaluateStream";
   // A lifecycle call on `rule_set` ("name@version", or "name").
   grpc::Status Lifecycle(const grpc::ServerContextBase& context, const std::string& method,
                          absl::Time start, const std::string& rule_set,

@@ -87,7 +87,7 @@ class EvaluateStreamReactor final
     grpc::Status converted = ToGrpcStatus(status);
     if (auditor_ != nullptr) {
       converted = auditor_->Evaluated(context_, start, request.request(), response->response(),
-                                      std::move(converted));
+                                      std::move(converted), Auditor::kEvaluateStreamMethod);
     }
     if (converted.ok()) return;
     response->mutable_error()->set_code(static_cast<int32_t>(converted.error_code()));
