@@ -7,8 +7,11 @@
 // --allow_unsigned, development only); cds.v1.RuleSetAdmin publishes bundles, moves labels
 // and retires versions, persisted under --state_dir; the rules directory is rescanned for
 // complete new bundles every --poll_interval and on SIGHUP.
-// Shutdown on SIGTERM / SIGINT: health goes NOT_SERVING so load balancers stop sending
-// new calls, the server waits --drain, then stops with a deadline for calls in flight.
+// Shutdown on SIGTERM / SIGINT: health goes NOT_SERVING at once (after an optional
+// --drain during which new calls are still accepted), new calls are refused with
+// UNAVAILABLE, calls in flight get --grace_period to finish, then the process exits 0.
+// Observability: JSON log lines on stderr (--log_level), Prometheus metrics on
+// --metrics_listen.
 
 #include <pthread.h>
 #include <signal.h>
@@ -21,6 +24,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -35,6 +39,9 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/audit/audit_log.h"
 #include "server/common/log.h"
+#include "server/metrics/http_exposer.h"
+#include "server/metrics/registry.h"
+#include "server/metrics/server_metrics.h"
 #include "server/security/authz.h"
 #include "server/security/transport.h"
 #include "server/service/auditor.h"
@@ -87,14 +94,21 @@ ABSL_FLAG(std::string, audit_key_file, "",
 ABSL_FLAG(bool, insecure_dev, false,
           "DEVELOPMENT ONLY: serve plaintext (no TLS); refused unless --listen is a loopback "
           "address.");
-ABSL_FLAG(absl::Duration, drain, absl::Seconds(5),
-          "On SIGTERM/SIGINT, how long to report NOT_SERVING before stopping, so that "
-          "clients and load balancers move away first.");
+ABSL_FLAG(absl::Duration, drain, absl::ZeroDuration(),
+          "On SIGTERM/SIGINT, how long to keep accepting new calls while health already "
+          "reports NOT_SERVING, for load balancers that only learn from health checks "
+          "(Kubernetes: prefer a preStop delay). 0: refuse new calls at once.");
+ABSL_FLAG(absl::Duration, grace_period, absl::Seconds(10),
+          "On SIGTERM/SIGINT, how long calls in flight get to finish after new calls are "
+          "refused (UNAVAILABLE); calls still running then are cancelled.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "HOST:PORT for Prometheus metrics over plain HTTP at /metrics (e.g. "
+          "0.0.0.0:9464); empty: no metrics endpoint.");
+ABSL_FLAG(std::string, log_level, "info",
+          "Lowest level of the JSON log lines on stderr: debug, info, warning or error.");
 
 namespace {
 
-// Calls still running this long after the drain are cancelled.
-constexpr absl::Duration kShutdownGrace = absl::Seconds(10);
 constexpr char kServiceName[] = "cds.v1.DecisionSupport";
 
 // Splits "host:port" / "[v6]:port" at the last colon; false when there is no port.
@@ -134,12 +148,20 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Serves IPEX clinical decision support over gRPC (cds.v1.DecisionSupport).\n"
       "Usage: cds-server [--listen=127.0.0.1:50051] [--rules_dir=rules] [--state_dir=DIR]\n"
-      "                  [--trusted_keys_dir=DIR] [--poll_interval=30s] [--drain=5s]\n"
+      "                  [--trusted_keys_dir=DIR] [--poll_interval=30s] [--grace_period=10s]\n"
+      "                  [--metrics_listen=HOST:PORT] [--log_level=info]\n"
       "                  (--tls_cert=PEM --tls_key=PEM [--tls_client_ca=PEM] | --insecure_dev)");
   absl::ParseCommandLine(argc, argv);
+  if (cds::log::Level level; cds::log::ParseLevel(absl::GetFlag(FLAGS_log_level), &level)) {
+    cds::log::SetMinLevel(level);
+  } else {
+    cds::log::Error("--log_level must be debug, info, warning or error");
+    return 2;
+  }
   const std::string listen = absl::GetFlag(FLAGS_listen);
   const std::string rules_dir = absl::GetFlag(FLAGS_rules_dir);
   const absl::Duration drain = absl::GetFlag(FLAGS_drain);
+  const absl::Duration grace_period = absl::GetFlag(FLAGS_grace_period);
   const absl::Duration poll_interval = absl::GetFlag(FLAGS_poll_interval);
   std::string trusted_keys_dir = absl::GetFlag(FLAGS_trusted_keys_dir);
   if (trusted_keys_dir.empty()) trusted_keys_dir = rules_dir + "/keys";
@@ -180,6 +202,11 @@ int main(int argc, char** argv) {
   if (transport.insecure_dev) {
     cds::log::Warning("--insecure_dev: PLAINTEXT on ", host, ", for development only");
   }
+  // Metrics exist from the start so that denied calls are counted too; the HTTP endpoint
+  // opens once the server runs.
+  cds::metrics::Registry metrics_registry;
+  cds::metrics::ServerMetrics server_metrics(metrics_registry);
+
   // The audit trail, opened before anything can be called.
   std::unique_ptr<cds::audit::AuditSink> audit_sink;
   std::unique_ptr<cds::service::Auditor> auditor;
@@ -225,19 +252,19 @@ int main(int argc, char** argv) {
       cds::log::Error(policy.status().message());
       return 2;
     }
-    cds::security::PolicyAuthProcessor::OnDenied on_denied;
-    if (audit_sink != nullptr) {
-      cds::audit::AuditSink* sink = audit_sink.get();
-      on_denied = [sink](const std::string& caller, const std::string& method,
-                         grpc::StatusCode code) {
-        cds::audit::AuditRecord record;
-        record.time = absl::Now();
-        record.caller = caller;
-        record.method = method;
-        record.status_code = static_cast<int>(code);
-        sink->Record(std::move(record)).IgnoreError();  // denied either way
-      };
-    }
+    cds::audit::AuditSink* sink = audit_sink.get();
+    cds::security::PolicyAuthProcessor::OnDenied on_denied =
+        [sink, &server_metrics](const std::string& caller, const std::string& method,
+                                grpc::StatusCode code) {
+          server_metrics.CallDenied(method, code);
+          if (sink == nullptr) return;
+          cds::audit::AuditRecord record;
+          record.time = absl::Now();
+          record.caller = caller;
+          record.method = method;
+          record.status_code = static_cast<int>(code);
+          sink->Record(std::move(record)).IgnoreError();  // denied either way
+        };
     (*credentials)->SetAuthMetadataProcessor(std::make_shared<cds::security::PolicyAuthProcessor>(
         *std::move(policy), std::move(on_denied)));
     cds::log::Info("access policy from ", policy_file);
@@ -287,6 +314,19 @@ int main(int argc, char** argv) {
   int selected_port = 0;
   builder.AddListeningPort(listen, *credentials, &selected_port);
   builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_request_bytes));
+  {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
+    creators.push_back(server_metrics.NewInterceptorFactory());
+    builder.experimental().SetInterceptorCreators(std::move(creators));
+  }
+  cds::metrics::AddRuleStoreGauges(store, metrics_registry);
+  metrics_registry.AddGauge(
+      "cds_audit_queue_depth", "Audit records waiting to be committed (0 without --audit_db).",
+      {}, [sink = audit_sink.get()] {
+        return std::vector<cds::metrics::GaugeSample>{
+            {{}, sink == nullptr ? 0.0 : static_cast<double>(sink->QueueDepth())}};
+      });
+  cds::metrics::AddProcessGauges(metrics_registry);
   cds::service::NoopDecisionService noop(store);
   if (absl::GetFlag(FLAGS_noop_baseline)) {
     cds::log::Warning("--noop_baseline: Evaluate answers every call with the first response "
@@ -309,8 +349,22 @@ int main(int argc, char** argv) {
     cds::log::Error("no rule set is available: health is NOT_SERVING and Evaluate returns "
                     "UNAVAILABLE");
   }
-  // Tests start the server on port 0 and read the chosen port from this line.
+  std::unique_ptr<cds::metrics::HttpExposer> metrics_exposer;
+  if (const std::string address = absl::GetFlag(FLAGS_metrics_listen); !address.empty()) {
+    absl::StatusOr<std::unique_ptr<cds::metrics::HttpExposer>> exposer =
+        cds::metrics::HttpExposer::Start(address, metrics_registry);
+    if (!exposer.ok()) {
+      cds::log::Error(exposer.status().message());
+      server->Shutdown(absl::ToChronoTime(absl::Now()));
+      return 2;
+    }
+    metrics_exposer = *std::move(exposer);
+    // Before "listening on", so that whoever waits for that line can read this one.
+    cds::log::Info("metrics on http://", address.substr(0, address.rfind(':')), ":",
+                   metrics_exposer->port(), "/metrics");
+  }
   cds::log::Info("transport: ", cds::security::Describe(transport));
+  // Tests start the server on port 0 and read the chosen port from this line.
   cds::log::Info("listening on ", host, ":", selected_port);
 
   absl::Notification stop_polling;
@@ -330,14 +384,18 @@ int main(int argc, char** argv) {
       const int added = store.ScanRulesDir();
       cds::log::Info("SIGHUP: rules directory scanned, ", added, " new version(s)");
     }
-    cds::log::Info("received signal ", signal_number, ": draining for ",
-                   absl::FormatDuration(drain));
+    // Health first, so that probes and client-side health checks move callers away;
+    // then stop accepting (new calls get UNAVAILABLE) and give calls in flight the grace
+    // period before they are cancelled.
+    cds::log::Info("received signal ", signal_number, ": health NOT_SERVING, drain ",
+                   absl::FormatDuration(drain), ", grace period ",
+                   absl::FormatDuration(grace_period));
     draining.store(true);
     stop_polling.Notify();
     SetHealth(*server, false);
     absl::SleepFor(drain);
-    cds::log::Info("shutting down");
-    server->Shutdown(absl::ToChronoTime(absl::Now() + kShutdownGrace));
+    cds::log::Info("refusing new calls; waiting for calls in flight");
+    server->Shutdown(absl::ToChronoTime(absl::Now() + grace_period));
   });
   server->Wait();
   waiter.join();

@@ -123,6 +123,11 @@ void ServerProcess::ReadLoop() {
 int ServerProcess::Stop(int signal, int timeout_seconds) {
   if (pid_ <= 0) return -1;
   kill(pid_, signal);
+  return WaitForExit(timeout_seconds);
+}
+
+int ServerProcess::WaitForExit(int timeout_seconds) {
+  if (pid_ <= 0) return -1;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_seconds);
   int status = 0;
   int result = -1;

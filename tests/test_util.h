@@ -38,6 +38,9 @@ class ServerProcess {
   // Sends `signal` and waits for the exit. Returns the exit status (128 + signal number
   // when killed by a signal), or -1 when it had to be killed after `timeout_seconds`.
   int Stop(int signal, int timeout_seconds = 30);
+  // Waits for an exit caused otherwise (e.g. a signal sent with kill(pid(), ...) while the
+  // test goes on calling); like Stop, kills the child after `timeout_seconds`.
+  int WaitForExit(int timeout_seconds = 30);
 
   // Everything the child wrote to stderr so far.
   std::string Stderr() const;

@@ -35,7 +35,7 @@ for _ in $(seq 1 600); do
   kill -0 "$SERVER_PID" 2>/dev/null || { cat server.log; exit 1; }
   sleep 0.1
 done
-PORT=$(sed -n 's/.*listening on .*:\([0-9]*\)$/\1/p' server.log | head -1)
+PORT=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\).*/\1/p' server.log | head -1)
 [ -n "$PORT" ] || { echo "no port"; cat server.log; exit 1; }
 export SERVER="127.0.0.1:$PORT"
 

@@ -53,6 +53,11 @@ class SqliteAuditSink final : public AuditSink {
     sqlite3_close(db_);
   }
 
+  int QueueDepth() const override {
+    absl::MutexLock lock(&mu_);
+    return static_cast<int>(queue_.size());
+  }
+
   absl::Status Record(AuditRecord record) override {
     auto pending = std::make_shared<Pending>();
     pending->record = std::move(record);
@@ -135,7 +140,7 @@ class SqliteAuditSink final : public AuditSink {
   const SqliteAuditOptions options_;
   sqlite3* const db_;           // used by the writer thread only
   sqlite3_stmt* const insert_;  // ditto
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   std::deque<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread writer_;

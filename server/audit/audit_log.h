@@ -39,6 +39,8 @@ class AuditSink {
   virtual ~AuditSink() = default;
   // Blocks until `record` is durably committed: OK, or UNAVAILABLE (fail closed).
   virtual absl::Status Record(AuditRecord record) = 0;
+  // Records waiting to be committed (for the metrics' queue-depth gauge).
+  virtual int QueueDepth() const = 0;
 };
 
 // HMAC-SHA256 of patient references under a server secret, as lower-case hex. Immutable,

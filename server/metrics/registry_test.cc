@@ -1,0 +1,80 @@
+#include "server/metrics/registry.h"
+
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/metrics/server_metrics.h"
+
+namespace cds::metrics {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(RegistryTest, RendersCountersWithEscapedLabels) {
+  Registry registry;
+  Family<Counter>& calls = registry.AddCounter("calls_total", "Calls.\nAll of them.", {"m"});
+  calls.With({"a\"b"}).Increment(2);
+  calls.With({"c"}).Increment();
+  EXPECT_EQ(registry.Render(),
+            "# HELP calls_total Calls.\\nAll of them.\n"
+            "# TYPE calls_total counter\n"
+            "calls_total{m=\"a\\\"b\"} 2\n"
+            "calls_total{m=\"c\"} 1\n");
+}
+
+TEST(RegistryTest, RendersCumulativeHistogramBuckets) {
+  Registry registry;
+  Family<Histogram>& latency = registry.AddHistogram("lat_seconds", "Latency.", {}, {0.1, 1});
+  Histogram& h = latency.With({});
+  h.Observe(0.05);
+  h.Observe(0.1);  // an upper bound is inclusive
+  h.Observe(0.5);
+  h.Observe(7);
+  EXPECT_EQ(registry.Render(),
+            "# HELP lat_seconds Latency.\n"
+            "# TYPE lat_seconds histogram\n"
+            "lat_seconds_bucket{le=\"0.1\"} 2\n"
+            "lat_seconds_bucket{le=\"1\"} 3\n"
+            "lat_seconds_bucket{le=\"+Inf\"} 4\n"
+            "lat_seconds_sum 7.65\n"
+            "lat_seconds_count 4\n");
+}
+
+TEST(RegistryTest, GaugesAreReadAtScrapeTime) {
+  Registry registry;
+  int depth = 3;
+  registry.AddGauge("depth", "Depth.", {"q"}, [&depth] {
+    return std::vector<GaugeSample>{{{"audit"}, static_cast<double>(depth)}};
+  });
+  EXPECT_THAT(registry.Render(), HasSubstr("depth{q=\"audit\"} 3\n"));
+  depth = 5;
+  EXPECT_THAT(registry.Render(), HasSubstr("depth{q=\"audit\"} 5\n"));
+}
+
+TEST(RegistryTest, CountsFromManyThreadsAddUp) {
+  Registry registry;
+  Family<Counter>& calls = registry.AddCounter("calls_total", "Calls.", {"m"});
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&calls] {
+      for (int i = 0; i < 10000; ++i) calls.With({"x"}).Increment();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(calls.With({"x"}).value(), 40000u);
+}
+
+TEST(ServerMetricsTest, UnknownMethodsShareOneLabelSoCallersCannotGrowTheSeries) {
+  EXPECT_EQ(LabelsForMethod("/cds.v1.DecisionSupport/Evaluate").service, "cds.v1.DecisionSupport");
+  EXPECT_EQ(LabelsForMethod("/cds.v1.DecisionSupport/Evaluate").method, "Evaluate");
+  EXPECT_EQ(LabelsForMethod("/grpc.health.v1.Health/Check").method, "Check");
+  EXPECT_EQ(LabelsForMethod("/cds.v1.DecisionSupport/Nope").method, "unknown");
+  EXPECT_EQ(LabelsForMethod("/PATIENT-12345/x").service, "unknown");
+  EXPECT_EQ(LabelsForMethod("garbage").service, "unknown");
+}
+
+}  // namespace
+}  // namespace cds::metrics

@@ -1,0 +1,205 @@
+#include "server/metrics/server_metrics.h"
+
+#include <dirent.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <utility>
+
+#include "absl/strings/str_split.h"
+#include "cds/v1/service.pb.h"
+#include "google/protobuf/descriptor.h"
+
+namespace cds::metrics {
+namespace {
+
+// Latency buckets from 50 µs to about 6.5 s.
+std::vector<double> LatencyBuckets() { return ExponentialBuckets(50e-6, 2, 18); }
+
+const char* CodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "UNKNOWN";
+  }
+}
+
+// Counts one evaluation response: its rule-set version and its top diagnosis.
+void CountEvaluation(const cds::v1::EvaluateResponse& response, Family<Counter>& evaluations) {
+  std::string top = "none";
+  for (const cds::v1::Suggestion& suggestion : response.suggestions()) {
+    if (suggestion.kind() == cds::v1::DIAGNOSIS) {
+      top = suggestion.rule_id();
+      break;
+    }
+  }
+  evaluations.With({response.rule_set().name(), response.rule_set().version(), top}).Increment();
+}
+
+class MetricsInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  MetricsInterceptor(ServerMetrics& metrics, const char* method)
+      : metrics_(metrics),
+        method_(method == nullptr ? "" : method),
+        start_(std::chrono::steady_clock::now()) {}
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    using grpc::experimental::InterceptionHookPoints;
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_MESSAGE)) {
+      metrics_.ResponseSent(method_, methods->GetSendMessage());
+    }
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
+      const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start_;
+      metrics_.CallFinished(method_, methods->GetSendStatus().error_code(), elapsed.count());
+    }
+    methods->Proceed();
+  }
+
+ private:
+  ServerMetrics& metrics_;
+  const std::string method_;
+  const std::chrono::steady_clock::time_point start_;
+};
+
+class MetricsInterceptorFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit MetricsInterceptorFactory(ServerMetrics& metrics) : metrics_(metrics) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    return new MetricsInterceptor(metrics_, info->method());
+  }
+
+ private:
+  ServerMetrics& metrics_;
+};
+
+}  // namespace
+
+MethodLabels LabelsForMethod(const std::string& full_method) {
+  // "/cds.v1.DecisionSupport/Evaluate" -> service "cds.v1.DecisionSupport", method "Evaluate",
+  // if the generated descriptor pool knows that method.
+  const std::vector<std::string> parts = absl::StrSplit(full_method, '/');
+  if (parts.size() == 3 && parts[0].empty()) {
+    // gRPC's built-in health service is not generated into this binary's pool.
+    if (parts[1] == "grpc.health.v1.Health" && (parts[2] == "Check" || parts[2] == "Watch")) {
+      return {parts[1], parts[2]};
+    }
+    const google::protobuf::MethodDescriptor* found =
+        google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(
+            parts[1] + "." + parts[2]);
+    if (found != nullptr) return {parts[1], parts[2]};
+  }
+  return {"unknown", "unknown"};
+}
+
+ServerMetrics::ServerMetrics(Registry& registry)
+    : handled_(registry.AddCounter("grpc_server_handled_total",
+                                   "gRPC calls completed, by method and status code.",
+                                   {"grpc_service", "grpc_method", "grpc_code"})),
+      handling_seconds_(registry.AddHistogram(
+          "grpc_server_handling_seconds",
+          "Time from a call's arrival to its status being sent, by method and status code.",
+          {"grpc_service", "grpc_method", "grpc_code"}, LatencyBuckets())),
+      denied_(registry.AddCounter(
+          "cds_denied_calls_total",
+          "Calls refused by the access policy before any handler ran, by method and code.",
+          {"grpc_service", "grpc_method", "grpc_code"})),
+      evaluations_(registry.AddCounter(
+          "cds_evaluations_total",
+          "Patients evaluated (unary and streamed), by rule-set version and the top-ranked "
+          "diagnosis rule id (\"none\" when no diagnosis is suggested).",
+          {"rule_set", "version", "top_diagnosis"})) {}
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+ServerMetrics::NewInterceptorFactory() {
+  return std::make_unique<MetricsInterceptorFactory>(*this);
+}
+
+void ServerMetrics::CallDenied(const std::string& method, grpc::StatusCode code) {
+  const MethodLabels labels = LabelsForMethod(method);
+  denied_.With({labels.service, labels.method, CodeName(code)}).Increment();
+}
+
+void ServerMetrics::CallFinished(const std::string& method, grpc::StatusCode code,
+                                 double seconds) {
+  const MethodLabels labels = LabelsForMethod(method);
+  const LabelValues values = {labels.service, labels.method, CodeName(code)};
+  handled_.With(values).Increment();
+  handling_seconds_.With(values).Observe(seconds);
+}
+
+void ServerMetrics::ResponseSent(const std::string& method, const void* message) {
+  if (message == nullptr) return;
+  if (method == "/cds.v1.DecisionSupport/Evaluate") {
+    CountEvaluation(*static_cast<const cds::v1::EvaluateResponse*>(message), evaluations_);
+  } else if (method == "/cds.v1.DecisionSupport/EvaluateStream") {
+    const auto& streamed = *static_cast<const cds::v1::StreamEvaluateResponse*>(message);
+    if (streamed.has_response()) CountEvaluation(streamed.response(), evaluations_);
+  }
+}
+
+void AddRuleStoreGauges(const store::RuleStore& store, Registry& registry) {
+  registry.AddGauge(
+      "cds_rule_set_versions",
+      "Rule-set versions known to the server, by rule set and state (AVAILABLE, REJECTED, "
+      "RETIRED, LOADING).",
+      {"rule_set", "state"}, [&store] {
+        std::map<std::pair<std::string, std::string>, double> counts;
+        for (const cds::v1::RuleSetInfo& info : store.List("")) {
+          counts[{info.ref().name(), cds::v1::RuleSetInfo::State_Name(info.state())}] += 1;
+        }
+        std::vector<GaugeSample> samples;
+        for (const auto& [key, count] : counts) {
+          samples.push_back({{key.first, key.second}, count});
+        }
+        return samples;
+      });
+}
+
+void AddProcessGauges(Registry& registry) {
+  registry.AddGauge("process_resident_memory_bytes", "Resident memory of this process.", {}, [] {
+    long pages = 0;
+    if (FILE* f = std::fopen("/proc/self/statm", "r"); f != nullptr) {
+      long size = 0;
+      if (std::fscanf(f, "%ld %ld", &size, &pages) != 2) pages = 0;
+      std::fclose(f);
+    }
+    return std::vector<GaugeSample>{{{}, static_cast<double>(pages) * sysconf(_SC_PAGESIZE)}};
+  });
+  registry.AddGauge("process_open_fds", "Open file descriptors of this process.", {}, [] {
+    double count = 0;
+    if (DIR* dir = opendir("/proc/self/fd"); dir != nullptr) {
+      while (const dirent* entry = readdir(dir)) {
+        if (entry->d_name[0] != '.') count += 1;
+      }
+      closedir(dir);
+      count -= 1;  // the descriptor of the listing itself
+    }
+    return std::vector<GaugeSample>{{{}, count}};
+  });
+  const double start = std::chrono::duration<double>(
+                           std::chrono::system_clock::now().time_since_epoch())
+                           .count();
+  registry.AddGauge("process_start_time_seconds", "Start time of this process (Unix time).", {},
+                    [start] { return std::vector<GaugeSample>{{{}, start}}; });
+}
+
+}  // namespace cds::metrics

@@ -1,0 +1,58 @@
+#pragma once
+
+// The service's metrics: every gRPC call by method and status (count and latency, taken
+// by a server interceptor so that no handler has to remember), evaluations by rule-set
+// version and top diagnosis, calls the access policy denied, and gauges read at scrape
+// time (rule-set versions by state, audit queue depth, process memory and descriptors).
+// Labels carry method names, status codes, rule-set ids and rule ids only: never patient
+// data. Thread-safe; borrows the registry, which must outlive it.
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "grpcpp/support/server_interceptor.h"
+#include "grpcpp/support/status.h"
+#include "server/metrics/registry.h"
+#include "server/store/rule_store.h"
+
+namespace cds::metrics {
+
+class ServerMetrics {
+ public:
+  explicit ServerMetrics(Registry& registry);
+
+  // For ServerBuilder::experimental().SetInterceptorCreators; the factory borrows this.
+  std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> NewInterceptorFactory();
+
+  // A call the authorization layer refused before any handler ran.
+  void CallDenied(const std::string& method, grpc::StatusCode code);
+
+  // Called by the interceptor; public for tests.
+  void CallFinished(const std::string& method, grpc::StatusCode code, double seconds);
+  void ResponseSent(const std::string& method, const void* message);
+
+ private:
+  Family<Counter>& handled_;
+  Family<Histogram>& handling_seconds_;
+  Family<Counter>& denied_;
+  Family<Counter>& evaluations_;
+};
+
+// A gauge of the store's versions by rule set and state (AVAILABLE, REJECTED, RETIRED,
+// ...): loaded and rejected versions, whether from the rules directory or published.
+// Borrows the store, which must outlive the registry's scrapes.
+void AddRuleStoreGauges(const store::RuleStore& store, Registry& registry);
+
+// Gauges of this process: resident memory, open file descriptors, start time (from /proc).
+void AddProcessGauges(Registry& registry);
+
+// "/pkg.Service/Method" as a label pair, or {"unknown", "unknown"} for a method this
+// server does not define (so callers cannot grow the label space).
+struct MethodLabels {
+  std::string service;
+  std::string method;
+};
+MethodLabels LabelsForMethod(const std::string& full_method);
+
+}  // namespace cds::metrics
