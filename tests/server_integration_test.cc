@@ -362,7 +362,7 @@ TEST_F(ServerIntegrationTest, MalformedRequestsAreInvalidArgumentNamingTheField)
 
 TEST_F(ServerIntegrationTest, SigtermDrainsAndExitsZero) {
   EXPECT_EQ(server_.process().Stop(SIGTERM), 0) << server_.process().Stderr();
-  EXPECT_TRUE(absl::StrContains(server_.process().Stderr(), "shutting down"));
+  EXPECT_TRUE(absl::StrContains(server_.process().Stderr(), "refusing new calls"));
 }
 
 TEST_F(ServerIntegrationTest, SigintExitsZero) {
