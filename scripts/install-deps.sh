@@ -11,6 +11,7 @@ PACKAGES=(
   libssl-dev libsqlite3-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio
+  python3-yaml systemd
 )
 
 missing=()
