@@ -21,6 +21,10 @@ Usage: deploy_test.py SOURCE_DIR [CDS_SERVER_BINARY]
 - Flags: every cds-server flag used in the manifests, the Dockerfile and the unit is an
   ABSL_FLAG of the server's sources or in NEW_FLAGS below; development-only flags never
   appear.
+- With a built cds-server that has every flag: the StatefulSet's exact arguments (paths
+  re-rooted in a temporary directory laid out like the container, ports free ones) start
+  it, the three probe commands succeed, /metrics answers, nothing is written outside the
+  data volume and /tmp, and SIGTERM exits 0 within --grace_period.
 """
 
 import json
@@ -577,7 +581,10 @@ class Dockerfile(unittest.TestCase):
         listed = set(runtime_packages())
         libraries = set()
         for binary in binaries:
-            ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+            result = subprocess.run(["ldd", binary], capture_output=True, text=True)
+            if result.returncode != 0:
+                self.skipTest("%s is not a dynamic executable" % binary)
+            ldd = result.stdout
             self.assertNotIn("not found", ldd)
             libraries |= set(re.findall(r"=> (/\S+)", ldd))
         # One dpkg -S for all (it is slow per call); Debian 12 ships libraries under
@@ -747,12 +754,139 @@ class Flags(unittest.TestCase):
                     self.assertNotIn("--" + flag, text, "%s mentions --%s" % (name, flag))
 
 
-def _container_args():
+class ManifestFlagsAgainstServer(unittest.TestCase):
+    """The StatefulSet's exact arguments and probe commands, run against the built server.
+
+    Paths are re-rooted under a temporary directory laid out like the container (Secrets,
+    ConfigMaps and the data volume as files and symlinks), the gRPC port is 0 and the
+    metrics port a free one; everything else is the manifest's. Skipped while the built
+    server lacks a flag of NEW_FLAGS (or when there is no built server or no openssl).
+    """
+
+    def setUp(self):
+        if not SERVER_BINARY or not os.access(SERVER_BINARY, os.X_OK):
+            self.skipTest("no built cds-server")
+        helpfull = subprocess.run([SERVER_BINARY, "--helpfull"], capture_output=True,
+                                  text=True).stdout
+        missing = [f for f in sorted(NEW_FLAGS) if "--" + f + " " not in helpfull]
+        if missing:
+            self.skipTest("the built cds-server lacks --" + ", --".join(missing))
+        if shutil.which("openssl") is None:
+            self.skipTest("openssl missing (scripts/make-dev-certs.sh)")
+        cdsctl = os.path.join(os.path.dirname(os.path.dirname(SERVER_BINARY)), "client", "cdsctl")
+        if not os.access(cdsctl, os.X_OK):
+            self.skipTest("no built cdsctl")
+        self.cdsctl = cdsctl
+        self.tmp = tempfile.mkdtemp(prefix="deploy_test.")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.root = os.path.join(self.tmp, "root")
+        certs = os.path.join(self.tmp, "certs")
+        subprocess.run(["bash", os.path.join(SOURCE_DIR, "scripts", "make-dev-certs.sh"), certs,
+                        "cds-probe", "ops"], check=True, capture_output=True)
+        audit_key = os.path.join(self.tmp, "audit.key")
+        with open(audit_key, "wb") as f:
+            f.write(os.urandom(48))
+        layout = {  # container path -> file on this machine
+            "/opt/cds/rules": os.path.join(SOURCE_DIR, "rules"),
+            "/etc/cds/keys": os.path.join(K8S, "trusted-keys"),
+            "/etc/cds/tls/tls.crt": os.path.join(certs, "server.pem"),
+            "/etc/cds/tls/tls.key": os.path.join(certs, "server.key"),
+            "/etc/cds/tls/ca.crt": os.path.join(certs, "ca.pem"),
+            "/etc/cds/probe/tls.crt": os.path.join(certs, "cds-probe.pem"),
+            "/etc/cds/probe/tls.key": os.path.join(certs, "cds-probe.key"),
+            "/etc/cds/probe/ca.crt": os.path.join(certs, "ca.pem"),
+            "/etc/cds/policy/policy.textproto": os.path.join(K8S, "policy.textproto"),
+            "/etc/cds/audit/audit.key": audit_key,
+        }
+        for container_path, real in layout.items():
+            link = self.root + container_path
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(real, link)
+        os.makedirs(os.path.join(self.root, "var", "lib", "cds"))
+        os.makedirs(os.path.join(self.root, "tmp"))
+
+    def reroot(self, token):
+        m = re.match(r"^(--[a-z_]+=)(/.*)$", token)
+        if m:
+            return m.group(1) + self.root + m.group(2)
+        return token
+
+    def probe(self, kind, port):
+        command = _container()[kind]["exec"]["command"]
+        command = [c.replace("/usr/local/bin/cdsctl", self.cdsctl) for c in command]
+        if command[:2] == ["/bin/sh", "-c"]:
+            script = re.sub(r"=/etc/", "=" + self.root + "/etc/", command[2])
+            script = script.replace("localhost:%d" % GRPC_PORT, "localhost:%d" % port)
+            command = command[:2] + [script]
+        else:
+            command = [self.reroot(c).replace("localhost:%d" % GRPC_PORT, "localhost:%d" % port)
+                       for c in command]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    def test_server_starts_with_the_manifest_flags_and_answers_the_probes(self):
+        import socket
+        import time
+        import urllib.request
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            metrics_port = s.getsockname()[1]
+        args = []
+        for token in _container_args():
+            if token.startswith("--listen="):
+                token = "--listen=127.0.0.1:0"
+            elif token.startswith("--metrics_listen="):
+                token = "--metrics_listen=127.0.0.1:%d" % metrics_port
+            args.append(self.reroot(token))
+        env = dict(os.environ, TMPDIR=os.path.join(self.root, "tmp"))
+        log_path = os.path.join(self.tmp, "server.log")
+        with open(log_path, "w") as log:
+            server = subprocess.Popen([SERVER_BINARY] + args, stderr=log, stdout=log, env=env)
+        try:
+            port, deadline = None, time.time() + 60
+            while port is None and time.time() < deadline and server.poll() is None:
+                m = re.search(r"listening on [^\s\"]*:(\d+)", read(log_path))
+                port = int(m.group(1)) if m else None
+                time.sleep(0.1)
+            self.assertIsNotNone(port, "server did not start:\n" + read(log_path)[-3000:])
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                result = self.probe(kind, port)
+                self.assertEqual(result.returncode, 0, "%s: %s%s\n%s" % (
+                    kind, result.stdout, result.stderr, read(log_path)[-2000:]))
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % metrics_port,
+                                        timeout=10) as response:
+                self.assertEqual(response.status, 200)
+                self.assertIn("# TYPE", response.read().decode())
+            self.assertTrue(os.path.exists(os.path.join(self.root, "var/lib/cds/audit.db")))
+            self.assertTrue(os.path.isdir(os.path.join(self.root, "var/lib/cds/state")))
+            # SIGTERM with nothing in flight: exit 0 well within --grace_period.
+            server.terminate()
+            grace = duration_seconds(flags_in(_container_args())["grace_period"])
+            self.assertEqual(server.wait(timeout=grace + 10), 0, read(log_path)[-2000:])
+            # Nothing written outside the data volume and /tmp.
+            for dirpath, _, files in os.walk(self.root):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    if os.path.islink(path):
+                        continue
+                    self.assertTrue(under(path, os.path.join(self.root, "var/lib/cds")) or
+                                    under(path, os.path.join(self.root, "tmp")), path)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+
+
+def _container():
+    """The workload's container, read independently of the Manifests class."""
     for name in load_yaml_docs(os.path.join(K8S, "kustomization.yaml"))[0]["resources"]:
         for doc in load_yaml_docs(os.path.join(K8S, name)):
             if doc["kind"] in ("StatefulSet", "Deployment"):
-                return doc["spec"]["template"]["spec"]["containers"][0].get("args", [])
-    return []
+                return doc["spec"]["template"]["spec"]["containers"][0]
+    return {}
+
+
+def _container_args():
+    return _container().get("args", [])
 
 
 if __name__ == "__main__":
