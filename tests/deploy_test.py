@@ -754,13 +754,14 @@ class Flags(unittest.TestCase):
                     self.assertNotIn("--" + flag, text, "%s mentions --%s" % (name, flag))
 
 
-class ManifestFlagsAgainstServer(unittest.TestCase):
-    """The StatefulSet's exact arguments and probe commands, run against the built server.
+class FlagsAgainstServer(unittest.TestCase):
+    """The StatefulSet's and the systemd unit's exact arguments, run by the built server.
 
-    Paths are re-rooted under a temporary directory laid out like the container (Secrets,
-    ConfigMaps and the data volume as files and symlinks), the gRPC port is 0 and the
-    metrics port a free one; everything else is the manifest's. Skipped while the built
-    server lacks a flag of NEW_FLAGS (or when there is no built server or no openssl).
+    Paths are re-rooted under a temporary directory laid out like the container or the
+    host (Secrets, ConfigMaps, /etc/cds and the writable volume as files and symlinks), the
+    gRPC port is 0 and the metrics port a free one; everything else is as deployed. Skipped
+    while the built server lacks a flag of NEW_FLAGS (or there is no built server, cdsctl
+    or openssl).
     """
 
     def setUp(self):
@@ -780,13 +781,78 @@ class ManifestFlagsAgainstServer(unittest.TestCase):
         self.tmp = tempfile.mkdtemp(prefix="deploy_test.")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.root = os.path.join(self.tmp, "root")
-        certs = os.path.join(self.tmp, "certs")
-        subprocess.run(["bash", os.path.join(SOURCE_DIR, "scripts", "make-dev-certs.sh"), certs,
-                        "cds-probe", "ops"], check=True, capture_output=True)
-        audit_key = os.path.join(self.tmp, "audit.key")
-        with open(audit_key, "wb") as f:
+        self.certs = os.path.join(self.tmp, "certs")
+        subprocess.run(["bash", os.path.join(SOURCE_DIR, "scripts", "make-dev-certs.sh"),
+                        self.certs, "cds-probe", "ops"], check=True, capture_output=True)
+        self.audit_key = os.path.join(self.tmp, "audit.key")
+        with open(self.audit_key, "wb") as f:
             f.write(os.urandom(48))
-        layout = {  # container path -> file on this machine
+
+    def lay_out(self, layout, writable):
+        """layout: deployed path -> file here (symlinked); writable: directories to create."""
+        for deployed, real in layout.items():
+            link = self.root + deployed
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(real, link)
+        for directory in writable:
+            os.makedirs(self.root + directory)
+
+    def reroot(self, token):
+        m = re.match(r"^(--[a-z_]+=)(/.*)$", token)
+        return m.group(1) + self.root + m.group(2) if m else token
+
+    def run_server(self, flag_tokens, writable):
+        """Starts the server with flag_tokens (re-rooted); returns (process, port, log)."""
+        import socket
+        import time
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.metrics_port = sock.getsockname()[1]
+        args = []
+        for token in flag_tokens:
+            if token.startswith("--listen="):
+                token = "--listen=127.0.0.1:0"
+            elif token.startswith("--metrics_listen="):
+                token = "--metrics_listen=127.0.0.1:%d" % self.metrics_port
+            args.append(self.reroot(token))
+        env = dict(os.environ, TMPDIR=os.path.join(self.root, "tmp"))
+        log_path = os.path.join(self.tmp, "server.log")
+        with open(log_path, "w") as log:
+            server = subprocess.Popen([SERVER_BINARY] + args, stderr=log, stdout=log, env=env)
+
+        def stop():
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        self.addCleanup(stop)
+        port, deadline = None, time.time() + 60
+        while port is None and time.time() < deadline and server.poll() is None:
+            m = re.search(r"listening on [^\s\"]*:(\d+)", read(log_path))
+            port = int(m.group(1)) if m else None
+            time.sleep(0.1)
+        self.assertIsNotNone(port, "server did not start:\n" + read(log_path)[-3000:])
+        self.writable = writable
+        return server, port, log_path
+
+    def check_metrics_and_stop(self, server, log_path, grace):
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port,
+                                    timeout=10) as response:
+            self.assertEqual(response.status, 200)
+            self.assertIn("# TYPE", response.read().decode())
+        # SIGTERM with nothing in flight: exit 0 well within --grace_period.
+        server.terminate()
+        self.assertEqual(server.wait(timeout=grace + 10), 0, read(log_path)[-2000:])
+        # Nothing written outside the writable directories.
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if not os.path.islink(path):
+                    self.assertTrue(any(under(path, self.root + w) for w in self.writable), path)
+
+    def test_kubernetes_arguments_and_probes(self):
+        certs = self.certs
+        self.lay_out({
             "/opt/cds/rules": os.path.join(SOURCE_DIR, "rules"),
             "/etc/cds/keys": os.path.join(K8S, "trusted-keys"),
             "/etc/cds/tls/tls.crt": os.path.join(certs, "server.pem"),
@@ -796,84 +862,81 @@ class ManifestFlagsAgainstServer(unittest.TestCase):
             "/etc/cds/probe/tls.key": os.path.join(certs, "cds-probe.key"),
             "/etc/cds/probe/ca.crt": os.path.join(certs, "ca.pem"),
             "/etc/cds/policy/policy.textproto": os.path.join(K8S, "policy.textproto"),
-            "/etc/cds/audit/audit.key": audit_key,
-        }
-        for container_path, real in layout.items():
-            link = self.root + container_path
-            os.makedirs(os.path.dirname(link), exist_ok=True)
-            os.symlink(real, link)
-        os.makedirs(os.path.join(self.root, "var", "lib", "cds"))
-        os.makedirs(os.path.join(self.root, "tmp"))
+            "/etc/cds/audit/audit.key": self.audit_key,
+        }, writable=["/var/lib/cds", "/tmp"])
+        server, port, log_path = self.run_server(_container_args(), ["/var/lib/cds", "/tmp"])
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            command = [c.replace("/usr/local/bin/cdsctl", self.cdsctl)
+                       for c in _container()[kind]["exec"]["command"]]
+            if command[:2] == ["/bin/sh", "-c"]:
+                script = command[2].replace("=/etc/", "=" + self.root + "/etc/")
+                command = command[:2] + [script.replace("localhost:%d" % GRPC_PORT,
+                                                        "localhost:%d" % port)]
+            else:
+                command = [self.reroot(c).replace("localhost:%d" % GRPC_PORT, "localhost:%d" % port)
+                           for c in command]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+            self.assertEqual(result.returncode, 0, "%s: %s%s\n%s" % (
+                kind, result.stdout, result.stderr, read(log_path)[-2000:]))
+        self.assertTrue(os.path.exists(self.root + "/var/lib/cds/audit.db"))
+        self.assertTrue(os.path.isdir(self.root + "/var/lib/cds/state"))
+        self.check_metrics_and_stop(server, log_path,
+                                    duration_seconds(flags_in(_container_args())["grace_period"]))
 
-    def reroot(self, token):
-        m = re.match(r"^(--[a-z_]+=)(/.*)$", token)
-        if m:
-            return m.group(1) + self.root + m.group(2)
-        return token
+    def test_dockerfile_default_arguments(self):
+        certs = self.certs
+        self.lay_out({
+            "/opt/cds/rules": os.path.join(SOURCE_DIR, "rules"),
+            "/etc/cds/tls/tls.crt": os.path.join(certs, "server.pem"),
+            "/etc/cds/tls/tls.key": os.path.join(certs, "server.key"),
+            "/etc/cds/tls/ca.crt": os.path.join(certs, "ca.pem"),
+            "/etc/cds/policy/policy.textproto": os.path.join(K8S, "policy.textproto"),
+            "/etc/cds/audit/audit.key": self.audit_key,
+        }, writable=["/var/lib/cds", "/tmp"])
+        cmd = []
+        for instruction, rest in dockerfile_stages()[-1]["instructions"]:
+            if instruction == "CMD":
+                cmd = json.loads(rest)
+        server, port, log_path = self.run_server(cmd, ["/var/lib/cds", "/tmp"])
+        self.check_metrics_and_stop(server, log_path,
+                                    duration_seconds(flags_in(cmd)["grace_period"]))
 
-    def probe(self, kind, port):
-        command = _container()[kind]["exec"]["command"]
-        command = [c.replace("/usr/local/bin/cdsctl", self.cdsctl) for c in command]
-        if command[:2] == ["/bin/sh", "-c"]:
-            script = re.sub(r"=/etc/", "=" + self.root + "/etc/", command[2])
-            script = script.replace("localhost:%d" % GRPC_PORT, "localhost:%d" % port)
-            command = command[:2] + [script]
-        else:
-            command = [self.reroot(c).replace("localhost:%d" % GRPC_PORT, "localhost:%d" % port)
-                       for c in command]
-        return subprocess.run(command, capture_output=True, text=True, timeout=30)
-
-    def test_server_starts_with_the_manifest_flags_and_answers_the_probes(self):
-        import socket
-        import time
-        import urllib.request
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            metrics_port = s.getsockname()[1]
-        args = []
-        for token in _container_args():
-            if token.startswith("--listen="):
-                token = "--listen=127.0.0.1:0"
-            elif token.startswith("--metrics_listen="):
-                token = "--metrics_listen=127.0.0.1:%d" % metrics_port
-            args.append(self.reroot(token))
-        env = dict(os.environ, TMPDIR=os.path.join(self.root, "tmp"))
-        log_path = os.path.join(self.tmp, "server.log")
-        with open(log_path, "w") as log:
-            server = subprocess.Popen([SERVER_BINARY] + args, stderr=log, stdout=log, env=env)
-        try:
-            port, deadline = None, time.time() + 60
-            while port is None and time.time() < deadline and server.poll() is None:
-                m = re.search(r"listening on [^\s\"]*:(\d+)", read(log_path))
-                port = int(m.group(1)) if m else None
-                time.sleep(0.1)
-            self.assertIsNotNone(port, "server did not start:\n" + read(log_path)[-3000:])
-            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
-                result = self.probe(kind, port)
-                self.assertEqual(result.returncode, 0, "%s: %s%s\n%s" % (
-                    kind, result.stdout, result.stderr, read(log_path)[-2000:]))
-            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % metrics_port,
-                                        timeout=10) as response:
-                self.assertEqual(response.status, 200)
-                self.assertIn("# TYPE", response.read().decode())
-            self.assertTrue(os.path.exists(os.path.join(self.root, "var/lib/cds/audit.db")))
-            self.assertTrue(os.path.isdir(os.path.join(self.root, "var/lib/cds/state")))
-            # SIGTERM with nothing in flight: exit 0 well within --grace_period.
-            server.terminate()
-            grace = duration_seconds(flags_in(_container_args())["grace_period"])
-            self.assertEqual(server.wait(timeout=grace + 10), 0, read(log_path)[-2000:])
-            # Nothing written outside the data volume and /tmp.
-            for dirpath, _, files in os.walk(self.root):
-                for name in files:
-                    path = os.path.join(dirpath, name)
-                    if os.path.islink(path):
-                        continue
-                    self.assertTrue(under(path, os.path.join(self.root, "var/lib/cds")) or
-                                    under(path, os.path.join(self.root, "tmp")), path)
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
+    def test_systemd_unit_arguments(self):
+        certs = self.certs
+        d = unit_directives()
+        state = "/var/lib/" + d["StateDirectory"][-1].split()[0]
+        self.lay_out({
+            "/etc/cds/rules": os.path.join(SOURCE_DIR, "rules"),
+            "/etc/cds/keys": os.path.join(SOURCE_DIR, "rules", "keys"),
+            "/etc/cds/tls/server.pem": os.path.join(certs, "server.pem"),
+            "/etc/cds/tls/server.key": os.path.join(certs, "server.key"),
+            "/etc/cds/tls/ca.pem": os.path.join(certs, "ca.pem"),
+            "/etc/cds/policy.textproto": os.path.join(K8S, "policy.textproto"),
+            "/etc/cds/audit.key": self.audit_key,
+        }, writable=[state, "/tmp"])
+        # ExecStart with the unit's Environment= values (the env file's are the same).
+        env = {}
+        for line in d.get("Environment", []):
+            for assignment in shlex.split(line):
+                key, _, value = assignment.partition("=")
+                env[key] = value
+        (exec_start,) = d["ExecStart"]
+        tokens = []
+        for token in exec_start.split()[1:]:
+            if token in ("$CDS_EXTRA_ARGS", "${CDS_EXTRA_ARGS}"):
+                continue
+            tokens.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], token))
+        server, port, log_path = self.run_server(tokens, [state, "/tmp"])
+        result = subprocess.run(
+            [self.cdsctl, "health", "--server=localhost:%d" % port,
+             "--tls_ca=" + os.path.join(certs, "ca.pem"),
+             "--tls_cert=" + os.path.join(certs, "ops.pem"),
+             "--tls_key=" + os.path.join(certs, "ops.key")],
+            capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertTrue(os.path.exists(self.root + state + "/audit.db"))
+        self.check_metrics_and_stop(server, log_path, duration_seconds(
+            flags_in(tokens)["grace_period"]))
 
 
 def _container():
