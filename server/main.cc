@@ -36,7 +36,6 @@
 #include "absl/time/time.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
-#include "grpcpp/health_check_service_interface.h"
 #include "server/audit/audit_log.h"
 #include "server/common/log.h"
 #include "server/metrics/http_exposer.h"
@@ -46,6 +45,7 @@
 #include "server/security/transport.h"
 #include "server/service/auditor.h"
 #include "server/service/decision_service.h"
+#include "server/service/health_service.h"
 #include "server/service/noop_service.h"
 #include "server/store/rule_store.h"
 
@@ -118,13 +118,6 @@ bool SplitHostPort(const std::string& address, std::string* host, std::string* p
   *host = address.substr(0, colon);
   *port = address.substr(colon + 1);
   return !host->empty();
-}
-
-void SetHealth(grpc::Server& server, bool serving) {
-  grpc::HealthCheckServiceInterface* health = server.GetHealthCheckService();
-  if (health == nullptr) return;
-  health->SetServingStatus("", serving);
-  health->SetServingStatus(kServiceName, serving);
 }
 
 // Tests only: CDS_TEST_PAUSE_AT=<step> stops the process at that persistence step (it logs
@@ -272,8 +265,9 @@ int main(int argc, char** argv) {
     cds::log::Warning("no --policy: every caller the transport admits may call every method");
   }
 
-  // Health follows the number of AVAILABLE versions once the server runs.
-  std::atomic<grpc::Server*> running{nullptr};
+  // Health follows the number of AVAILABLE versions (NOT_SERVING until the first), and
+  // turns NOT_SERVING for good on SIGTERM.
+  cds::service::HealthService health({"", kServiceName});
   std::atomic<bool> draining{false};
   cds::store::RuleStore::Options options;
   options.trusted_keys_dir = trusted_keys_dir;
@@ -281,9 +275,8 @@ int main(int argc, char** argv) {
   options.state_dir = absl::GetFlag(FLAGS_state_dir);
   options.ontology_dir = rules_dir + "/ontology";
   options.persistence_hook = PauseHookFromEnvironment();
-  options.on_change = [&running, &draining](int available_now) {
-    grpc::Server* server = running.load();
-    if (server != nullptr && !draining.load()) SetHealth(*server, available_now > 0);
+  options.on_change = [&health, &draining](int available_now) {
+    if (!draining.load()) health.SetServing(available_now > 0);
   };
   cds::store::RuleStore store(options);
   const absl::Time load_start = absl::Now();
@@ -308,7 +301,6 @@ int main(int argc, char** argv) {
   cds::service::RuleSetAdminImpl admin(store);
   service.set_auditor(auditor.get());
   admin.set_auditor(auditor.get());
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int selected_port = 0;
@@ -336,15 +328,13 @@ int main(int argc, char** argv) {
     builder.RegisterService(&service);
   }
   builder.RegisterService(&admin);
+  builder.RegisterService(&health);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
     cds::log::Error("cannot listen on ", listen);
     return 2;
   }
-  // gRPC's default health service starts out SERVING and can only be set once the server
-  // runs, so set it before anything announces the port.
-  SetHealth(*server, store.AvailableCount() > 0);
-  running.store(server.get());
+  health.SetServing(store.AvailableCount() > 0);
   if (*available == 0) {
     cds::log::Error("no rule set is available: health is NOT_SERVING and Evaluate returns "
                     "UNAVAILABLE");
@@ -392,15 +382,15 @@ int main(int argc, char** argv) {
                    absl::FormatDuration(grace_period));
     draining.store(true);
     stop_polling.Notify();
-    SetHealth(*server, false);
+    health.SetServing(false);
     absl::SleepFor(drain);
     cds::log::Info("refusing new calls; waiting for calls in flight");
+    health.Shutdown();  // ends health watches, which would otherwise hold up Shutdown
     server->Shutdown(absl::ToChronoTime(absl::Now() + grace_period));
   });
   server->Wait();
   waiter.join();
   poller.join();
-  running.store(nullptr);
   cds::log::Info("stopped");
   return 0;
 }

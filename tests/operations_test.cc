@@ -198,6 +198,15 @@ TEST_F(OperationsTest, SigtermFinishesCallsInFlightRefusesNewOnesAndExitsZero) {
   Start({"--grace_period", "30s"});
   auto health = grpc::health::v1::Health::NewStub(channel_);
 
+  {  // Names it does not serve are NOT_FOUND, as the health protocol says.
+    grpc::ClientContext context;
+    HealthCheckRequest request;
+    request.set_service("no.such.Service");
+    HealthCheckResponse response;
+    EXPECT_EQ(health->Check(&context, request, &response).error_code(),
+              grpc::StatusCode::NOT_FOUND);
+  }
+
   // A health watcher and a screening stream, both open before the signal.
   grpc::ClientContext watch_context;
   HealthCheckRequest watched;

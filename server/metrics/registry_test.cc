@@ -6,6 +6,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "grpc/health/v1/health.pb.h"
 #include "server/metrics/server_metrics.h"
 
 namespace cds::metrics {
@@ -70,6 +71,8 @@ TEST(RegistryTest, CountsFromManyThreadsAddUp) {
 TEST(ServerMetricsTest, UnknownMethodsShareOneLabelSoCallersCannotGrowTheSeries) {
   EXPECT_EQ(LabelsForMethod("/cds.v1.DecisionSupport/Evaluate").service, "cds.v1.DecisionSupport");
   EXPECT_EQ(LabelsForMethod("/cds.v1.DecisionSupport/Evaluate").method, "Evaluate");
+  // Linked in, so its descriptor is in the generated pool like in cds-server.
+  ASSERT_NE(grpc::health::v1::HealthCheckRequest::descriptor(), nullptr);
   EXPECT_EQ(LabelsForMethod("/grpc.health.v1.Health/Check").method, "Check");
   EXPECT_EQ(LabelsForMethod("/cds.v1.DecisionSupport/Nope").method, "unknown");
   EXPECT_EQ(LabelsForMethod("/PATIENT-12345/x").service, "unknown");

@@ -98,10 +98,6 @@ MethodLabels LabelsForMethod(const std::string& full_method) {
   // if the generated descriptor pool knows that method.
   const std::vector<std::string> parts = absl::StrSplit(full_method, '/');
   if (parts.size() == 3 && parts[0].empty()) {
-    // gRPC's built-in health service is not generated into this binary's pool.
-    if (parts[1] == "grpc.health.v1.Health" && (parts[2] == "Check" || parts[2] == "Watch")) {
-      return {parts[1], parts[2]};
-    }
     const google::protobuf::MethodDescriptor* found =
         google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(
             parts[1] + "." + parts[2]);
