@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "server/engine/patient_check.h"
 
 namespace cds::engine {
 namespace {
@@ -23,13 +24,6 @@ using compiler::RuleRef;
 using cds::v1::Finding;
 using cds::v1::Relative;
 
-// Input limits: far above any real patient, low enough to bound the work per call.
-constexpr int kMaxFindings = 2000;
-constexpr int kMaxMeasurements = 1000;
-constexpr int kMaxRelatives = 200;
-constexpr int kMaxConditionsPerRelative = 100;
-constexpr size_t kMaxReferenceLength = 256;
-constexpr size_t kMaxCodeLength = 128;
 constexpr double kNan = std::numeric_limits<double>::quiet_NaN();
 
 // Three-valued (Kleene) truth.
@@ -148,32 +142,6 @@ std::string Fmt(double v) { return absl::StrFormat("%.3g", v); }
 
 std::string FieldPath(const char* repeated, int index, const char* rest = "") {
   return absl::StrCat("patient.", repeated, "[", index, "]", rest);
-}
-
-absl::Status Invalid(const std::string& field, const std::string& problem) {
-  return absl::InvalidArgumentError(absl::StrCat(field, " ", problem));
-}
-
-// What is wrong with an age ("" when nothing is).
-std::string AgeProblem(const cds::v1::Age& age) {
-  if (age.value_case() == cds::v1::Age::VALUE_NOT_SET) return "";
-  return compiler::ToDays(age).error;
-}
-
-// What is wrong with a code ("" when nothing is); `suffix` gets the sub-field, if any.
-std::string CodeProblem(const cds::v1::Code& code, std::string* suffix) {
-  if (code.code().empty()) {
-    *suffix = ".code";
-    return "is required";
-  }
-  if (code.code().size() > kMaxCodeLength || code.system().size() > kMaxCodeLength) {
-    return "is longer than 128 characters";
-  }
-  if (compiler::NormalizeSystem(code.system(), code.code()).empty()) {
-    *suffix = ".system";
-    return "is required unless the code is a CURIE with a known prefix (HP:, OMIM:, ORPHA:)";
-  }
-  return "";
 }
 
 // Relationships that share the patient's maternal X chromosome lineage.
@@ -741,102 +709,11 @@ void FillCode(const cds::v1::Code& code, cds::v1::Suggestion* out) {
 }  // namespace
 
 absl::Status ValidatePatient(const cds::v1::Patient& patient) {
-  // Field paths are built only for the problem reported: the common case allocates nothing.
-  if (patient.reference().size() > kMaxReferenceLength) {
-    return Invalid("patient.reference", "is longer than 256 characters");
-  }
-  if (patient.sex() == cds::v1::SEX_UNSPECIFIED) {
-    return Invalid("patient.sex", "is required (UNKNOWN_SEX when not known)");
-  }
-  if (!cds::v1::Sex_IsValid(patient.sex())) return Invalid("patient.sex", "is not a known value");
-  std::string problem;
-  if (!(problem = AgeProblem(patient.age())).empty()) return Invalid("patient.age", problem);
-  const compiler::AgeDays age = compiler::ToDays(patient.age());
-  if (patient.findings_size() > kMaxFindings) {
-    return Invalid("patient.findings", absl::StrCat("has more than ", kMaxFindings, " entries"));
-  }
-  if (patient.measurements_size() > kMaxMeasurements) {
-    return Invalid("patient.measurements",
-                   absl::StrCat("has more than ", kMaxMeasurements, " entries"));
-  }
-  for (int i = 0; i < patient.findings_size(); ++i) {
-    const Finding& f = patient.findings(i);
-    if (!f.has_term()) return Invalid(FieldPath("findings", i, ".term"), "is required");
-    std::string suffix;
-    if (!(problem = CodeProblem(f.term(), &suffix)).empty()) {
-      return Invalid(FieldPath("findings", i, ".term") + suffix, problem);
-    }
-    if (f.status() == Finding::STATUS_UNSPECIFIED || !Finding::Status_IsValid(f.status())) {
-      return Invalid(FieldPath("findings", i, ".status"),
-                     "is required (PRESENT, EXCLUDED or UNKNOWN)");
-    }
-    if (f.has_onset()) {
-      if (!(problem = AgeProblem(f.onset())).empty()) {
-        return Invalid(FieldPath("findings", i, ".onset"), problem);
-      }
-      const compiler::AgeDays onset = compiler::ToDays(f.onset());
-      if (onset.set && age.set && onset.days > age.days + 1) {
-        return Invalid(FieldPath("findings", i, ".onset"), "is later than patient.age");
-      }
-    }
-  }
-  for (int i = 0; i < patient.measurements_size(); ++i) {
-    const cds::v1::Measurement& m = patient.measurements(i);
-    if (!m.has_assay()) return Invalid(FieldPath("measurements", i, ".assay"), "is required");
-    std::string suffix;
-    if (!(problem = CodeProblem(m.assay(), &suffix)).empty()) {
-      return Invalid(FieldPath("measurements", i, ".assay") + suffix, problem);
-    }
-    if (!std::isfinite(m.value()) || m.value() < 0) {
-      return Invalid(FieldPath("measurements", i, ".value"),
-                     "must be a finite, non-negative number");
-    }
-    if (m.unit().empty()) return Invalid(FieldPath("measurements", i, ".unit"), "is required");
-    if (m.unit().size() > kMaxCodeLength) {
-      return Invalid(FieldPath("measurements", i, ".unit"), "is longer than 128 characters");
-    }
-    if (!(problem = AgeProblem(m.age())).empty()) {
-      return Invalid(FieldPath("measurements", i, ".age"), problem);
-    }
-    if (m.has_reference_range()) {
-      const auto& r = m.reference_range();
-      if ((r.has_low() && (!std::isfinite(r.low()) || r.low() < 0)) ||
-          (r.has_high() && (!std::isfinite(r.high()) || r.high() < 0)) ||
-          (r.has_low() && r.has_high() && r.low() > r.high())) {
-        return Invalid(FieldPath("measurements", i, ".reference_range"),
-                       "must have finite, non-negative bounds with low <= high");
-      }
-    }
-  }
-  if (patient.has_family_history()) {
-    const auto& family = patient.family_history();
-    if (family.relatives_size() > kMaxRelatives) {
-      return Invalid("patient.family_history.relatives",
-                     absl::StrCat("has more than ", kMaxRelatives, " entries"));
-    }
-    if (!cds::v1::FamilyHistory::Consanguinity_IsValid(family.consanguinity())) {
-      return Invalid("patient.family_history.consanguinity", "is not a known value");
-    }
-    for (int i = 0; i < family.relatives_size(); ++i) {
-      const Relative& r = family.relatives(i);
-      auto field = [i] { return absl::StrCat("patient.family_history.relatives[", i, "]"); };
-      if (r.relationship() == Relative::RELATIONSHIP_UNSPECIFIED ||
-          !Relative::Relationship_IsValid(r.relationship())) {
-        return Invalid(field() + ".relationship", "is required");
-      }
-      if (!cds::v1::Sex_IsValid(r.sex())) return Invalid(field() + ".sex", "is not a known value");
-      if (r.conditions_size() > kMaxConditionsPerRelative) {
-        return Invalid(field() + ".conditions", "has too many entries");
-      }
-      for (int c = 0; c < r.conditions_size(); ++c) {
-        std::string suffix;
-        if (!(problem = CodeProblem(r.conditions(c), &suffix)).empty()) {
-          return Invalid(absl::StrCat(field(), ".conditions[", c, "]", suffix), problem);
-        }
-      }
-    }
-  }
-  return absl::OkStatus();
+  Violations violations(/*max_kept=*/1);
+  CheckPatient(patient, violations);
+  if (violations.empty()) return absl::OkStatus();
+  const FieldViolation& first = violations.kept().front();
+  return absl::InvalidArgumentError(absl::StrCat(first.field, " ", first.description));
 }
 
 absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient,

@@ -35,8 +35,9 @@ struct EvaluateOptions {
 absl::Status Evaluate(const compiler::CompiledRuleSet& rule_set, const cds::v1::Patient& patient,
                       const EvaluateOptions& options, cds::v1::EvaluateResponse* response);
 
-// Checks a patient for malformed input without evaluating it: unset enums, negative or
-// non-finite values and ages, missing codes. The message names the field path only.
+// Checks a patient for malformed input without evaluating it: the rules of
+// patient_check.h (CheckPatient), reported as INVALID_ARGUMENT "<field> <description>" for
+// the first problem found. The message names the field path and the rule only.
 absl::Status ValidatePatient(const cds::v1::Patient& patient);
 
 }  // namespace cds::engine
