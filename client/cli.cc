@@ -1,5 +1,6 @@
 #include "client/cli.h"
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <map>
@@ -14,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "cds/v1/audit.grpc.pb.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "client/format.h"
 #include "client/input.h"
@@ -68,11 +70,15 @@ Usage:
       Lists the rule-set versions the server holds, their state and digest.
   cdsctl health [--server HOST:PORT] [--service NAME]
       Prints SERVING or NOT_SERVING (grpc.health.v1; default service "" = whole server).
-  cdsctl audit --db FILE [--since T] [--until T] [--caller ID] [--rule-set NAME[@VERSION]]
-               [--pseudonym HEX | --patient-ref REF --audit-key FILE] [--limit N] [--json]
-      Lists audit records (cds-server --audit_db), oldest first. T is RFC 3339
-      (2026-11-23T10:00:00Z) or a duration back from now (24h). --patient-ref computes the
-      pseudonym with the server's --audit_key_file; the reference itself is never stored.
+  cdsctl audit [--server HOST:PORT | --db FILE] [--since T] [--until T] [--caller ID]
+               [--rule-set NAME[@VERSION]] [--pseudonym HEX | --patient-ref REF]
+               [--limit N] [--json]
+      Lists audit records, oldest first: from the server (AuditService.QueryAudit, admin
+      role; the default), or with --db straight from the SQLite file of cds-server
+      --audit_db. T is RFC 3339 (2026-11-23T10:00:00Z) or a duration back from now (24h).
+      --patient-ref finds a patient's records: the server computes the pseudonym with its
+      key; with --db, give that key as --audit-key FILE. The reference is never stored.
+      --limit caps the records printed (default 1000).
   cdsctl rules check DIR [--keys DIR]
       Compiles a rule-set directory (rules/<name>/<version>/) exactly as the server does,
       prints every issue (errors, and lint warnings such as unused concepts or
@@ -443,12 +449,87 @@ int RuleSets(const Options& options, std::ostream& out, std::ostream& err) {
   return kOk;
 }
 
-int Audit(const Options& options, std::ostream& out, std::ostream& err) {
-  if (options.audit_db.empty()) {
-    err << "cdsctl: usage: cdsctl audit --db FILE [--since T] [--until T] [--caller ID] "
-           "[--rule-set NAME[@VERSION]] [--pseudonym HEX | --patient-ref REF --audit-key FILE]\n";
+void PrintAuditRecord(const audit::AuditRecord& r, bool json, std::ostream& out) {
+  const std::string time = absl::FormatTime(absl::RFC3339_full, r.time, absl::UTCTimeZone());
+  if (json) {
+    out << "{\"time\":\"" << time << "\",\"caller\":\"" << absl::CEscape(r.caller)
+        << "\",\"method\":\"" << absl::CEscape(r.method) << "\",\"ruleSet\":\""
+        << absl::CEscape(r.rule_set) << "\",\"digest\":\"" << absl::CEscape(r.digest)
+        << "\",\"pseudonym\":\"" << absl::CEscape(r.pseudonym) << "\",\"evaluationId\":\""
+        << absl::CEscape(r.evaluation_id) << "\",\"topSuggestions\":\""
+        << absl::CEscape(r.top_suggestions) << "\",\"statusCode\":" << r.status_code
+        << ",\"latencyUs\":" << r.latency_us << "}\n";
+  } else {
+    out << time << "  " << (r.caller.empty() ? "-" : r.caller) << "  " << r.method << "  "
+        << (r.rule_set.empty() ? "-" : r.rule_set) << "  status=" << r.status_code << "  "
+        << r.latency_us << "us  " << (r.pseudonym.empty() ? "-" : r.pseudonym.substr(0, 16))
+        << "  " << (r.evaluation_id.empty() ? "-" : r.evaluation_id) << "  "
+        << r.top_suggestions << "\n";
+  }
+}
+
+void SetTimestamp(absl::Time t, google::protobuf::Timestamp* out) {
+  const int64_t seconds = absl::ToUnixSeconds(t);
+  out->set_seconds(seconds);
+  out->set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(t - absl::FromUnixSeconds(seconds))));
+}
+
+// `cdsctl audit` through the server: pages of AuditService.QueryAudit until --limit.
+int AuditFromServer(const Options& options, std::ostream& out, std::ostream& err) {
+  if (!options.audit_key.empty()) {
+    err << "cdsctl: --audit-key goes with --db only (the server pseudonymises --patient-ref "
+           "with its own key)\n";
     return kUsage;
   }
+  cds::v1::QueryAuditRequest request;
+  if (options.since) SetTimestamp(*options.since, request.mutable_since());
+  if (options.until) SetTimestamp(*options.until, request.mutable_until());
+  request.set_caller(options.caller);
+  request.set_rule_set(options.rule_set.value_or(""));
+  if (!options.pseudonym.empty()) request.set_pseudonym(options.pseudonym);
+  if (!options.patient_ref.empty()) request.set_patient_reference(options.patient_ref);
+  Connection connection(options);
+  auto stub = cds::v1::AuditService::NewStub(connection.channel());
+  int printed = 0;
+  while (printed < options.limit) {
+    request.set_page_size(std::min(options.limit - printed, 1000));
+    grpc::ClientContext context;
+    connection.Prepare(&context);
+    cds::v1::QueryAuditResponse response;
+    const grpc::Status status = stub->QueryAudit(&context, request, &response);
+    if (!status.ok()) return connection.Report(status, err);
+    for (const cds::v1::AuditEntry& e : response.entries()) {
+      audit::AuditRecord r;
+      r.time = absl::FromUnixSeconds(e.time().seconds()) + absl::Nanoseconds(e.time().nanos());
+      r.caller = e.caller();
+      r.method = e.method();
+      r.rule_set = e.rule_set();
+      r.digest = e.digest();
+      r.pseudonym = e.pseudonym();
+      r.evaluation_id = e.evaluation_id();
+      r.top_suggestions = e.top_suggestions();
+      r.status_code = e.status_code();
+      r.latency_us = e.latency_us();
+      PrintAuditRecord(r, options.json, out);
+      ++printed;
+    }
+    if (response.next_page_token().empty()) break;
+    request.set_page_token(response.next_page_token());
+  }
+  return kOk;
+}
+
+int Audit(const Options& options, std::ostream& out, std::ostream& err) {
+  if (options.positional.size() != 1) {
+    err << "cdsctl: usage: cdsctl audit [--server HOST:PORT | --db FILE] [--since T] [--until T] "
+           "[--caller ID] [--rule-set NAME[@VERSION]] [--pseudonym HEX | --patient-ref REF]\n";
+    return kUsage;
+  }
+  if (!options.patient_ref.empty() && !options.pseudonym.empty()) {
+    err << "cdsctl: --patient-ref and --pseudonym are exclusive\n";
+    return kUsage;
+  }
+  if (options.audit_db.empty()) return AuditFromServer(options, out, err);
   audit::AuditQuery query;
   if (options.since) query.since = *options.since;
   if (options.until) query.until = *options.until;
@@ -457,8 +538,8 @@ int Audit(const Options& options, std::ostream& out, std::ostream& err) {
   query.pseudonym = options.pseudonym;
   query.limit = options.limit;
   if (!options.patient_ref.empty()) {
-    if (options.audit_key.empty() || !options.pseudonym.empty()) {
-      err << "cdsctl: --patient-ref needs --audit-key (and excludes --pseudonym)\n";
+    if (options.audit_key.empty()) {
+      err << "cdsctl: with --db, --patient-ref needs --audit-key (the server's key file)\n";
       return kUsage;
     }
     absl::StatusOr<audit::Pseudonymizer> pseudonymizer =
@@ -475,23 +556,7 @@ int Audit(const Options& options, std::ostream& out, std::ostream& err) {
     err << "cdsctl: " << records.status().message() << "\n";
     return kBadInput;
   }
-  for (const audit::AuditRecord& r : *records) {
-    const std::string time = absl::FormatTime(absl::RFC3339_full, r.time, absl::UTCTimeZone());
-    if (options.json) {
-      out << "{\"time\":\"" << time << "\",\"caller\":\"" << absl::CEscape(r.caller)
-          << "\",\"method\":\"" << r.method << "\",\"ruleSet\":\"" << absl::CEscape(r.rule_set)
-          << "\",\"digest\":\"" << r.digest << "\",\"pseudonym\":\"" << r.pseudonym
-          << "\",\"evaluationId\":\"" << r.evaluation_id << "\",\"topSuggestions\":\""
-          << absl::CEscape(r.top_suggestions) << "\",\"statusCode\":" << r.status_code
-          << ",\"latencyUs\":" << r.latency_us << "}\n";
-    } else {
-      out << time << "  " << (r.caller.empty() ? "-" : r.caller) << "  " << r.method << "  "
-          << (r.rule_set.empty() ? "-" : r.rule_set) << "  status=" << r.status_code << "  "
-          << r.latency_us << "us  " << (r.pseudonym.empty() ? "-" : r.pseudonym.substr(0, 16))
-          << "  " << (r.evaluation_id.empty() ? "-" : r.evaluation_id) << "  "
-          << r.top_suggestions << "\n";
-    }
-  }
+  for (const audit::AuditRecord& r : *records) PrintAuditRecord(r, options.json, out);
   return kOk;
 }
 

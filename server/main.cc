@@ -43,6 +43,7 @@
 #include "server/metrics/server_metrics.h"
 #include "server/security/authz.h"
 #include "server/security/transport.h"
+#include "server/service/audit_service.h"
 #include "server/service/auditor.h"
 #include "server/service/decision_service.h"
 #include "server/service/health_service.h"
@@ -329,6 +330,8 @@ int main(int argc, char** argv) {
   }
   builder.RegisterService(&admin);
   builder.RegisterService(&health);
+  cds::service::AuditServiceImpl audit_service(auditor.get());
+  builder.RegisterService(&audit_service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || selected_port == 0) {
     cds::log::Error("cannot listen on ", listen);

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -19,7 +20,12 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "cds/v1/audit.grpc.pb.h"
 #include "cds/v1/service.grpc.pb.h"
+#include "google/rpc/error_details.pb.h"
+#include "google/rpc/status.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -229,6 +235,257 @@ TEST_F(AuditTest, SamePatientSamePseudonymAndLifecycleCallsAreRecorded) {
   EXPECT_EQ(lines(r.out).size(), 0u) << r.out;
   r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", dir_.path() + "/missing.db"});
   EXPECT_EQ(r.exit_code, 3) << r.err;
+}
+
+// Every method leaves one record, whether it succeeds or fails: evaluations, streams (each
+// patient, or the stream itself when it carries none), rule-set reads, lifecycle calls and
+// audit queries; the status code recorded is the one the client saw.
+TEST_F(AuditTest, EveryMethodLeavesARecordIncludingFailedCalls) {
+  ServerProcess server;
+  std::string error;
+  ASSERT_TRUE(server.Start(CDS_SERVER_BINARY, Flags(dir_), &error)) << error;
+  auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+  auto stub = cds::v1::DecisionSupport::NewStub(channel);
+  auto admin = cds::v1::RuleSetAdmin::NewStub(channel);
+  auto audit = cds::v1::AuditService::NewStub(channel);
+  std::vector<std::string> expected;
+  auto expect = [&](const std::string& method, const grpc::Status& status) {
+    expected.push_back(absl::StrCat(method, " ", status.error_code()));
+  };
+  auto context = [] {
+    auto c = std::make_unique<grpc::ClientContext>();
+    c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return c;
+  };
+  const std::string ds = "/cds.v1.DecisionSupport/";
+  const std::string ra = "/cds.v1.RuleSetAdmin/";
+  {
+    cds::v1::EvaluateResponse response;
+    grpc::Status s = stub->Evaluate(context().get(), Request("every-a"), &response);
+    EXPECT_TRUE(s.ok());
+    expect(ds + "Evaluate", s);
+    cds::v1::EvaluateRequest bad = Request("every-b");
+    bad.set_rule_set("nosuch");
+    s = stub->Evaluate(context().get(), bad, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+    expect(ds + "Evaluate", s);
+  }
+  for (int patients : {2, 0}) {
+    auto c = context();
+    auto stream = stub->EvaluateStream(c.get());
+    for (int i = 0; i < patients; ++i) {
+      cds::v1::StreamEvaluateRequest request;
+      *request.mutable_request() = Request("stream");
+      ASSERT_TRUE(stream->Write(request));
+    }
+    stream->WritesDone();
+    cds::v1::StreamEvaluateResponse response;
+    while (stream->Read(&response)) expect(ds + "EvaluateStream", grpc::Status::OK);
+    const grpc::Status s = stream->Finish();
+    EXPECT_TRUE(s.ok());
+    if (patients == 0) expect(ds + "EvaluateStream", s);
+  }
+  {
+    cds::v1::ListRuleSetsResponse response;
+    grpc::Status s = stub->ListRuleSets(context().get(), cds::v1::ListRuleSetsRequest(), &response);
+    EXPECT_TRUE(s.ok());
+    expect(ds + "ListRuleSets", s);
+    cds::v1::GetRuleSetRequest get;
+    get.set_name("ipex");
+    cds::v1::GetRuleSetResponse got;
+    s = stub->GetRuleSet(context().get(), get, &got);
+    EXPECT_TRUE(s.ok());
+    expect(ds + "GetRuleSet", s);
+    get.set_version("9.9.9");
+    s = stub->GetRuleSet(context().get(), get, &got);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+    expect(ds + "GetRuleSet", s);
+    s = stub->GetRuleSet(context().get(), cds::v1::GetRuleSetRequest(), &got);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    expect(ds + "GetRuleSet", s);
+  }
+  {
+    cds::v1::PublishRuleSetRequest publish;
+    publish.set_bundle("not a bundle");
+    cds::v1::PublishRuleSetResponse published;
+    grpc::Status s = admin->PublishRuleSet(context().get(), publish, &published);
+    EXPECT_FALSE(s.ok());
+    expect(ra + "PublishRuleSet", s);
+    cds::v1::SetLabelRequest label;
+    label.set_name("ipex");
+    label.set_label("canary");
+    label.set_version("9.9.9");
+    cds::v1::SetLabelResponse labelled;
+    s = admin->SetLabel(context().get(), label, &labelled);
+    EXPECT_FALSE(s.ok());
+    expect(ra + "SetLabel", s);
+    cds::v1::RetireRuleSetRequest retire;
+    cds::v1::RetireRuleSetResponse retired;
+    s = admin->RetireRuleSet(context().get(), retire, &retired);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    expect(ra + "RetireRuleSet", s);
+  }
+  {
+    cds::v1::QueryAuditRequest bad;
+    bad.set_pseudonym("not-hex");
+    cds::v1::QueryAuditResponse response;
+    grpc::Status s = audit->QueryAudit(context().get(), bad, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    expect("/cds.v1.AuditService/QueryAudit", s);
+  }
+  cds::v1::QueryAuditRequest all;
+  all.set_page_size(1000);
+  cds::v1::QueryAuditResponse response;
+  const grpc::Status s = audit->QueryAudit(context().get(), all, &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  std::vector<std::string> recorded;
+  for (const cds::v1::AuditEntry& e : response.entries()) {
+    recorded.push_back(absl::StrCat(e.method(), " ", e.status_code()));
+  }
+  EXPECT_EQ(recorded, expected);
+}
+
+// QueryAudit: filters, pages, pseudonyms computed by the server from a raw reference that
+// it never stores, logs or echoes.
+TEST_F(AuditTest, QueryAuditFiltersAndPagesWithoutKeepingTheRawReference) {
+  ServerProcess server;
+  std::string error;
+  ASSERT_TRUE(server.Start(CDS_SERVER_BINARY, Flags(dir_), &error)) << error;
+  auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+  auto stub = cds::v1::DecisionSupport::NewStub(channel);
+  auto audit = cds::v1::AuditService::NewStub(channel);
+  const std::string kRaw = "RAW-REF-query-8d2f0b";
+  for (const std::string& ref : {kRaw, std::string("other"), kRaw, kRaw, kRaw}) {
+    grpc::ClientContext context;
+    cds::v1::EvaluateResponse response;
+    ASSERT_TRUE(stub->Evaluate(&context, Request(ref), &response).ok());
+  }
+  auto query = [&](const cds::v1::QueryAuditRequest& request,
+                   cds::v1::QueryAuditResponse* response) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return audit->QueryAudit(&context, request, response);
+  };
+  // By raw reference, two per page: pages of 2, 2 then none left. (Up to now: the queries
+  // themselves are recorded under the same pseudonym.)
+  cds::v1::QueryAuditRequest request;
+  request.set_patient_reference(kRaw);
+  request.set_page_size(2);
+  const absl::Time now = absl::Now();
+  request.mutable_until()->set_seconds(absl::ToUnixSeconds(now));
+  request.mutable_until()->set_nanos(static_cast<int32_t>(
+      absl::ToInt64Nanoseconds(now - absl::FromUnixSeconds(absl::ToUnixSeconds(now)))));
+  std::vector<std::string> pseudonyms;
+  int pages = 0;
+  while (true) {
+    cds::v1::QueryAuditResponse response;
+    const grpc::Status s = query(request, &response);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    ++pages;
+    for (const auto& e : response.entries()) {
+      pseudonyms.push_back(e.pseudonym());
+      EXPECT_EQ(e.method(), "/cds.v1.DecisionSupport/Evaluate");
+      EXPECT_EQ(e.rule_set(), "ipex@1.1.0");
+      EXPECT_EQ(e.status_code(), 0);
+      EXPECT_FALSE(e.evaluation_id().empty());
+    }
+    if (response.next_page_token().empty()) break;
+    request.set_page_token(response.next_page_token());
+    ASSERT_LT(pages, 10);
+  }
+  EXPECT_EQ(pages, 2);
+  ASSERT_EQ(pseudonyms.size(), 4u);
+  EXPECT_EQ(pseudonyms[0].size(), 64u);
+  for (const std::string& p : pseudonyms) EXPECT_EQ(p, pseudonyms[0]);
+  // By pseudonym, the same records; by time range and method-independent filters.
+  cds::v1::QueryAuditRequest by_pseudonym;
+  *by_pseudonym.mutable_until() = request.until();
+  by_pseudonym.set_pseudonym(pseudonyms[0]);
+  cds::v1::QueryAuditResponse response;
+  ASSERT_TRUE(query(by_pseudonym, &response).ok());
+  EXPECT_EQ(response.entries_size(), 4);
+  cds::v1::QueryAuditRequest future;
+  future.mutable_since()->set_seconds(absl::ToUnixSeconds(absl::Now()) + 3600);
+  ASSERT_TRUE(query(future, &response).ok());
+  EXPECT_EQ(response.entries_size(), 0);
+  cds::v1::QueryAuditRequest by_version;
+  *by_version.mutable_until() = request.until();
+  by_version.set_rule_set("ipex@1.0.0");
+  ASSERT_TRUE(query(by_version, &response).ok());
+  EXPECT_EQ(response.entries_size(), 0);
+  by_version.set_rule_set("ipex");
+  ASSERT_TRUE(query(by_version, &response).ok());
+  EXPECT_EQ(response.entries_size(), 5);
+  // Malformed filters: INVALID_ARGUMENT with one field violation each, never the reference.
+  struct Bad {
+    std::function<void(cds::v1::QueryAuditRequest*)> mutate;
+    std::string field;
+  };
+  const std::vector<Bad> bad = {
+      {[](auto* r) { r->set_pseudonym("ABC"); }, "pseudonym"},
+      {[&](auto* r) { r->set_patient_reference(kRaw + std::string(300, 'x')); },
+       "patient_reference"},
+      {[](auto* r) { r->set_patient_reference(""); }, "patient_reference"},
+      {[](auto* r) { r->set_page_size(5000); }, "page_size"},
+      {[](auto* r) { r->set_page_size(-1); }, "page_size"},
+      {[](auto* r) { r->set_page_token("abc"); }, "page_token"},
+      {[](auto* r) { r->set_rule_set("ipex@1@2"); }, "rule_set"},
+      {[](auto* r) { r->set_rule_set("ip ex"); }, "rule_set"},
+      {[](auto* r) { r->set_caller(std::string(300, 'c')); }, "caller"},
+      {[](auto* r) { r->mutable_since()->set_nanos(-1); }, "since"},
+      {[](auto* r) {
+         r->mutable_since()->set_seconds(2000000000);
+         r->mutable_until()->set_seconds(1000000000);
+       },
+       "until"},
+  };
+  for (const Bad& b : bad) {
+    cds::v1::QueryAuditRequest r;
+    b.mutate(&r);
+    SCOPED_TRACE(b.field);
+    const grpc::Status s = query(r, &response);
+    ASSERT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+    EXPECT_TRUE(absl::StartsWith(s.error_message(), b.field + " ")) << s.error_message();
+    google::rpc::Status details;
+    ASSERT_TRUE(details.ParseFromString(s.error_details()));
+    ASSERT_EQ(details.details_size(), 1);
+    google::rpc::BadRequest bad_request;
+    ASSERT_TRUE(details.details(0).UnpackTo(&bad_request));
+    ASSERT_EQ(bad_request.field_violations_size(), 1);
+    EXPECT_EQ(bad_request.field_violations(0).field(), b.field);
+    EXPECT_FALSE(absl::StrContains(s.error_message(), kRaw));
+    EXPECT_FALSE(absl::StrContains(s.error_details(), kRaw));
+  }
+  // The queries are audited under the pseudonym; the raw reference is nowhere.
+  cds::v1::QueryAuditRequest queries;
+  queries.set_pseudonym(pseudonyms[0]);
+  ASSERT_TRUE(query(queries, &response).ok());
+  int query_records = 0;
+  for (const auto& e : response.entries()) {
+    query_records += e.method() == "/cds.v1.AuditService/QueryAudit";
+  }
+  EXPECT_EQ(query_records, 3);  // two pages by reference, one by pseudonym
+  ASSERT_EQ(server.Stop(SIGTERM), 0);
+  const std::string db = dir_.path() + "/audit.db";
+  EXPECT_FALSE(absl::StrContains(server.Stderr(), kRaw));
+  EXPECT_FALSE(absl::StrContains(ReadFileOrEmpty(db), kRaw));
+  EXPECT_FALSE(absl::StrContains(ReadFileOrEmpty(db + "-wal"), kRaw));
+}
+
+TEST_F(AuditTest, QueryAuditWithoutAnAuditTrailIsFailedPrecondition) {
+  ServerProcess server;
+  std::string error;
+  ASSERT_TRUE(server.Start(CDS_SERVER_BINARY,
+                           {"--listen", "127.0.0.1:0", "--rules_dir", kSourceDir + "/rules",
+                            "--drain", "0s", "--poll_interval", "0"},
+                           &error))
+      << error;
+  auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+  grpc::ClientContext context;
+  cds::v1::QueryAuditResponse response;
+  const grpc::Status status = cds::v1::AuditService::NewStub(channel)->QueryAudit(
+      &context, cds::v1::QueryAuditRequest(), &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
 }
 
 TEST_F(AuditTest, AStoreThatCannotKeepUpFailsCallsClosed) {

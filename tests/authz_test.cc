@@ -15,6 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "cds/v1/audit.grpc.pb.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -96,6 +97,12 @@ std::map<std::string, Call> Methods() {
     }
     return stream->Finish();
   };
+  m["QueryAudit"] = [](auto channel, auto* context) {
+    cds::v1::QueryAuditRequest request;
+    request.set_page_size(1);
+    cds::v1::QueryAuditResponse response;
+    return cds::v1::AuditService::NewStub(channel)->QueryAudit(context, request, &response);
+  };
   m["Health"] = [](auto channel, auto* context) {
     grpc::health::v1::HealthCheckResponse response;
     return grpc::health::v1::Health::NewStub(channel)->Check(
@@ -103,6 +110,19 @@ std::map<std::string, Call> Methods() {
   };
   return m;
 }
+
+// The full gRPC method name of each call of Methods().
+const std::map<std::string, std::string> kPaths = {
+    {"Evaluate", "/cds.v1.DecisionSupport/Evaluate"},
+    {"EvaluateStream", "/cds.v1.DecisionSupport/EvaluateStream"},
+    {"ListRuleSets", "/cds.v1.DecisionSupport/ListRuleSets"},
+    {"GetRuleSet", "/cds.v1.DecisionSupport/GetRuleSet"},
+    {"PublishRuleSet", "/cds.v1.RuleSetAdmin/PublishRuleSet"},
+    {"SetLabel", "/cds.v1.RuleSetAdmin/SetLabel"},
+    {"RetireRuleSet", "/cds.v1.RuleSetAdmin/RetireRuleSet"},
+    {"QueryAudit", "/cds.v1.AuditService/QueryAudit"},
+    {"Health", "/grpc.health.v1.Health/Check"},
+};
 
 // Which methods each role may call.
 const std::map<std::string, std::vector<std::string>> kAllowed = {
@@ -113,7 +133,7 @@ const std::map<std::string, std::vector<std::string>> kAllowed = {
       "Health"}},
     {"adm",
      {"Evaluate", "EvaluateStream", "ListRuleSets", "GetRuleSet", "PublishRuleSet", "SetLabel",
-      "RetireRuleSet", "Health"}},
+      "RetireRuleSet", "QueryAudit", "Health"}},
     {"stranger", {"Health"}},
 };
 
@@ -175,8 +195,27 @@ bool Denied(const grpc::Status& s) {
          s.error_code() == grpc::StatusCode::UNAUTHENTICATED;
 }
 
+// Rows of `sql` (one text column) from the audit database at `path`, read while the
+// server may still write (WAL).
+std::vector<std::string> AuditRows(const std::string& path, const std::string& sql) {
+  std::vector<std::string> rows;
+  sqlite3* db = nullptr;
+  EXPECT_EQ(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  EXPECT_EQ(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr), SQLITE_OK)
+      << sqlite3_errmsg(db);
+  while (stmt != nullptr && sqlite3_step(stmt) == SQLITE_ROW) {
+    const unsigned char* text = sqlite3_column_text(stmt, 0);
+    rows.emplace_back(text == nullptr ? "" : reinterpret_cast<const char*>(text));
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return rows;
+}
+
 TEST_F(AuthzTest, EveryMethodTimesEveryRole) {
   const std::map<std::string, Call> methods = Methods();
+  ASSERT_EQ(methods.size(), kPaths.size());
   for (const auto& [who, allowed] : kAllowed) {
     std::shared_ptr<grpc::Channel> channel = Channel(who);
     for (const auto& [name, call] : methods) {
@@ -190,6 +229,15 @@ TEST_F(AuthzTest, EveryMethodTimesEveryRole) {
         EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED)
             << status.error_message();
       }
+      // Every call but the open health check left exactly one audit record, with the
+      // caller (its CN when denied, the granted identity, CN or SAN, when allowed) and the
+      // status the client saw.
+      if (name == "Health") continue;
+      const std::vector<std::string> rows = AuditRows(
+          state_.path() + "/audit.db",
+          absl::StrCat("SELECT status_code FROM audit WHERE method = '", kPaths.at(name),
+                       "' AND (caller = '", who, "' OR caller = 'cds:", who, "')"));
+      EXPECT_EQ(rows, std::vector<std::string>{std::to_string(status.error_code())});
     }
   }
 }
@@ -261,9 +309,48 @@ TEST_F(AuthzTest, DeniedCallsAreLoggedAndAudited) {
   const std::vector<std::string> expected = {
       "clin /cds.v1.RuleSetAdmin/RetireRuleSet 7",
       " /cds.v1.DecisionSupport/Evaluate 16",
+      "clin /cds.v1.DecisionSupport/ListRuleSets 0",
       "clin /cds.v1.DecisionSupport/Evaluate 0",
   };
   EXPECT_EQ(rows, expected);
+}
+
+TEST_F(AuthzTest, AdminsQueryTheAuditTrailThroughTheServerWithCdsctl) {
+  const std::map<std::string, Call> methods = Methods();
+  EXPECT_TRUE(Invoke(methods.at("Evaluate"), Channel("clin")).ok());
+  EXPECT_EQ(Invoke(methods.at("RetireRuleSet"), Channel("clin")).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  auto cdsctl = [&](const std::string& who, std::vector<std::string> args) {
+    std::vector<std::string> argv = {CDSCTL_BINARY, "audit", "--server", server_.address(),
+                                     "--tls_ca",
+                                     certs_.path() + "/ca.pem", "--tls_cert",
+                                     certs_.path() + "/" + who + ".pem", "--tls_key",
+                                     certs_.path() + "/" + who + ".key"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return RunCommand(argv);
+  };
+  CommandResult r = cdsctl("adm", {"--caller", "clin", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.out, "\"method\":\"/cds.v1.DecisionSupport/Evaluate\"")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "\"method\":\"/cds.v1.RuleSetAdmin/RetireRuleSet\""))
+      << r.out;
+  r = cdsctl("adm", {"--since", "1h", "--rule-set", "ipex@1.1.0"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.out, "clin  /cds.v1.DecisionSupport/Evaluate  ipex@1.1.0"))
+      << r.out;
+  // Only admins: a clinician is refused (exit code 5, PERMISSION_DENIED).
+  r = cdsctl("clin", {});
+  EXPECT_EQ(r.exit_code, 5) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.err, "PERMISSION_DENIED")) << r.err;
+  // The admin's queries and the clinician's attempt are themselves audited.
+  r = cdsctl("adm", {"--caller", "adm"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.out, "adm  /cds.v1.AuditService/QueryAudit")) << r.out;
+  r = cdsctl("adm", {"--caller", "clin", "--json"});
+  EXPECT_TRUE(absl::StrContains(
+      r.out, "\"method\":\"/cds.v1.AuditService/QueryAudit\",\"ruleSet\":\"\",\"digest\":\"\","
+             "\"pseudonym\":\"\",\"evaluationId\":\"\",\"topSuggestions\":\"\",\"statusCode\":7"))
+      << r.out;
 }
 
 TEST(AuthzStartupTest, PolicyNeedsTlsAndMustParse) {

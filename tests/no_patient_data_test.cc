@@ -13,6 +13,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "cds/v1/audit.grpc.pb.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
@@ -80,6 +81,7 @@ class Client {
     channel_ = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
     stub_ = cds::v1::DecisionSupport::NewStub(channel_);
     admin_ = cds::v1::RuleSetAdmin::NewStub(channel_);
+    audit_ = cds::v1::AuditService::NewStub(channel_);
   }
 
   grpc::Status Evaluate(const cds::v1::EvaluateRequest& request,
@@ -117,9 +119,21 @@ class Client {
     cds::v1::GetRuleSetResponse response;
     return Record(stub_->GetRuleSet(&context, request, &response));
   }
+  // Audit records of the patient with raw reference `reference`.
+  grpc::Status QueryAudit(const std::string& reference, int* records = nullptr) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    cds::v1::QueryAuditRequest request;
+    request.set_patient_reference(reference);
+    cds::v1::QueryAuditResponse response;
+    const grpc::Status status = Record(audit_->QueryAudit(&context, request, &response));
+    if (records != nullptr) *records = response.entries_size();
+    return status;
+  }
   void Disconnect() {
     stub_.reset();
     admin_.reset();
+    audit_.reset();
     channel_.reset();
   }
   // Every error message and decoded details returned so far.
@@ -146,6 +160,7 @@ class Client {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<cds::v1::DecisionSupport::Stub> stub_;
   std::unique_ptr<cds::v1::RuleSetAdmin::Stub> admin_;
+  std::unique_ptr<cds::v1::AuditService::Stub> audit_;
   std::string errors_;
 };
 
@@ -164,12 +179,15 @@ cds::v1::EvaluateRequest Request(const std::string& rule_set) {
 
 TEST(NoPatientDataTest, NoneInLogsOrErrorsOnAnyPath) {
   TempDir state;
+  ASSERT_TRUE(testing::WriteFile(state.path() + "/audit.key", std::string(40, 'k')));
   ServerProcess server;
   std::string error;
   ASSERT_TRUE(server.Start(CDS_SERVER_BINARY,
                            {"--listen", "127.0.0.1:0", "--rules_dir", kSourceDir + "/rules",
                             "--state_dir", state.path(), "--drain", "0s", "--poll_interval", "0",
-                            "--max_request_bytes", "100000"},
+                            "--max_request_bytes", "100000", "--audit_db",
+                            state.path() + "/audit.db", "--audit_key_file",
+                            state.path() + "/audit.key"},
                            &error))
       << error;
   Client client(server.address());
@@ -209,11 +227,20 @@ TEST(NoPatientDataTest, NoneInLogsOrErrorsOnAnyPath) {
   EXPECT_FALSE(client.Publish(absl::StrCat(kSecrets[0], kSecrets[1], kSecrets[4])).ok());
   EXPECT_FALSE(client.Publish("").ok());
   EXPECT_FALSE(client.SetLabel("ipex", "stable", "9.9.9").ok());
+  // Audit queries by raw patient reference: found, and refused when malformed.
+  int records = 0;
+  EXPECT_TRUE(client.QueryAudit(kSecrets[0], &records).ok()) << client.errors();
+  EXPECT_GE(records, 2);
+  EXPECT_EQ(client.QueryAudit(kSecrets[0] + std::string(300, 'x')).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
 
   client.Disconnect();
   ASSERT_EQ(server.Stop(SIGTERM), 0);
   ExpectNoSecrets(server.Stderr(), "the server's stderr");
   ExpectNoSecrets(client.errors(), "an error message or its details");
+  // The audit trail keeps pseudonyms only.
+  ExpectNoSecrets(testing::ReadFileOrEmpty(state.path() + "/audit.db"), "the audit database");
+  ExpectNoSecrets(testing::ReadFileOrEmpty(state.path() + "/audit.db-wal"), "the audit WAL");
 }
 
 TEST(NoPatientDataTest, NoneInLogsOrErrorsWhenNothingIsLoaded) {

@@ -74,6 +74,11 @@ class SqliteAuditSink final : public AuditSink {
     return pending->status;
   }
 
+  absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const override {
+    // A connection of its own, read-only: WAL readers never block the writer.
+    return QuerySqliteAudit(options_.path, query);
+  }
+
  private:
   struct Pending {
     AuditRecord record;
@@ -214,10 +219,10 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   sqlite3_stmt* stmt = nullptr;
   const char* sql =
       "SELECT time_us, caller, method, rule_set, digest, pseudonym, evaluation_id, "
-      "top_suggestions, status_code, latency_us FROM audit WHERE time_us >= ?1 AND time_us < ?2 "
-      "AND (?3 = '' OR caller = ?3) "
-      "AND (?4 = '' OR rule_set = ?4 OR rule_set LIKE ?4 || '@%') "
-      "AND (?5 = '' OR pseudonym = ?5) ORDER BY id LIMIT ?6";
+      "top_suggestions, status_code, latency_us, id FROM audit WHERE time_us >= ?1 "
+      "AND time_us < ?2 AND (?3 = '' OR caller = ?3) "
+      "AND (?4 = '' OR rule_set = ?4 OR substr(rule_set, 1, length(?4) + 1) = ?4 || '@') "
+      "AND (?5 = '' OR pseudonym = ?5) AND id > ?7 ORDER BY id LIMIT ?6";
   if (sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) != SQLITE_OK) {
     const std::string message = sqlite3_errmsg(db);
     sqlite3_close(db);
@@ -233,6 +238,7 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   sqlite3_bind_text(stmt, 4, query.rule_set.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_text(stmt, 5, query.pseudonym.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_int(stmt, 6, query.limit);
+  sqlite3_bind_int64(stmt, 7, query.after_id);
   std::vector<AuditRecord> records;
   auto text = [stmt](int i) {
     const unsigned char* t = sqlite3_column_text(stmt, i);
@@ -251,6 +257,7 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
     r.top_suggestions = text(7);
     r.status_code = sqlite3_column_int(stmt, 8);
     r.latency_us = sqlite3_column_int64(stmt, 9);
+    r.id = sqlite3_column_int64(stmt, 10);
     records.push_back(std::move(r));
   }
   sqlite3_finalize(stmt);

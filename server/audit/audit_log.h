@@ -20,6 +20,7 @@
 namespace cds::audit {
 
 struct AuditRecord {
+  int64_t id = 0;          // set by the store: increasing in commit order
   absl::Time time;
   std::string caller;      // identity, "" when anonymous
   std::string method;      // "/cds.v1.DecisionSupport/Evaluate"
@@ -32,8 +33,10 @@ struct AuditRecord {
   int64_t latency_us = 0;
 };
 
-// Where records go. Implementations are thread-safe; a shared database for several
-// replicas can be added behind this interface.
+struct AuditQuery;
+
+// Where records go, and how they are read back. Implementations are thread-safe; a shared
+// database for several replicas can be added behind this interface.
 class AuditSink {
  public:
   virtual ~AuditSink() = default;
@@ -41,6 +44,8 @@ class AuditSink {
   virtual absl::Status Record(AuditRecord record) = 0;
   // Records waiting to be committed (for the metrics' queue-depth gauge).
   virtual int QueueDepth() const = 0;
+  // Committed records matching `query`, in commit order (oldest first).
+  virtual absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const = 0;
 };
 
 // HMAC-SHA256 of patient references under a server secret, as lower-case hex. Immutable,
@@ -81,6 +86,7 @@ struct AuditQuery {
   std::string caller;
   std::string rule_set;   // "name@version", or "name" for every version
   std::string pseudonym;
+  int64_t after_id = 0;  // only records with a larger id (paging)
   int limit = 1000;
 };
 

@@ -43,12 +43,13 @@ grpc::Status Auditor::Evaluated(const grpc::ServerContextBase& context, absl::Ti
   return Commit(context, std::move(record), start, std::move(status));
 }
 
-grpc::Status Auditor::Lifecycle(const grpc::ServerContextBase& context, const std::string& method,
-                                absl::Time start, const std::string& rule_set,
-                                grpc::Status status) const {
+grpc::Status Auditor::Call(const grpc::ServerContextBase& context, const char* method,
+                           absl::Time start, std::string rule_set, grpc::Status status,
+                           std::string pseudonym) const {
   audit::AuditRecord record;
   record.method = method;
-  record.rule_set = rule_set;
+  record.rule_set = std::move(rule_set);
+  record.pseudonym = std::move(pseudonym);
   return Commit(context, std::move(record), start, std::move(status));
 }
 

@@ -27,10 +27,14 @@ class Auditor {
 
   static constexpr char kEvaluateMethod[] = "/cds.v1.DecisionSupport/Evaluate";
   static constexpr char kEvaluateStreamMethod[] = "/cds.v1.DecisionSupport/EvaluateStream";
-  // A lifecycle call on `rule_set` ("name@version", or "name").
-  grpc::Status Lifecycle(const grpc::ServerContextBase& context, const std::string& method,
-                         absl::Time start, const std::string& rule_set,
-                         grpc::Status status) const;
+  // Any other call (lifecycle, rule-set reads, audit queries, an empty stream) on
+  // `rule_set` ("name@version", "name" or ""), about the patient of `pseudonym` if any.
+  grpc::Status Call(const grpc::ServerContextBase& context, const char* method,
+                    absl::Time start, std::string rule_set, grpc::Status status,
+                    std::string pseudonym = "") const;
+
+  audit::AuditSink& sink() const { return sink_; }
+  const audit::Pseudonymizer& pseudonymizer() const { return pseudonymizer_; }
 
  private:
   grpc::Status Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,

@@ -105,26 +105,46 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* DecisionServiceImpl::ListRuleSets(
     grpc::CallbackServerContext* context, const cds::v1::ListRuleSetsRequest* request,
     cds::v1::ListRuleSetsResponse* response) {
+  const absl::Time start = absl::Now();
   for (cds::v1::RuleSetInfo& info : store_.List(request->name())) {
     *response->add_rule_sets() = std::move(info);
   }
+  grpc::Status status = grpc::Status::OK;
+  if (auditor_ != nullptr) {
+    status = auditor_->Call(*context, "/cds.v1.DecisionSupport/ListRuleSets", start,
+                            request->name(), std::move(status));
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
+  reactor->Finish(status);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* DecisionServiceImpl::GetRuleSet(
     grpc::CallbackServerContext* context, const cds::v1::GetRuleSetRequest* request,
     cds::v1::GetRuleSetResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::Time start = absl::Now();
+  absl::Status status;
+  std::string rule_set = request->name();
   if (request->name().empty()) {
-    reactor->Finish(ToGrpcStatus(absl::InvalidArgumentError("name is required")));
-    return reactor;
+    status = absl::InvalidArgumentError("name is required");
+  } else {
+    absl::StatusOr<cds::v1::GetRuleSetResponse> found =
+        store_.Get(request->name(), request->version());
+    if (found.ok()) {
+      *response = *std::move(found);
+      rule_set = absl::StrCat(response->info().ref().name(), "@", response->info().ref().version());
+    } else {
+      if (!request->version().empty()) absl::StrAppend(&rule_set, "@", request->version());
+      status = found.status();
+    }
   }
-  absl::StatusOr<cds::v1::GetRuleSetResponse> found =
-      store_.Get(request->name(), request->version());
-  if (found.ok()) *response = std::move(*found);
-  reactor->Finish(ToGrpcStatus(found.status()));
+  grpc::Status result = ToGrpcStatus(status);
+  if (auditor_ != nullptr) {
+    result = auditor_->Call(*context, "/cds.v1.DecisionSupport/GetRuleSet", start,
+                            std::move(rule_set), std::move(result));
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(result);
   return reactor;
 }
 
@@ -145,8 +165,8 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::PublishRuleSet(
   }
   grpc::Status status = ToGrpcStatus(published.status());
   if (auditor_ != nullptr) {
-    status = auditor_->Lifecycle(*context, "/cds.v1.RuleSetAdmin/PublishRuleSet", start, rule_set,
-                                 std::move(status));
+    status = auditor_->Call(*context, "/cds.v1.RuleSetAdmin/PublishRuleSet", start,
+                            std::move(rule_set), std::move(status));
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(status);
@@ -168,7 +188,7 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::SetLabel(grpc::CallbackServerContext
   }
   grpc::Status result = ToGrpcStatus(status);
   if (auditor_ != nullptr) {
-    result = auditor_->Lifecycle(*context, "/cds.v1.RuleSetAdmin/SetLabel", start,
+    result = auditor_->Call(*context, "/cds.v1.RuleSetAdmin/SetLabel", start,
                                  absl::StrCat(request->name(), "@", request->version()),
                                  std::move(result));
   }
@@ -191,7 +211,7 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::RetireRuleSet(
   }
   grpc::Status result = ToGrpcStatus(status);
   if (auditor_ != nullptr) {
-    result = auditor_->Lifecycle(*context, "/cds.v1.RuleSetAdmin/RetireRuleSet", start,
+    result = auditor_->Call(*context, "/cds.v1.RuleSetAdmin/RetireRuleSet", start,
                                  absl::StrCat(request->name(), "@", request->version()),
                                  std::move(result));
   }

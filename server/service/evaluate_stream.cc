@@ -33,7 +33,7 @@ class EvaluateStreamReactor final
  public:
   EvaluateStreamReactor(const store::RuleStore& store, const grpc::CallbackServerContext& context,
                         const Auditor* auditor)
-      : store_(store), context_(context), auditor_(auditor) {
+      : store_(store), context_(context), auditor_(auditor), start_(absl::Now()) {
     absl::MutexLock lock(&mu_);
     reading_ = true;
     StartRead(&request_);
@@ -111,16 +111,27 @@ class EvaluateStreamReactor final
     if (finished_ || reading_ || writing_) return;
     if (failed_) {
       finished_ = true;
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "stream write failed"));
+      FinishAudited(grpc::Status(grpc::StatusCode::CANCELLED, "stream write failed"));
     } else if (reads_done_ && queue_.empty()) {
       finished_ = true;
-      Finish(grpc::Status::OK);
+      FinishAudited(grpc::Status::OK);
     }
+  }
+
+  // Each patient has its own record; a stream that carried none gets one record of its own,
+  // so that every call leaves a trace.
+  void FinishAudited(grpc::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (auditor_ != nullptr && next_index_ == 0) {
+      status = auditor_->Call(context_, Auditor::kEvaluateStreamMethod, start_, "",
+                              std::move(status));
+    }
+    Finish(status);
   }
 
   const store::RuleStore& store_;
   const grpc::CallbackServerContext& context_;
   const Auditor* const auditor_;  // null: not audited
+  const absl::Time start_;
   absl::Mutex mu_;
   cds::v1::StreamEvaluateRequest request_ ABSL_GUARDED_BY(mu_);
   std::deque<cds::v1::StreamEvaluateResponse> queue_ ABSL_GUARDED_BY(mu_);
