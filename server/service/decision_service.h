@@ -21,7 +21,7 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
   explicit DecisionServiceImpl(const store::RuleStore& store) : store_(store) {
     SetMessageAllocatorFor_Evaluate(&evaluate_allocator_);
   }
-  // Evaluations are audited (and fail closed) when set; the auditor must outlive this.
+  // Every call is audited (and fails closed) when set; the auditor must outlive this.
   void set_auditor(const Auditor* auditor) { auditor_ = auditor; }
 
   grpc::ServerUnaryReactor* Evaluate(grpc::CallbackServerContext* context,
@@ -44,8 +44,8 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
 };
 
 // cds.v1.RuleSetAdmin: publish bundles, move labels, retire versions. Thread-safe; borrows
-// the store, which must outlive it. The RPCs are not authenticated beyond the bundle
-// signatures: expose the port to operators only (TLS and client auth are a later issue).
+// the store, which must outlive it. Who may call them is the access policy's business
+// (server/security/authz.h: the author and admin roles); bundles must be signed in any case.
 class RuleSetAdminImpl final : public cds::v1::RuleSetAdmin::CallbackService {
  public:
   explicit RuleSetAdminImpl(store::RuleStore& store) : store_(store) {}
