@@ -1,9 +1,11 @@
 #include "server/audit/audit_log.h"
 
+#include <openssl/core_names.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/params.h>
 #include <sqlite3.h>
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <fstream>
@@ -15,6 +17,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 
 namespace cds::audit {
@@ -38,10 +41,18 @@ CREATE INDEX IF NOT EXISTS audit_time ON audit(time_us);
 CREATE INDEX IF NOT EXISTS audit_pseudonym ON audit(pseudonym);
 )sql";
 
+// One writer thread commits whatever is queued as one transaction, then tells every record
+// of the batch its outcome. A watchdog thread answers UNAVAILABLE for records still not
+// committed after max_wait (a stuck disk); whichever comes first, commit or watchdog, claims
+// the record and calls its callback, exactly once.
 class SqliteAuditSink final : public AuditSink {
  public:
   SqliteAuditSink(sqlite3* db, sqlite3_stmt* insert, const SqliteAuditOptions& options)
-      : options_(options), db_(db), insert_(insert), writer_([this] { WriteLoop(); }) {}
+      : options_(options),
+        db_(db),
+        insert_(insert),
+        writer_([this] { WriteLoop(); }),
+        watchdog_([this] { WatchLoop(); }) {}
 
   ~SqliteAuditSink() override {
     {
@@ -49,6 +60,7 @@ class SqliteAuditSink final : public AuditSink {
       stopping_ = true;
     }
     writer_.join();
+    watchdog_.join();
     sqlite3_finalize(insert_);
     sqlite3_close(db_);
   }
@@ -58,20 +70,20 @@ class SqliteAuditSink final : public AuditSink {
     return static_cast<int>(queue_.size());
   }
 
-  absl::Status Record(AuditRecord record) override {
+  void RecordAsync(AuditRecord record, Done done) override {
     auto pending = std::make_shared<Pending>();
     pending->record = std::move(record);
-    absl::MutexLock lock(&mu_);
-    if (static_cast<int>(queue_.size()) >= options_.max_queued) {
-      return absl::UnavailableError("audit trail cannot keep up: call refused unaudited");
+    pending->done = std::move(done);
+    {
+      absl::MutexLock lock(&mu_);
+      if (static_cast<int>(queue_.size()) < options_.max_queued && !stopping_) {
+        pending->deadline = absl::Now() + options_.max_wait;
+        queue_.push_back(pending);
+        watched_.push_back(std::move(pending));
+        return;
+      }
     }
-    queue_.push_back(pending);
-    auto done = [&pending]() { return pending->done; };
-    if (!mu_.AwaitWithTimeout(absl::Condition(&done), options_.max_wait)) {
-      pending->abandoned = true;  // committed later or not, the caller is told UNAVAILABLE
-      return absl::UnavailableError("audit trail too slow: call refused unaudited");
-    }
-    return pending->status;
+    pending->Finish(absl::UnavailableError("audit trail cannot keep up: call refused unaudited"));
   }
 
   absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const override {
@@ -82,30 +94,67 @@ class SqliteAuditSink final : public AuditSink {
  private:
   struct Pending {
     AuditRecord record;
-    bool done = false;
-    bool abandoned = false;
-    absl::Status status;
+    Done done;
+    absl::Time deadline;
+    std::atomic<bool> claimed{false};
+    // Calls `done` unless someone already has.
+    void Finish(absl::Status status) {
+      if (!claimed.exchange(true, std::memory_order_acq_rel)) std::move(done)(std::move(status));
+    }
   };
 
   void WriteLoop() {
+    std::vector<std::shared_ptr<Pending>> batch;
     while (true) {
-      std::vector<std::shared_ptr<Pending>> batch;
+      batch.clear();
       {
         absl::MutexLock lock(&mu_);
         auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           return stopping_ || !queue_.empty();
         };
         mu_.Await(absl::Condition(&ready));
-        if (queue_.empty() && stopping_) return;
-        batch.assign(queue_.begin(), queue_.end());
-        queue_.clear();
+        // Forget the records answered so far (the watchdog would, but only when it wakes).
+        while (!watched_.empty() && watched_.front()->claimed.load(std::memory_order_acquire)) {
+          watched_.pop_front();
+        }
+        if (queue_.empty() && stopping_) {
+          writer_done_ = true;
+          return;
+        }
+        batch.swap(queue_);
       }
+      // Committed even when the watchdog has already answered some of them: those callers
+      // were told UNAVAILABLE, and a record too many is better than one too few.
       const absl::Status status = Commit(batch);
-      absl::MutexLock lock(&mu_);
-      for (auto& p : batch) {
-        p->status = status;
-        p->done = true;
+      for (const auto& p : batch) p->Finish(status);
+    }
+  }
+
+  void WatchLoop() {
+    absl::MutexLock lock(&mu_);
+    while (true) {
+      while (!watched_.empty() && watched_.front()->claimed.load(std::memory_order_acquire)) {
+        watched_.pop_front();
       }
+      if (watched_.empty()) {
+        if (stopping_) return;
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stopping_ || !watched_.empty();
+        };
+        mu_.Await(absl::Condition(&ready));
+        continue;
+      }
+      std::shared_ptr<Pending> oldest = watched_.front();
+      if (absl::Now() < oldest->deadline) {
+        // Records are watched in arrival order, so the oldest expires first. On shutdown
+        // the writer answers every queued record before it stops.
+        mu_.AwaitWithDeadline(absl::Condition(&writer_done_), oldest->deadline);
+        continue;
+      }
+      watched_.pop_front();
+      mu_.Unlock();
+      oldest->Finish(absl::UnavailableError("audit trail too slow: call refused unaudited"));
+      mu_.Lock();
     }
   }
 
@@ -118,8 +167,9 @@ class SqliteAuditSink final : public AuditSink {
       const AuditRecord& r = p->record;
       sqlite3_reset(insert_);
       sqlite3_bind_int64(insert_, 1, absl::ToUnixMicros(r.time));
+      // The record outlives the statement's step: no copies (SQLITE_STATIC).
       auto text = [this](int i, const std::string& s) {
-        sqlite3_bind_text(insert_, i, s.data(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+        sqlite3_bind_text(insert_, i, s.data(), static_cast<int>(s.size()), SQLITE_STATIC);
       };
       text(2, r.caller);
       text(3, r.method);
@@ -131,10 +181,12 @@ class SqliteAuditSink final : public AuditSink {
       sqlite3_bind_int(insert_, 9, r.status_code);
       sqlite3_bind_int64(insert_, 10, r.latency_us);
       if (sqlite3_step(insert_) != SQLITE_DONE) {
+        sqlite3_reset(insert_);
         sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
         return absl::UnavailableError("audit trail cannot be written");
       }
     }
+    sqlite3_reset(insert_);
     if (sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
       sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
       return absl::UnavailableError("audit trail cannot be written");
@@ -146,9 +198,15 @@ class SqliteAuditSink final : public AuditSink {
   sqlite3* const db_;           // used by the writer thread only
   sqlite3_stmt* const insert_;  // ditto
   mutable absl::Mutex mu_;
-  std::deque<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
+  // Records waiting for the writer.
+  std::vector<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
+  // Records not yet answered, oldest first (the watchdog's view; answered ones are dropped
+  // lazily from the front).
+  std::deque<std::shared_ptr<Pending>> watched_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool writer_done_ ABSL_GUARDED_BY(mu_) = false;
   std::thread writer_;
+  std::thread watchdog_;
 };
 
 }  // namespace
@@ -164,14 +222,66 @@ absl::StatusOr<Pseudonymizer> Pseudonymizer::FromKeyFile(const std::string& path
   return Pseudonymizer(content.str());
 }
 
+// An HMAC-SHA256 context keyed once; each pseudonym duplicates it (cheap) instead of
+// fetching the algorithm and keying a new context per call (HMAC()'s one-shot path).
+class Pseudonymizer::Keyed {
+ public:
+  explicit Keyed(const std::string& key) {
+    mac_ = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+    if (mac_ != nullptr) ctx_ = EVP_MAC_CTX_new(mac_);
+    char digest[] = "SHA256";
+    const OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0), OSSL_PARAM_END};
+    ok_ = ctx_ != nullptr &&
+          EVP_MAC_init(ctx_, reinterpret_cast<const unsigned char*>(key.data()), key.size(),
+                       params) == 1;
+  }
+  ~Keyed() {
+    EVP_MAC_CTX_free(ctx_);
+    EVP_MAC_free(mac_);
+  }
+  Keyed(const Keyed&) = delete;
+  Keyed& operator=(const Keyed&) = delete;
+
+  // Lower-case hex HMAC of `data`; "" when OpenSSL fails (then no pseudonym is recorded
+  // rather than a wrong one).
+  std::string Mac(const std::string& data) const {
+    if (!ok_) return "";
+    EVP_MAC_CTX* ctx = EVP_MAC_CTX_dup(ctx_);
+    if (ctx == nullptr) return "";
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    size_t length = 0;
+    const bool ok =
+        EVP_MAC_update(ctx, reinterpret_cast<const unsigned char*>(data.data()), data.size()) ==
+            1 &&
+        EVP_MAC_final(ctx, mac, &length, sizeof(mac)) == 1;
+    EVP_MAC_CTX_free(ctx);
+    if (!ok) return "";
+    return absl::BytesToHexString(absl::string_view(reinterpret_cast<const char*>(mac), length));
+  }
+
+ private:
+  EVP_MAC* mac_ = nullptr;
+  EVP_MAC_CTX* ctx_ = nullptr;  // keyed; only duplicated after construction
+  bool ok_ = false;
+};
+
+Pseudonymizer::Pseudonymizer(const std::string& key) : keyed_(std::make_shared<Keyed>(key)) {}
+
 std::string Pseudonymizer::Of(const std::string& reference) const {
   if (reference.empty()) return "";
-  unsigned char mac[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  HMAC(EVP_sha256(), key_.data(), static_cast<int>(key_.size()),
-       reinterpret_cast<const unsigned char*>(reference.data()), reference.size(), mac, &length);
-  return absl::BytesToHexString(
-      absl::string_view(reinterpret_cast<const char*>(mac), length));
+  return keyed_->Mac(reference);
+}
+
+absl::Status AuditSink::Record(AuditRecord record) {
+  absl::Notification committed;
+  absl::Status outcome;
+  RecordAsync(std::move(record), [&committed, &outcome](absl::Status status) {
+    outcome = std::move(status);
+    committed.Notify();
+  });
+  committed.WaitForNotification();
+  return outcome;
 }
 
 absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOptions& options) {

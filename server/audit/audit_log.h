@@ -1,18 +1,21 @@
 #pragma once
 
-// The audit trail (issue 6, part 3): one record per evaluation, lifecycle call and denied
-// call. A call is answered only after its record is committed; records from concurrent
-// calls are committed together (group commit: one transaction, one fsync, per batch). When
-// the store cannot keep up (queue full, or no commit within the wait) or cannot be written,
-// Record() returns UNAVAILABLE and the caller fails the call closed rather than answering
-// it unaudited. Patient references are stored only as a keyed pseudonym (HMAC-SHA256 with
-// a server secret); the raw reference never reaches the store.
+// The audit trail (issue 6, part 3): one record per call. A call is answered only after its
+// record is committed; records from concurrent calls are committed together (group commit:
+// one transaction, one fsync, per batch). When the store cannot keep up (queue full, or no
+// commit within the wait) or cannot be written, the record's outcome is UNAVAILABLE and the
+// caller fails the call closed rather than answering it unaudited. Callers on gRPC's
+// threads use RecordAsync, which never blocks: the outcome is delivered to a callback, so
+// waiting for a commit holds no thread and the records of every call in flight can share
+// one commit. Patient references are stored only as a keyed pseudonym (HMAC-SHA256 with a
+// server secret); the raw reference never reaches the store.
 
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -39,9 +42,16 @@ struct AuditQuery;
 // database for several replicas can be added behind this interface.
 class AuditSink {
  public:
+  // Called exactly once with the record's outcome: OK once it is durably committed, or
+  // UNAVAILABLE (fail closed). May run on the caller's thread (refused at once) or on the
+  // store's own thread; it must not block for long.
+  using Done = absl::AnyInvocable<void(absl::Status) &&>;
+
   virtual ~AuditSink() = default;
+  // Queues `record` and returns at once; `done` gets the outcome.
+  virtual void RecordAsync(AuditRecord record, Done done) = 0;
   // Blocks until `record` is durably committed: OK, or UNAVAILABLE (fail closed).
-  virtual absl::Status Record(AuditRecord record) = 0;
+  absl::Status Record(AuditRecord record);
   // Records waiting to be committed (for the metrics' queue-depth gauge).
   virtual int QueueDepth() const = 0;
   // Committed records matching `query`, in commit order (oldest first).
@@ -54,12 +64,13 @@ class Pseudonymizer {
  public:
   // REQUIRES: key of at least 32 bytes.
   static absl::StatusOr<Pseudonymizer> FromKeyFile(const std::string& path);
-  explicit Pseudonymizer(std::string key) : key_(std::move(key)) {}
+  explicit Pseudonymizer(const std::string& key);
   // "" for an empty reference.
   std::string Of(const std::string& reference) const;
 
  private:
-  std::string key_;
+  class Keyed;  // HMAC-SHA256 context keyed once (OpenSSL EVP_MAC), copied per call
+  std::shared_ptr<const Keyed> keyed_;
 };
 
 struct SqliteAuditOptions {

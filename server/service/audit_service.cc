@@ -171,10 +171,9 @@ grpc::ServerUnaryReactor* AuditServiceImpl::QueryAudit(grpc::CallbackServerConte
     }
   }
   // The record of the query names the patient asked about by pseudonym only.
-  const grpc::Status result = auditor_->Call(*context, kQueryAuditMethod, start,
-                                             std::move(rule_set), ToGrpcStatus(status),
-                                             std::move(pseudonym));
-  reactor->Finish(result);
+  auditor_->CallAsync(*context, kQueryAuditMethod, start, std::move(rule_set),
+                      ToGrpcStatus(status), std::move(pseudonym),
+                      [reactor](grpc::Status audited) { reactor->Finish(audited); });
   return reactor;
 }
 

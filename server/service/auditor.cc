@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/security/authz.h"
 
@@ -23,24 +24,43 @@ std::string CallerOf(const grpc::ServerContextBase& context) {
 
 }  // namespace
 
-grpc::Status Auditor::Evaluated(const grpc::ServerContextBase& context, absl::Time start,
-                                const cds::v1::EvaluateRequest& request,
-                                const cds::v1::EvaluateResponse& response,
-                                grpc::Status status, const char* method) const {
+audit::AuditRecord Auditor::EvaluationRecord(const cds::v1::EvaluateRequest& request,
+                                             const cds::v1::EvaluateResponse& response,
+                                             const grpc::Status& status,
+                                             const char* method) const {
   audit::AuditRecord record;
   record.method = method;
   record.pseudonym = pseudonymizer_.Of(request.patient().reference());
   if (status.ok()) {
-    record.rule_set = absl::StrCat(response.rule_set().name(), "@", response.rule_set().version());
-    record.digest = response.rule_set().digest();
+    const cds::v1::RuleSetRef& ref = response.rule_set();
+    record.rule_set.reserve(ref.name().size() + 1 + ref.version().size());
+    record.rule_set.append(ref.name()).append("@").append(ref.version());
+    record.digest = ref.digest();
     record.evaluation_id = response.evaluation_id();
     for (int i = 0; i < response.suggestions_size() && i < kTopSuggestions; ++i) {
-      absl::StrAppend(&record.top_suggestions, i > 0 ? "," : "", response.suggestions(i).rule_id());
+      if (i > 0) record.top_suggestions.push_back(',');
+      record.top_suggestions.append(response.suggestions(i).rule_id());
     }
   } else {
     record.rule_set = request.rule_set();
   }
-  return Commit(context, std::move(record), start, std::move(status));
+  return record;
+}
+
+grpc::Status Auditor::Evaluated(const grpc::ServerContextBase& context, absl::Time start,
+                                const cds::v1::EvaluateRequest& request,
+                                const cds::v1::EvaluateResponse& response,
+                                grpc::Status status, const char* method) const {
+  audit::AuditRecord record = EvaluationRecord(request, response, status, method);
+  return CommitAndWait(context, std::move(record), start, std::move(status));
+}
+
+void Auditor::EvaluatedAsync(const grpc::ServerContextBase& context, absl::Time start,
+                             const cds::v1::EvaluateRequest& request,
+                             const cds::v1::EvaluateResponse& response, grpc::Status status,
+                             const char* method, Finish finish) const {
+  audit::AuditRecord record = EvaluationRecord(request, response, status, method);
+  Commit(context, std::move(record), start, std::move(status), std::move(finish));
 }
 
 grpc::Status Auditor::Call(const grpc::ServerContextBase& context, const char* method,
@@ -50,20 +70,46 @@ grpc::Status Auditor::Call(const grpc::ServerContextBase& context, const char* m
   record.method = method;
   record.rule_set = std::move(rule_set);
   record.pseudonym = std::move(pseudonym);
-  return Commit(context, std::move(record), start, std::move(status));
+  return CommitAndWait(context, std::move(record), start, std::move(status));
 }
 
-grpc::Status Auditor::Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,
-                             absl::Time start, grpc::Status status) const {
+void Auditor::CallAsync(const grpc::ServerContextBase& context, const char* method,
+                        absl::Time start, std::string rule_set, grpc::Status status,
+                        std::string pseudonym, Finish finish) const {
+  audit::AuditRecord record;
+  record.method = method;
+  record.rule_set = std::move(rule_set);
+  record.pseudonym = std::move(pseudonym);
+  Commit(context, std::move(record), start, std::move(status), std::move(finish));
+}
+
+void Auditor::Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,
+                     absl::Time start, grpc::Status status, Finish finish) const {
   record.time = start;
   record.caller = CallerOf(context);
   record.status_code = static_cast<int>(status.error_code());
   record.latency_us = absl::ToInt64Microseconds(absl::Now() - start);
-  const absl::Status written = sink_.Record(std::move(record));
-  if (!written.ok()) {
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(written.message()));
-  }
-  return status;
+  sink_.RecordAsync(std::move(record), [status = std::move(status), finish = std::move(finish)](
+                                           absl::Status written) mutable {
+    if (!written.ok()) {
+      status = grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(written.message()));
+    }
+    std::move(finish)(std::move(status));
+  });
+}
+
+grpc::Status Auditor::CommitAndWait(const grpc::ServerContextBase& context,
+                                    audit::AuditRecord record, absl::Time start,
+                                    grpc::Status status) const {
+  absl::Notification answered;
+  grpc::Status result;
+  Commit(context, std::move(record), start, std::move(status),
+         [&answered, &result](grpc::Status final_status) {
+           result = std::move(final_status);
+           answered.Notify();
+         });
+  answered.WaitForNotification();
+  return result;
 }
 
 }  // namespace cds::service

@@ -30,6 +30,20 @@ void SetTimestamp(absl::Time t, google::protobuf::Timestamp* out) {
 
 }  // namespace
 
+grpc::ServerUnaryReactor* FinishAudited(const Auditor* auditor,
+                                        grpc::CallbackServerContext* context, const char* method,
+                                        absl::Time start, std::string rule_set,
+                                        grpc::Status status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (auditor == nullptr) {
+    reactor->Finish(status);
+  } else {
+    auditor->CallAsync(*context, method, start, std::move(rule_set), std::move(status), "",
+                       [reactor](grpc::Status audited) { reactor->Finish(audited); });
+  }
+  return reactor;
+}
+
 absl::StatusOr<Pin> ParsePin(const cds::v1::EvaluateRequest& request) {
   Pin pin;
   pin.name = request.rule_set();
@@ -96,7 +110,12 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
     status = ToGrpcStatus(EvaluateOnce(store_, *request, response));
   }
   if (auditor_ != nullptr) {
-    status = auditor_->Evaluated(*context, start, *request, *response, std::move(status));
+    // Answered once the record is committed, from the audit trail's thread: this one is
+    // free for other calls meanwhile.
+    auditor_->EvaluatedAsync(*context, start, *request, *response, std::move(status),
+                             Auditor::kEvaluateMethod,
+                             [reactor](grpc::Status audited) { reactor->Finish(audited); });
+    return reactor;
   }
   reactor->Finish(status);
   return reactor;
@@ -109,14 +128,8 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::ListRuleSets(
   for (cds::v1::RuleSetInfo& info : store_.List(request->name())) {
     *response->add_rule_sets() = std::move(info);
   }
-  grpc::Status status = grpc::Status::OK;
-  if (auditor_ != nullptr) {
-    status = auditor_->Call(*context, "/cds.v1.DecisionSupport/ListRuleSets", start,
-                            request->name(), std::move(status));
-  }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(status);
-  return reactor;
+  return FinishAudited(auditor_, context, "/cds.v1.DecisionSupport/ListRuleSets", start,
+                       request->name(), grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* DecisionServiceImpl::GetRuleSet(
@@ -138,14 +151,8 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::GetRuleSet(
       status = found.status();
     }
   }
-  grpc::Status result = ToGrpcStatus(status);
-  if (auditor_ != nullptr) {
-    result = auditor_->Call(*context, "/cds.v1.DecisionSupport/GetRuleSet", start,
-                            std::move(rule_set), std::move(result));
-  }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(result);
-  return reactor;
+  return FinishAudited(auditor_, context, "/cds.v1.DecisionSupport/GetRuleSet", start,
+                       std::move(rule_set), ToGrpcStatus(status));
 }
 
 }  // namespace cds::service
@@ -164,13 +171,8 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::PublishRuleSet(
     response->set_created(published->created);
   }
   grpc::Status status = ToGrpcStatus(published.status());
-  if (auditor_ != nullptr) {
-    status = auditor_->Call(*context, "/cds.v1.RuleSetAdmin/PublishRuleSet", start,
-                            std::move(rule_set), std::move(status));
-  }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(status);
-  return reactor;
+  return FinishAudited(auditor_, context, "/cds.v1.RuleSetAdmin/PublishRuleSet", start,
+                       std::move(rule_set), std::move(status));
 }
 
 grpc::ServerUnaryReactor* RuleSetAdminImpl::SetLabel(grpc::CallbackServerContext* context,
@@ -187,14 +189,8 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::SetLabel(grpc::CallbackServerContext
     status = previous.status();
   }
   grpc::Status result = ToGrpcStatus(status);
-  if (auditor_ != nullptr) {
-    result = auditor_->Call(*context, "/cds.v1.RuleSetAdmin/SetLabel", start,
-                                 absl::StrCat(request->name(), "@", request->version()),
-                                 std::move(result));
-  }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(result);
-  return reactor;
+  return FinishAudited(auditor_, context, "/cds.v1.RuleSetAdmin/SetLabel", start,
+                       absl::StrCat(request->name(), "@", request->version()), std::move(result));
 }
 
 grpc::ServerUnaryReactor* RuleSetAdminImpl::RetireRuleSet(
@@ -210,14 +206,8 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::RetireRuleSet(
     status = info.status();
   }
   grpc::Status result = ToGrpcStatus(status);
-  if (auditor_ != nullptr) {
-    result = auditor_->Call(*context, "/cds.v1.RuleSetAdmin/RetireRuleSet", start,
-                                 absl::StrCat(request->name(), "@", request->version()),
-                                 std::move(result));
-  }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(result);
-  return reactor;
+  return FinishAudited(auditor_, context, "/cds.v1.RuleSetAdmin/RetireRuleSet", start,
+                       absl::StrCat(request->name(), "@", request->version()), std::move(result));
 }
 
 }  // namespace cds::service

@@ -80,6 +80,13 @@ absl::StatusOr<Pin> ParsePin(const cds::v1::EvaluateRequest& request);
 absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,
                           cds::v1::EvaluateResponse* response);
 
+// Finishes the call with `status` once its audit record is committed (UNAVAILABLE instead
+// when it cannot be), or at once when `auditor` is null. Never blocks.
+grpc::ServerUnaryReactor* FinishAudited(const Auditor* auditor,
+                                        grpc::CallbackServerContext* context, const char* method,
+                                        absl::Time start, std::string rule_set,
+                                        grpc::Status status);
+
 // A random (version 4) UUID in its canonical 8-4-4-4-12 hex form.
 std::string NewUuidV4();
 
