@@ -23,9 +23,11 @@
 namespace cds::audit {
 namespace {
 
+// `id` is the rowid: records are never deleted, so it only grows (no AUTOINCREMENT, which
+// would write its sqlite_sequence page in every commit; databases made with it still work).
 constexpr char kSchema[] = R"sql(
 CREATE TABLE IF NOT EXISTS audit (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  id INTEGER PRIMARY KEY,
   time_us INTEGER NOT NULL,
   caller TEXT NOT NULL,
   method TEXT NOT NULL,
@@ -47,10 +49,14 @@ CREATE INDEX IF NOT EXISTS audit_pseudonym ON audit(pseudonym);
 // the record and calls its callback, exactly once.
 class SqliteAuditSink final : public AuditSink {
  public:
-  SqliteAuditSink(sqlite3* db, sqlite3_stmt* insert, const SqliteAuditOptions& options)
+  // Takes ownership of the database and the prepared statements.
+  SqliteAuditSink(sqlite3* db, sqlite3_stmt* begin, sqlite3_stmt* insert, sqlite3_stmt* commit,
+                  const SqliteAuditOptions& options)
       : options_(options),
         db_(db),
+        begin_(begin),
         insert_(insert),
+        commit_(commit),
         writer_([this] { WriteLoop(); }),
         watchdog_([this] { WatchLoop(); }) {}
 
@@ -61,7 +67,9 @@ class SqliteAuditSink final : public AuditSink {
     }
     writer_.join();
     watchdog_.join();
+    sqlite3_finalize(begin_);
     sqlite3_finalize(insert_);
+    sqlite3_finalize(commit_);
     sqlite3_close(db_);
   }
 
@@ -160,9 +168,10 @@ class SqliteAuditSink final : public AuditSink {
 
   absl::Status Commit(const std::vector<std::shared_ptr<Pending>>& batch) {
     if (options_.commit_delay > absl::ZeroDuration()) absl::SleepFor(options_.commit_delay);
-    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
-      return absl::UnavailableError("audit trail cannot be written");
-    }
+    // Prepared once: BEGIN and COMMIT cost no parsing per batch.
+    const int begun = sqlite3_step(begin_);
+    sqlite3_reset(begin_);
+    if (begun != SQLITE_DONE) return absl::UnavailableError("audit trail cannot be written");
     for (const auto& p : batch) {
       const AuditRecord& r = p->record;
       sqlite3_reset(insert_);
@@ -187,7 +196,9 @@ class SqliteAuditSink final : public AuditSink {
       }
     }
     sqlite3_reset(insert_);
-    if (sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
+    const int committed = sqlite3_step(commit_);
+    sqlite3_reset(commit_);
+    if (committed != SQLITE_DONE) {
       sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
       return absl::UnavailableError("audit trail cannot be written");
     }
@@ -196,7 +207,9 @@ class SqliteAuditSink final : public AuditSink {
 
   const SqliteAuditOptions options_;
   sqlite3* const db_;           // used by the writer thread only
+  sqlite3_stmt* const begin_;   // ditto
   sqlite3_stmt* const insert_;  // ditto
+  sqlite3_stmt* const commit_;  // ditto
   mutable absl::Mutex mu_;
   // Records waiting for the writer.
   std::vector<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
@@ -306,16 +319,23 @@ absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOpti
     const std::string limit = absl::StrCat("PRAGMA max_page_count = ", options.max_pages);
     sqlite3_exec(db, limit.c_str(), nullptr, nullptr, nullptr);
   }
+  sqlite3_stmt* begin = nullptr;
   sqlite3_stmt* insert = nullptr;
-  if (sqlite3_prepare_v2(db,
+  sqlite3_stmt* commit = nullptr;
+  if (sqlite3_prepare_v2(db, "BEGIN IMMEDIATE", -1, &begin, nullptr) != SQLITE_OK ||
+      sqlite3_prepare_v2(db,
                          "INSERT INTO audit (time_us, caller, method, rule_set, digest, "
                          "pseudonym, evaluation_id, top_suggestions, status_code, latency_us) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         -1, &insert, nullptr) != SQLITE_OK) {
+                         -1, &insert, nullptr) != SQLITE_OK ||
+      sqlite3_prepare_v2(db, "COMMIT", -1, &commit, nullptr) != SQLITE_OK) {
+    sqlite3_finalize(begin);
+    sqlite3_finalize(insert);
+    sqlite3_finalize(commit);
     sqlite3_close(db);
-    return absl::InternalError("audit: cannot prepare the insert");
+    return absl::InternalError("audit: cannot prepare the statements");
   }
-  return std::unique_ptr<AuditSink>(new SqliteAuditSink(db, insert, options));
+  return std::unique_ptr<AuditSink>(new SqliteAuditSink(db, begin, insert, commit, options));
 }
 
 absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& path,
