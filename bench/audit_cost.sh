@@ -53,10 +53,10 @@ for repeat in $(seq 1 "${REPEAT:-1}"); do
   n=0
   for binary in "$@"; do
     n=$((n + 1))
-    start_server "$binary" "$WORK/audited$n.log" --audit_db "$WORK/audit$n-$repeat.db" \
+    start_server "$binary" "$WORK/audited$n-$repeat.log" --audit_db "$WORK/audit$n-$repeat.db" \
       --audit_key_file "$WORK/audit.key"
     AUDITED_PID=$PID AUDITED_PORT=$PORT
-    start_server "$binary" "$WORK/plain$n.log"
+    start_server "$binary" "$WORK/plain$n-$repeat.log"
     PLAIN_PID=$PID PLAIN_PORT=$PORT
     echo "== $binary (audited = real, not audited = noop), repeat $repeat"
     "${PIN_CLIENT[@]}" "$LOADGEN" --real "127.0.0.1:$AUDITED_PORT" --real_pid "$AUDITED_PID" \

@@ -138,14 +138,14 @@ class SqliteAuditSink final : public AuditSink {
     }
   }
 
-  void WatchLoop() {
-    absl::MutexLock lock(&mu_);
+  void WatchLoop() ABSL_LOCKS_EXCLUDED(mu_) {
+    mu_.Lock();
     while (true) {
       while (!watched_.empty() && watched_.front()->claimed.load(std::memory_order_acquire)) {
         watched_.pop_front();
       }
       if (watched_.empty()) {
-        if (stopping_) return;
+        if (stopping_) break;
         auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           return stopping_ || !watched_.empty();
         };
@@ -164,6 +164,7 @@ class SqliteAuditSink final : public AuditSink {
       oldest->Finish(absl::UnavailableError("audit trail too slow: call refused unaudited"));
       mu_.Lock();
     }
+    mu_.Unlock();
   }
 
   absl::Status Commit(const std::vector<std::shared_ptr<Pending>>& batch) {
