@@ -86,9 +86,11 @@ ABSL_FLAG(std::string, policy, "",
           "identities to roles clinical / author / admin; needs TLS. Empty: every caller "
           "the transport admits may call every method.");
 ABSL_FLAG(std::string, audit_db, "",
-          "SQLite database of the audit trail (created if missing; WAL). Every evaluation, "
-          "lifecycle call and denied call is recorded before it is answered; a call whose "
-          "record cannot be committed fails with UNAVAILABLE. Empty: no audit trail.");
+          "SQLite database of the audit trail (created if missing; WAL). Every call (health "
+          "checks aside), denied and failed ones included, is recorded before it is "
+          "answered; a call whose record cannot be committed fails with UNAVAILABLE. "
+          "Admins query it with AuditService.QueryAudit (cdsctl audit). Empty: no audit "
+          "trail (QueryAudit is FAILED_PRECONDITION).");
 ABSL_FLAG(std::string, audit_key_file, "",
           "Secret (at least 32 bytes) keying the HMAC-SHA256 pseudonyms of patient "
           "references in the audit trail. Required with --audit_db.");
