@@ -718,8 +718,10 @@ absl::Status ValidatePatient(const cds::v1::Patient& patient) {
 
 absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
                       const EvaluateOptions& options, cds::v1::EvaluateResponse* response) {
-  absl::Status valid = ValidatePatient(patient);
-  if (!valid.ok()) return valid;
+  if (options.validate) {
+    absl::Status valid = ValidatePatient(patient);
+    if (!valid.ok()) return valid;
+  }
 
   auto* ref = response->mutable_rule_set();
   ref->set_name(rs.name);

@@ -27,10 +27,14 @@ namespace cds::engine {
 struct EvaluateOptions {
   // Fill Suggestion.evidence and references. Off for throughput-only callers.
   bool explain = true;
+  // Refuse a malformed patient first (ValidatePatient). False only for a caller that has
+  // just run CheckPatient (patient_check.h) on this very patient and found nothing, as the
+  // service does: the same rules are not run twice per call.
+  bool validate = true;
 };
 
-// Validates `patient` (INVALID_ARGUMENT naming the field, never echoing patient data) and
-// evaluates it. On success fills `response` (suggestions, warnings, rule_set ref,
+// Validates `patient` (INVALID_ARGUMENT naming the field, never echoing patient data; see
+// EvaluateOptions::validate) and evaluates it. On success fills `response` (suggestions, warnings, rule_set ref,
 // disclaimer); the caller sets evaluation_id and evaluated_at.
 absl::Status Evaluate(const compiler::CompiledRuleSet& rule_set, const cds::v1::Patient& patient,
                       const EvaluateOptions& options, cds::v1::EvaluateResponse* response);

@@ -8,6 +8,7 @@
 #include "gtest/gtest.h"
 #include "server/compiler/compiler.h"
 #include "server/engine/case_runner.h"
+#include "server/engine/patient_check.h"
 
 namespace cds::engine {
 namespace {
@@ -486,6 +487,27 @@ INSTANTIATE_TEST_SUITE_P(
                     "patient.family_history.relatives[0].relationship"},
         InvalidCase{"sex: MALE family_history { relatives { relationship: BROTHER conditions { system: \"OMIM\" } } }",
                     "patient.family_history.relatives[0].conditions[0].code"}));
+
+// The engine and the service apply one set of rules: the engine refuses with the first
+// violation CheckPatient finds, the service reports them all.
+TEST(PatientCheckTest, EngineRefusesWithTheFirstViolationOfCheckPatient) {
+  const cds::v1::Patient patient = ParsePatient(R"pb(
+    findings { term { system: "HPO" code: "HP:12" } status: PRESENT }
+    measurements { assay { system: "LOINC" code: "19113-0" } value: -1 unit: "g/L" }
+  )pb");
+  Violations all(20);
+  CheckPatient(patient, all);
+  ASSERT_EQ(all.total(), 3);
+  EXPECT_EQ(all.kept()[0].field, "patient.sex");
+  EXPECT_EQ(all.kept()[1].field, "patient.findings[0].term.code");
+  EXPECT_EQ(all.kept()[2].field, "patient.measurements[0].value");
+  const absl::Status status = ValidatePatient(patient);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(status.message(), "patient.sex " + all.kept()[0].description);
+  Violations none(20);
+  CheckPatient(ParsePatient("sex: MALE"), none);
+  EXPECT_TRUE(none.empty());
+}
 
 TEST(CaseRunnerTest, ReportsEachUnmetExpectation) {
   auto rs = OneRule("finding { concept: \"diarrhoea\" }");

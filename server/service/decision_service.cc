@@ -81,6 +81,10 @@ std::string NewUuidV4() {
 
 absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,
                           cds::v1::EvaluateResponse* response) {
+  // ValidateEvaluateRequest below runs engine::CheckPatient on the patient: the engine
+  // need not run it again.
+  engine::EvaluateOptions checked;
+  checked.validate = false;
   // Validate before resolving, so a malformed request gets INVALID_ARGUMENT (with a
   // BadRequest field violation per problem) whatever the server holds. Messages name
   // fields only, never values.
@@ -88,7 +92,7 @@ absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::Evaluate
   CDS_ASSIGN_OR_RETURN(const Pin pin, ParsePin(request));
   CDS_ASSIGN_OR_RETURN(store::Resolved resolved, store.Resolve(pin.name, pin.version, pin.label));
   CDS_RETURN_IF_ERROR(
-      engine::Evaluate(*resolved.rule_set, request.patient(), engine::EvaluateOptions{}, response));
+      engine::Evaluate(*resolved.rule_set, request.patient(), checked, response));
   response->mutable_rule_set()->set_label(resolved.label);
   response->set_evaluation_id(NewUuidV4());
   SetTimestamp(absl::Now(), response->mutable_evaluated_at());
