@@ -488,6 +488,80 @@ TEST_F(AuditTest, QueryAuditWithoutAnAuditTrailIsFailedPrecondition) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
 }
 
+// Streamed patients are answered once their records are committed (several share a
+// commit), in order; each answered OK is in the database.
+TEST_F(AuditTest, EveryStreamedPatientAnsweredOkIsInTheDatabase) {
+  ServerProcess server;
+  std::string error;
+  ASSERT_TRUE(server.Start(CDS_SERVER_BINARY, Flags(dir_), &error)) << error;
+  auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = cds::v1::DecisionSupport::NewStub(channel)->EvaluateStream(&context);
+  constexpr int kPatients = 60;
+  for (int i = 0; i < kPatients; ++i) {
+    cds::v1::StreamEvaluateRequest request;
+    request.set_correlation_id(absl::StrCat(i));
+    *request.mutable_request() = Request(absl::StrCat("streamed-", i));
+    if (i == 7) request.mutable_request()->mutable_patient()->set_sex(cds::v1::SEX_UNSPECIFIED);
+    ASSERT_TRUE(stream->Write(request));
+  }
+  stream->WritesDone();
+  std::vector<std::string> ids;
+  cds::v1::StreamEvaluateResponse response;
+  int n = 0;
+  while (stream->Read(&response)) {
+    EXPECT_EQ(response.correlation_id(), absl::StrCat(n));
+    if (n == 7) {
+      EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+    } else {
+      EXPECT_FALSE(response.has_error()) << response.error().message();
+      ids.push_back(response.response().evaluation_id());
+    }
+    ++n;
+  }
+  ASSERT_TRUE(stream->Finish().ok());
+  ASSERT_EQ(n, kPatients);
+  const std::vector<std::string> rows =
+      Query(dir_.path() + "/audit.db",
+            "SELECT evaluation_id FROM audit WHERE method = "
+            "'/cds.v1.DecisionSupport/EvaluateStream' AND status_code = 0");
+  const std::set<std::string> recorded(rows.begin(), rows.end());
+  for (const std::string& id : ids) EXPECT_EQ(recorded.count(id), 1u) << id;
+  EXPECT_EQ(Query(dir_.path() + "/audit.db",
+                  "SELECT COUNT(*) FROM audit WHERE status_code = 3")[0],
+            "1");
+}
+
+TEST_F(AuditTest, StreamedPatientsFailClosedWhenTheStoreCannotKeepUp) {
+  ServerProcess server;
+  std::string error;
+  setenv("CDS_TEST_AUDIT_COMMIT_DELAY", "3s", 1);
+  const bool started = server.Start(CDS_SERVER_BINARY, Flags(dir_), &error);
+  unsetenv("CDS_TEST_AUDIT_COMMIT_DELAY");
+  ASSERT_TRUE(started) << error;
+  auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = cds::v1::DecisionSupport::NewStub(channel)->EvaluateStream(&context);
+  for (int i = 0; i < 3; ++i) {
+    cds::v1::StreamEvaluateRequest request;
+    *request.mutable_request() = Request(absl::StrCat("slow-", i));
+    ASSERT_TRUE(stream->Write(request));
+  }
+  stream->WritesDone();
+  cds::v1::StreamEvaluateResponse response;
+  int n = 0;
+  while (stream->Read(&response)) {
+    EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::UNAVAILABLE));
+    EXPECT_TRUE(absl::StrContains(response.error().message(), "audit"));
+    EXPECT_FALSE(response.has_response());
+    ++n;
+  }
+  EXPECT_EQ(n, 3);
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 TEST_F(AuditTest, AStoreThatCannotKeepUpFailsCallsClosed) {
   ServerProcess server;
   std::string error;

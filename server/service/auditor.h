@@ -50,12 +50,15 @@ class Auditor {
   audit::AuditSink& sink() const { return sink_; }
   const audit::Pseudonymizer& pseudonymizer() const { return pseudonymizer_; }
 
- private:
+  // The two halves of EvaluatedAsync, for a caller that must build the record while it
+  // holds its request (under a lock) and commit it after letting go.
   audit::AuditRecord EvaluationRecord(const cds::v1::EvaluateRequest& request,
                                       const cds::v1::EvaluateResponse& response,
                                       const grpc::Status& status, const char* method) const;
   void Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,
               absl::Time start, grpc::Status status, Finish finish) const;
+
+ private:
   grpc::Status CommitAndWait(const grpc::ServerContextBase& context, audit::AuditRecord record,
                              absl::Time start, grpc::Status status) const;
 

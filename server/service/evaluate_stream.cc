@@ -6,8 +6,9 @@
 // on the callback thread that read it (as the unary Evaluate is), and responses are written
 // one at a time in request order. A patient's error goes into its own response; the stream
 // ends OK when the client half-closes and every response is written. With an auditor, each
-// patient is audited like a unary Evaluate before its response is queued, and fails closed
-// (its own UNAVAILABLE error) when the record cannot be committed.
+// patient is audited like a unary Evaluate: its response is written only once its record is
+// committed (reading goes on meanwhile, so the next patients share the commit), and it fails
+// closed (its own UNAVAILABLE error) when the record cannot be committed.
 
 #include <cstdint>
 #include <deque>
@@ -24,7 +25,8 @@
 namespace cds::service {
 namespace {
 
-// Responses evaluated but not yet written before the reactor stops reading.
+// Patients read but not yet written (evaluated, or waiting for their audit record) before
+// the reactor stops reading.
 constexpr size_t kMaxQueued = 8;
 
 class EvaluateStreamReactor final
@@ -40,31 +42,56 @@ class EvaluateStreamReactor final
   }
 
   void OnReadDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    reading_ = false;
-    if (!ok || failed_) {
-      // Half-close (or a broken stream): answer what is queued, then finish.
-      reads_done_ = true;
-      MaybeFinishLocked();
-      return;
+    Slot* slot = nullptr;
+    audit::AuditRecord record;
+    absl::Time start;
+    grpc::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+      if (!ok || failed_) {
+        // Half-close (or a broken stream): answer what is queued, then finish.
+        reads_done_ = true;
+        MaybeFinishLocked();
+        return;
+      }
+      queue_.emplace_back();
+      slot = &queue_.back();  // deque elements stay put until popped
+      start = absl::Now();
+      status = Evaluate(request_, next_index_++, &slot->response);
+      if (auditor_ == nullptr) {
+        Settle(slot, status);
+        request_.Clear();
+        MaybeWriteLocked();
+        MaybeReadLocked();
+        return;
+      }
+      record = auditor_->EvaluationRecord(request_.request(), slot->response.response(), status,
+                                          Auditor::kEvaluateStreamMethod);
+      request_.Clear();
+      ++audits_pending_;
+      // Reading on while the record commits lets the next patients share its commit.
+      MaybeReadLocked();
     }
-    cds::v1::StreamEvaluateResponse response;
-    Evaluate(request_, next_index_++, &response);
-    request_.Clear();
-    queue_.push_back(std::move(response));
-    MaybeWriteLocked();
-    MaybeReadLocked();
+    // Outside mu_: the outcome may be delivered on this thread, at once.
+    auditor_->Commit(context_, std::move(record), start, std::move(status),
+                     [this, slot](grpc::Status audited) {
+                       absl::MutexLock lock(&mu_);
+                       Settle(slot, audited);
+                       --audits_pending_;
+                       MaybeWriteLocked();
+                       MaybeReadLocked();
+                       MaybeFinishLocked();
+                     });
   }
 
   void OnWriteDone(bool ok) override {
     absl::MutexLock lock(&mu_);
     writing_ = false;
     queue_.pop_front();
-    if (!ok) {
-      // The client went away: drop what is left.
-      failed_ = true;
-      queue_.clear();
-    }
+    // The client went away: nothing more is written (slots still waiting for their audit
+    // record stay until it is answered, then go with the reactor).
+    if (!ok) failed_ = true;
     MaybeWriteLocked();
     MaybeReadLocked();
     MaybeFinishLocked();
@@ -73,32 +100,39 @@ class EvaluateStreamReactor final
   void OnDone() override { delete this; }
 
  private:
-  // Evaluation happens under mu_, which only serialises this stream's own callbacks.
-  void Evaluate(const cds::v1::StreamEvaluateRequest& request, int64_t index,
-                cds::v1::StreamEvaluateResponse* response) {
+  struct Slot {
+    cds::v1::StreamEvaluateResponse response;
+    bool ready = false;  // its status is final (audited when there is an auditor)
+  };
+
+  // Evaluates one patient into `response`; returns its status, converted as the unary RPC
+  // would (same code, capped message). Under mu_, which only serialises this stream's own
+  // callbacks.
+  grpc::Status Evaluate(const cds::v1::StreamEvaluateRequest& request, int64_t index,
+                        cds::v1::StreamEvaluateResponse* response) {
     response->set_correlation_id(request.correlation_id());
     response->set_index(index);
-    const absl::Time start = absl::Now();
-    absl::Status status =
+    const absl::Status status =
         request.has_request()
             ? EvaluateOnce(store_, request.request(), response->mutable_response())
             : absl::InvalidArgumentError("request is required");
-    // Same code and capped message as the unary RPC would return.
-    grpc::Status converted = ToGrpcStatus(status);
-    if (auditor_ != nullptr) {
-      converted = auditor_->Evaluated(context_, start, request.request(), response->response(),
-                                      std::move(converted), Auditor::kEvaluateStreamMethod);
-    }
-    if (converted.ok()) return;
-    response->mutable_error()->set_code(static_cast<int32_t>(converted.error_code()));
-    response->mutable_error()->set_message(converted.error_message());
+    return ToGrpcStatus(status);
+  }
+
+  // The patient's final status: its error replaces the response when not OK.
+  static void Settle(Slot* slot, const grpc::Status& status) {
+    slot->ready = true;
+    if (status.ok()) return;
+    slot->response.clear_response();
+    slot->response.mutable_error()->set_code(static_cast<int32_t>(status.error_code()));
+    slot->response.mutable_error()->set_message(status.error_message());
   }
 
   void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || queue_.empty() || failed_) return;
+    if (writing_ || queue_.empty() || !queue_.front().ready || failed_) return;
     writing_ = true;
     // The front stays in the deque (whose elements do not move) until OnWriteDone.
-    StartWrite(&queue_.front());
+    StartWrite(&queue_.front().response);
   }
 
   void MaybeReadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -108,7 +142,8 @@ class EvaluateStreamReactor final
   }
 
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (finished_ || reading_ || writing_) return;
+    // Never while an audit callback may still come: it refers to this reactor.
+    if (finished_ || reading_ || writing_ || audits_pending_ > 0) return;
     if (failed_) {
       finished_ = true;
       FinishAudited(grpc::Status(grpc::StatusCode::CANCELLED, "stream write failed"));
@@ -134,8 +169,9 @@ class EvaluateStreamReactor final
   const absl::Time start_;
   absl::Mutex mu_;
   cds::v1::StreamEvaluateRequest request_ ABSL_GUARDED_BY(mu_);
-  std::deque<cds::v1::StreamEvaluateResponse> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<Slot> queue_ ABSL_GUARDED_BY(mu_);
   int64_t next_index_ ABSL_GUARDED_BY(mu_) = 0;
+  int audits_pending_ ABSL_GUARDED_BY(mu_) = 0;
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
