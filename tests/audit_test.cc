@@ -235,6 +235,25 @@ TEST_F(AuditTest, SamePatientSamePseudonymAndLifecycleCallsAreRecorded) {
   EXPECT_EQ(lines(r.out).size(), 0u) << r.out;
   r = testing::RunCommand({CDSCTL_BINARY, "audit", "--db", dir_.path() + "/missing.db"});
   EXPECT_EQ(r.exit_code, 3) << r.err;
+
+  // Through the server (plaintext here; see authz_test for mutual TLS and roles): the server
+  // pseudonymises the reference itself, no key on the client.
+  r = testing::RunCommand(
+      {CDSCTL_BINARY, "audit", "--server", server.address(), "--patient-ref", "patient-a"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(lines(r.out).size(), 2u) << r.out;
+  EXPECT_FALSE(absl::StrContains(r.out, "patient-a")) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--server", server.address(), "--rule-set",
+                           "ipex", "--limit", "3", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(lines(r.out).size(), 3u) << r.out;
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--server", server.address(), "--patient-ref",
+                           "patient-a", "--audit-key", key});
+  EXPECT_EQ(r.exit_code, 2) << r.err;  // the key is for --db only
+  r = testing::RunCommand({CDSCTL_BINARY, "audit", "--server", server.address(), "--pseudonym",
+                           "not-hex"});
+  EXPECT_EQ(r.exit_code, 5) << r.err;  // INVALID_ARGUMENT from the server
+  EXPECT_TRUE(absl::StrContains(r.err, "pseudonym")) << r.err;
 }
 
 // Every method leaves one record, whether it succeeds or fails: evaluations, streams (each
