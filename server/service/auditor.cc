@@ -3,7 +3,6 @@
 #include <string>
 #include <utility>
 
-#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/security/authz.h"
@@ -45,14 +44,6 @@ audit::AuditRecord Auditor::EvaluationRecord(const cds::v1::EvaluateRequest& req
     record.rule_set = request.rule_set();
   }
   return record;
-}
-
-grpc::Status Auditor::Evaluated(const grpc::ServerContextBase& context, absl::Time start,
-                                const cds::v1::EvaluateRequest& request,
-                                const cds::v1::EvaluateResponse& response,
-                                grpc::Status status, const char* method) const {
-  audit::AuditRecord record = EvaluationRecord(request, response, status, method);
-  return CommitAndWait(context, std::move(record), start, std::move(status));
 }
 
 void Auditor::EvaluatedAsync(const grpc::ServerContextBase& context, absl::Time start,

@@ -27,10 +27,6 @@ class Auditor {
 
   // An evaluation: rule set, digest, pseudonym, id and top suggestions, recorded under
   // `method` (a unary Evaluate, or one patient of an EvaluateStream).
-  grpc::Status Evaluated(const grpc::ServerContextBase& context, absl::Time start,
-                         const cds::v1::EvaluateRequest& request,
-                         const cds::v1::EvaluateResponse& response, grpc::Status status,
-                         const char* method = kEvaluateMethod) const;
   void EvaluatedAsync(const grpc::ServerContextBase& context, absl::Time start,
                       const cds::v1::EvaluateRequest& request,
                       const cds::v1::EvaluateResponse& response, grpc::Status status,
@@ -40,6 +36,7 @@ class Auditor {
   static constexpr char kEvaluateStreamMethod[] = "/cds.v1.DecisionSupport/EvaluateStream";
   // Any other call (lifecycle, rule-set reads, audit queries, an empty stream) on
   // `rule_set` ("name@version", "name" or ""), about the patient of `pseudonym` if any.
+  // Call blocks until the record is committed (for the rare callers that may block).
   grpc::Status Call(const grpc::ServerContextBase& context, const char* method,
                     absl::Time start, std::string rule_set, grpc::Status status,
                     std::string pseudonym = "") const;
