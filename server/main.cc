@@ -13,9 +13,11 @@
 // Observability: JSON log lines on stderr (--log_level), Prometheus metrics on
 // --metrics_listen.
 
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -141,6 +143,15 @@ std::function<void(absl::string_view)> PauseHookFromEnvironment() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // glibc gives each thread that allocates its own malloc arena, up to 8 per core; gRPC's
+  // pollers, callback threads and the audit writer each then keep freed memory of their
+  // own. One arena per core (at least 2) measured 60-61 MiB resident instead of 67 MiB
+  // with 10 versions under load (bench/memory.sh); QPS against a 16-arena twin, alternated
+  // in one load_generator run: 1.00 (1 in flight) and 1.05 (64 in flight).
+  // Set before any thread starts; MALLOC_ARENA_MAX in the environment still overrides it.
+  if (std::getenv("MALLOC_ARENA_MAX") == nullptr) {
+    mallopt(M_ARENA_MAX, static_cast<int>(std::max(2u, std::thread::hardware_concurrency())));
+  }
   absl::SetProgramUsageMessage(
       "Serves IPEX clinical decision support over gRPC (cds.v1.DecisionSupport).\n"
       "Usage: cds-server [--listen=127.0.0.1:50051] [--rules_dir=rules] [--state_dir=DIR]\n"
