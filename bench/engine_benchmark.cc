@@ -63,6 +63,14 @@ const cds::v1::Patient& TypicalPatient() {
   return *patient;
 }
 
+// What a response holds: suggestions, evidence items and serialized bytes.
+std::string Shape(const cds::v1::EvaluateResponse& response) {
+  int evidence = 0;
+  for (const auto& s : response.suggestions()) evidence += s.evidence_size();
+  return absl::StrCat(response.suggestions_size(), " suggestions, ", evidence, " evidence, ",
+                      response.warnings_size(), " warnings, ", response.ByteSizeLong(), " B");
+}
+
 // Renames every id a condition refers to with `suffix`.
 void Rename(cds::v1::Condition* c, const std::string& suffix) {
   switch (c->kind_case()) {
@@ -165,7 +173,10 @@ void BM_EvaluateTypicalPatient(benchmark::State& state) {
     if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
     benchmark::DoNotOptimize(response);
   }
-  state.SetLabel(absl::StrCat(rs->name, "@", rs->version, options.explain ? " explain" : " no-explain"));
+  cds::v1::EvaluateResponse response;
+  if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
+  state.SetLabel(absl::StrCat(rs->name, "@", rs->version, options.explain ? " explain" : " no-explain",
+                              ", ", Shape(response)));
 }
 BENCHMARK(BM_EvaluateTypicalPatient)->Arg(1)->Arg(0);
 
@@ -177,8 +188,10 @@ void BM_EvaluateScaledRuleSet(benchmark::State& state) {
     if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
     benchmark::DoNotOptimize(response);
   }
+  cds::v1::EvaluateResponse response;
+  if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
   state.SetLabel(absl::StrCat(rs->hypotheses.size(), " hypotheses, ", rs->evidence.size(),
-                              " evidence, ", rs->actions.size(), " actions"));
+                              " evidence, ", rs->actions.size(), " actions; ", Shape(response)));
 }
 BENCHMARK(BM_EvaluateScaledRuleSet)->Arg(1)->Arg(10)->Arg(100);
 

@@ -93,6 +93,7 @@ struct CompiledCondition {
 struct CompiledConcept {
   std::string id;
   std::string label;
+  std::string not_recorded;  // "Not yet recorded: <label>", explaining a test's value
 };
 
 struct CompiledReferenceLimit {
@@ -105,6 +106,7 @@ struct CompiledLab {
   std::string id;
   std::string label;
   std::string canonical_unit;
+  std::string no_result;  // "No result yet: <label>", explaining a test's value
   // Unit (as written, and lower-cased) -> factor to the canonical unit.
   absl::flat_hash_map<std::string, double> unit_factors;
   std::vector<CompiledReferenceLimit> limits;
@@ -216,6 +218,8 @@ struct CompiledRuleSet {
   std::vector<RuleRef> rules_on_age;
   std::vector<RuleRef> rules_on_family;         // family history taken
   std::vector<RuleRef> rules_on_consanguinity;  // consanguinity recorded
+  // Labs some evidence item weighs, ascending (warned about when the patient has none).
+  std::vector<int32_t> labs_weighed_by_evidence;
   // Actions with an information value: always considered, since their point is missing data.
   std::vector<int32_t> information_actions;
   // Evidence whose whole condition is one leaf on the fact (the items a test's result

@@ -345,9 +345,10 @@ class Compilation {
               absl::StrCat("duplicate concept id '", concept_def.id(), "'"));
         continue;
       }
+      const std::string& label =
+          concept_def.label().empty() ? concept_def.id() : concept_def.label();
       out_->concepts.push_back(
-          CompiledConcept{concept_def.id(),
-                          concept_def.label().empty() ? concept_def.id() : concept_def.label()});
+          CompiledConcept{concept_def.id(), label, absl::StrCat("Not yet recorded: ", label)});
       concept_locations_.push_back(at);
       if (concept_def.codes().empty()) {
         Error(kRuleSetFile, at, concept_def.id(), "concept has no codes");
@@ -453,6 +454,7 @@ class Compilation {
       CompiledLab compiled;
       compiled.id = lab.id();
       compiled.label = lab.label().empty() ? lab.id() : lab.label();
+      compiled.no_result = absl::StrCat("No result yet: ", compiled.label);
       compiled.canonical_unit = lab.canonical_unit();
       if (lab.canonical_unit().empty()) {
         Error(kRuleSetFile, at, lab.id(), "lab has no canonical_unit");
@@ -1318,6 +1320,14 @@ class Compilation {
     for (size_t i = 0; i < out_->actions.size(); ++i) {
       if (out_->actions[i].condition < 0) continue;
       IndexRule(out_->actions[i].condition, RuleRef{RuleRef::Kind::kAction, static_cast<int32_t>(i)});
+    }
+    out_->labs_weighed_by_evidence.clear();
+    for (size_t lab = 0; lab < out_->labs.size(); ++lab) {
+      const auto& refs = out_->rules_by_lab[lab];
+      if (std::any_of(refs.begin(), refs.end(),
+                      [](const RuleRef& r) { return r.kind == RuleRef::Kind::kEvidence; })) {
+        out_->labs_weighed_by_evidence.push_back(static_cast<int32_t>(lab));
+      }
     }
     out_->hypotheses_by_pretest.clear();
     out_->pretest_sum = 0;

@@ -2,16 +2,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
+#include <string>
 #include <utility>
+#include <vector>
 
-#include "absl/container/flat_hash_map.h"
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
 #include "server/engine/patient_check.h"
 
 namespace cds::engine {
@@ -33,6 +34,7 @@ struct FindingFact {
   Finding::Status status;
   double onset_days;  // NaN when unknown
   int index;          // into patient.findings
+  int32_t next;       // next fact on the same concept, or -1
 };
 
 struct LabFact {
@@ -41,19 +43,169 @@ struct LabFact {
   std::optional<double> lower;  // the reporting lab's own range, canonical unit
   std::optional<double> upper;
   int index;  // into patient.measurements
+  int32_t next = -1;  // next fact on the same lab, or -1
 };
 
-// What the patient record says, resolved against one rule set. Built per request; sizes
-// follow the patient's record, not the rule set.
+// One applied evidence item, for scoring and explanation.
+struct Applied {
+  int32_t evidence;
+  bool matched;  // condition TRUE (else FALSE)
+  double log_lr;
+  bool superseded = false;
+};
+
+// The value of a test's result for the current differential.
+struct InformationValue {
+  double gain_bits = 0;
+  int32_t lead = -1;  // leading hypothesis
+  double lead_now = 0;
+  double lead_if_positive = 0;
+  double lead_if_negative = 0;
+};
+
+// Per-thread working memory, reused by every call on the thread: arrays indexed by the
+// rule set's dense ids (concepts, labs, conditions, evidence, actions, hypotheses), each
+// entry valid only while its stamp equals the current call's epoch. Nothing is cleared or
+// hashed per call, and once the arrays have grown to the largest rule set seen, nothing is
+// allocated for them either; the work per call follows the patient's record.
+struct Scratch {
+  // Starts a call against `rs`: grows the arrays and moves to a new epoch.
+  void Begin(const CompiledRuleSet& rs) {
+    Grow(&concept_stamp, rs.concepts.size());
+    Grow(&concept_head, rs.concepts.size());
+    Grow(&concept_tail, rs.concepts.size());
+    Grow(&lab_stamp, rs.labs.size());
+    Grow(&lab_head, rs.labs.size());
+    Grow(&lab_tail, rs.labs.size());
+    Grow(&evidence_stamp, rs.evidence.size());
+    Grow(&action_stamp, rs.actions.size());
+    Grow(&value_stamp, rs.actions.size());
+    Grow(&values, rs.actions.size());
+    Grow(&hypothesis_stamp, rs.hypotheses.size());
+    Grow(&weight, rs.hypotheses.size());
+    Grow(&range_begin, rs.hypotheses.size());
+    Grow(&range_end, rs.hypotheses.size());
+    Grow(&condition_stamp, rs.conditions.size());
+    Grow(&condition_value, rs.conditions.size());
+    Grow(&detail_stamp, rs.conditions.size());
+    Grow(&detail, rs.conditions.size());
+    Grow(&detail_truth, rs.conditions.size());
+    NextEpoch(&epoch, {&concept_stamp, &lab_stamp, &evidence_stamp, &action_stamp, &value_stamp,
+                       &hypothesis_stamp, &detail_stamp});
+    NewMemo();
+    finding_facts.clear();
+    lab_facts.clear();
+    concepts_present.clear();
+    labs_present.clear();
+    evidence_candidates.clear();
+    action_candidates.clear();
+    applied.clear();
+    touched.clear();
+    ranked.clear();
+    information_candidates.clear();
+    fired.clear();
+  }
+  // Forgets memoised condition values (once the scores exist, probability leaves change).
+  void NewMemo() { NextEpoch(&memo_epoch, {&condition_stamp}); }
+
+  bool HasConcept(int32_t c) const { return concept_stamp[c] == epoch; }
+  bool HasLab(int32_t l) const { return lab_stamp[l] == epoch; }
+
+  void AddFinding(int32_t c, FindingFact fact) {
+    const int32_t i = static_cast<int32_t>(finding_facts.size());
+    fact.next = -1;
+    finding_facts.push_back(fact);
+    if (concept_stamp[c] != epoch) {
+      concept_stamp[c] = epoch;
+      concept_head[c] = i;
+      concepts_present.push_back(c);
+    } else {
+      finding_facts[concept_tail[c]].next = i;
+    }
+    concept_tail[c] = i;
+  }
+  void AddLab(int32_t l, LabFact fact) {
+    const int32_t i = static_cast<int32_t>(lab_facts.size());
+    fact.next = -1;
+    lab_facts.push_back(fact);
+    if (lab_stamp[l] != epoch) {
+      lab_stamp[l] = epoch;
+      lab_head[l] = i;
+      labs_present.push_back(l);
+    } else {
+      lab_facts[lab_tail[l]].next = i;
+    }
+    lab_tail[l] = i;
+  }
+
+  template <typename T>
+  static void Grow(std::vector<T>* v, size_t n) {
+    if (v->size() < n) v->resize(n, T{});
+  }
+  // Advances an epoch; on wrap-around clears the stamps it guards (0 is never an epoch).
+  static void NextEpoch(uint32_t* e, std::initializer_list<std::vector<uint32_t>*> stamps) {
+    if (++*e == 0) {
+      for (auto* s : stamps) std::fill(s->begin(), s->end(), 0);
+      *e = 1;
+    }
+  }
+
+  uint32_t epoch = 0;
+  uint32_t memo_epoch = 0;
+  std::vector<uint32_t> concept_stamp, lab_stamp;
+  std::vector<int32_t> concept_head, concept_tail, lab_head, lab_tail;
+  std::vector<FindingFact> finding_facts;
+  std::vector<LabFact> lab_facts;
+  std::vector<int32_t> concepts_present, labs_present;  // in order of first fact
+  std::vector<uint32_t> evidence_stamp, action_stamp;
+  std::vector<int32_t> evidence_candidates, action_candidates;
+  // Per hypothesis touched by evidence: its weight and its applied items [begin, end).
+  std::vector<uint32_t> hypothesis_stamp;
+  std::vector<double> weight;
+  std::vector<uint32_t> range_begin, range_end;
+  std::vector<Applied> applied;
+  std::vector<std::pair<int32_t, size_t>> group_best;  // (group, applied index), one hypothesis
+  std::vector<int32_t> touched, ranked;
+  // Memoised condition values and lab descriptions.
+  std::vector<uint32_t> condition_stamp;
+  std::vector<Tri> condition_value;
+  std::vector<uint32_t> detail_stamp;
+  std::vector<std::string> detail;  // capacity kept between calls
+  std::vector<Tri> detail_truth;
+  // Information values of tests.
+  std::vector<int32_t> information_candidates, fired;
+  std::vector<uint32_t> value_stamp;
+  std::vector<InformationValue> values;
+  // Explanations.
+  std::vector<const std::string*> reasons;
+  std::vector<int> finding_indices;
+  std::vector<Applied> items;
+  std::vector<std::pair<int32_t, LabFact>> derived;
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+// What the patient record says, resolved against one rule set. Built per request in the
+// thread's scratch; sizes follow the patient's record, not the rule set.
 struct Facts {
   const cds::v1::Patient* patient = nullptr;
   cds::v1::Sex sex = cds::v1::UNKNOWN_SEX;
   double age_days = kNan;
-  absl::flat_hash_map<int32_t, std::vector<FindingFact>> findings;  // by concept
-  absl::flat_hash_map<int32_t, std::vector<LabFact>> labs;          // by lab
+  Scratch* scratch = nullptr;
   const cds::v1::FamilyHistory* family = nullptr;  // null when no history was taken
   // Set once the diagnoses are scored; read by probability conditions.
   const class Scores* scores = nullptr;
+
+  bool HasFindings(int32_t c) const { return scratch->HasConcept(c); }
+  bool HasLabs(int32_t l) const { return scratch->HasLab(l); }
+  // First fact on a concept or lab (-1: none); follow FindingFact::next / LabFact::next.
+  int32_t FirstFinding(int32_t c) const { return HasFindings(c) ? scratch->concept_head[c] : -1; }
+  int32_t FirstLab(int32_t l) const { return HasLabs(l) ? scratch->lab_head[l] : -1; }
+  const FindingFact& finding(int32_t i) const { return scratch->finding_facts[i]; }
+  const LabFact& lab(int32_t i) const { return scratch->lab_facts[i]; }
 };
 
 // Posterior probabilities over the differential {hypotheses, none of these}. Only the
@@ -62,24 +214,17 @@ struct Facts {
 // patient's findings rather than the size of the rule set.
 class Scores {
  public:
-  // `log_lr`: the summed log likelihood ratio of each touched hypothesis.
-  Scores(const CompiledRuleSet& rs, std::vector<std::pair<int32_t, double>> log_lr)
-      : rs_(rs) {
-    total_ = 1.0;  // none (1 - sum of pretests) + every untouched hypothesis at its pretest
-    for (const auto& [h, l] : log_lr) {
-      const double prior = rs.hypotheses[h].pretest_probability;
-      const double w = prior * std::exp(l);
-      weight_.emplace(h, w);
-      total_ += w - prior;
-    }
-    for (const auto& [h, w] : weight_) touched_.push_back(h);
-    std::sort(touched_.begin(), touched_.end(), [&](int32_t a, int32_t b) { return Before(a, b); });
+  // The scratch's `touched` lists the touched hypotheses (with their `weight` set), in any
+  // order; `total` is 1 + the sum over them of (weight - pretest).
+  Scores(const CompiledRuleSet& rs, Scratch& scratch, double total)
+      : rs_(rs), s_(scratch), total_(total) {
+    std::sort(s_.touched.begin(), s_.touched.end(),
+              [&](int32_t a, int32_t b) { return Before(a, b); });
   }
 
   // Uncapped probability of `h` (the belief the value of tests is computed over).
   double Belief(int32_t h) const {
-    auto it = weight_.find(h);
-    return (it != weight_.end() ? it->second : rs_.hypotheses[h].pretest_probability) / total_;
+    return (Touched(h) ? s_.weight[h] : rs_.hypotheses[h].pretest_probability) / total_;
   }
   double NoneBelief() const { return std::max(0.0, 1.0 - rs_.pretest_sum) / total_; }
   // Probability shown and tested: capped by the hypothesis' ceiling, if any.
@@ -88,27 +233,29 @@ class Scores {
     const auto& cap = rs_.hypotheses[h].max_probability;
     return cap ? std::min(p, *cap) : p;
   }
-  bool Touched(int32_t h) const { return weight_.contains(h); }
+  bool Touched(int32_t h) const { return s_.hypothesis_stamp[h] == s_.epoch; }
 
   // The first `count` hypotheses in rank order (posterior descending, then id).
   const std::vector<int32_t>& Top(size_t count) const {
     const size_t n = rs_.hypotheses.size();
-    while (ranked_.size() < std::min(count, n)) {
+    std::vector<int32_t>& ranked = s_.ranked;
+    const std::vector<int32_t>& touched = s_.touched;
+    while (ranked.size() < std::min(count, n)) {
       while (next_untouched_ < rs_.hypotheses_by_pretest.size() &&
              Touched(rs_.hypotheses_by_pretest[next_untouched_])) {
         ++next_untouched_;
       }
-      const bool have_touched = next_touched_ < touched_.size();
+      const bool have_touched = next_touched_ < touched.size();
       const bool have_untouched = next_untouched_ < rs_.hypotheses_by_pretest.size();
       if (have_touched &&
           (!have_untouched ||
-           Before(touched_[next_touched_], rs_.hypotheses_by_pretest[next_untouched_]))) {
-        ranked_.push_back(touched_[next_touched_++]);
+           Before(touched[next_touched_], rs_.hypotheses_by_pretest[next_untouched_]))) {
+        ranked.push_back(touched[next_touched_++]);
       } else {
-        ranked_.push_back(rs_.hypotheses_by_pretest[next_untouched_++]);
+        ranked.push_back(rs_.hypotheses_by_pretest[next_untouched_++]);
       }
     }
-    return ranked_;
+    return ranked;
   }
 
   // 0-based rank of `h` if it is within the first `count`, else `count`.
@@ -129,15 +276,12 @@ class Scores {
   }
 
   const CompiledRuleSet& rs_;
-  double total_ = 1.0;
-  absl::flat_hash_map<int32_t, double> weight_;
-  std::vector<int32_t> touched_;  // in rank order
-  // Lazily merged ranking.
-  mutable std::vector<int32_t> ranked_;
+  Scratch& s_;
+  const double total_;
+  // Lazily merged ranking (into s_.ranked).
   mutable size_t next_touched_ = 0;
   mutable size_t next_untouched_ = 0;
 };
-
 std::string Fmt(double v) { return absl::StrFormat("%.3g", v); }
 
 std::string FieldPath(const char* repeated, int index, const char* rest = "") {
@@ -208,9 +352,75 @@ std::optional<double> Limit(const compiler::CompiledLab& lab, const LabFact& fac
 
 class Evaluator {
  public:
-  Evaluator(const CompiledRuleSet& rs, const Facts& facts) : rs_(rs), facts_(facts) {}
+  Evaluator(const CompiledRuleSet& rs, const Facts& facts)
+      : rs_(rs), facts_(facts), s_(*facts.scratch) {}
 
+  // Memoised per call: a condition shared by several rules, or reached again when
+  // explaining, is evaluated once (Scratch::NewMemo forgets the values once scores exist).
   Tri Eval(ConditionId id) const {
+    if (s_.condition_stamp[id] == s_.memo_epoch) return s_.condition_value[id];
+    const Tri t = Compute(id);
+    s_.condition_stamp[id] = s_.memo_epoch;
+    s_.condition_value[id] = t;
+    return t;
+  }
+
+  // Leaves that hold (outside any `not`), with the patient codes they matched: the reasons
+  // shown for an action or a matched evidence item. The strings live in the rule set or
+  // the scratch until the next call.
+  void CollectReasons(ConditionId id, std::vector<const std::string*>* reasons,
+                      std::vector<int>* finding_indices) const {
+    const CompiledCondition& c = rs_.conditions[id];
+    using K = CompiledCondition::Kind;
+    switch (c.kind) {
+      case K::kAll:
+      case K::kAny:
+      case K::kAtLeast:
+        for (ConditionId child : c.children) {
+          if (Eval(child) == Tri::kTrue) CollectReasons(child, reasons, finding_indices);
+        }
+        return;
+      case K::kNot:
+        reasons->push_back(&c.description);
+        return;
+      case K::kFinding:
+        if (EvalFinding(c, finding_indices) == Tri::kTrue) reasons->push_back(&c.description);
+        return;
+      case K::kLab:
+        if (LabDetail(id) == Tri::kTrue) reasons->push_back(&s_.detail[id]);
+        return;
+      default:
+        if (Eval(id) == Tri::kTrue) reasons->push_back(&c.description);
+        return;
+    }
+  }
+
+  // The patient's codes that made a finding leaf (anywhere under `id`) TRUE or FALSE.
+  void CollectFindingCodes(ConditionId id, std::vector<int>* finding_indices) const {
+    const CompiledCondition& c = rs_.conditions[id];
+    if (c.kind == CompiledCondition::Kind::kFinding) {
+      for (int32_t i = facts_.FirstFinding(c.ref); i >= 0; i = facts_.finding(i).next) {
+        const FindingFact& f = facts_.finding(i);
+        if (f.status != Finding::UNKNOWN) finding_indices->push_back(f.index);
+      }
+      return;
+    }
+    for (ConditionId child : c.children) CollectFindingCodes(child, finding_indices);
+  }
+
+  // Describes the deciding measurement of each lab leaf under `id` that had data, e.g.
+  // "Total IgE 850 [IU]/mL > 13 (upper limit for age 13)".
+  void CollectLabDetails(ConditionId id, std::vector<const std::string*>* details) const {
+    const CompiledCondition& c = rs_.conditions[id];
+    if (c.kind == CompiledCondition::Kind::kLab) {
+      if (LabDetail(id) != Tri::kUnknown) details->push_back(&s_.detail[id]);
+      return;
+    }
+    for (ConditionId child : c.children) CollectLabDetails(child, details);
+  }
+
+ private:
+  Tri Compute(ConditionId id) const {
     const CompiledCondition& c = rs_.conditions[id];
     using K = CompiledCondition::Kind;
     switch (c.kind) {
@@ -276,72 +486,15 @@ class Evaluator {
     return Tri::kUnknown;
   }
 
-  // Leaves that hold (outside any `not`), with the patient codes they matched: the reasons
-  // shown for an action or a matched evidence item.
-  void CollectReasons(ConditionId id, std::vector<std::string>* reasons,
-                      std::vector<int>* finding_indices) const {
-    const CompiledCondition& c = rs_.conditions[id];
-    using K = CompiledCondition::Kind;
-    switch (c.kind) {
-      case K::kAll:
-      case K::kAny:
-      case K::kAtLeast:
-        for (ConditionId child : c.children) {
-          if (Eval(child) == Tri::kTrue) CollectReasons(child, reasons, finding_indices);
-        }
-        return;
-      case K::kNot:
-        reasons->push_back(c.description);
-        return;
-      case K::kFinding:
-        if (EvalFinding(c, finding_indices) == Tri::kTrue) reasons->push_back(c.description);
-        return;
-      case K::kLab: {
-        std::string detail;
-        if (EvalLab(c, &detail) == Tri::kTrue) reasons->push_back(detail);
-        return;
-      }
-      default:
-        if (Eval(id) == Tri::kTrue) reasons->push_back(c.description);
-        return;
-    }
-  }
-
-  // The patient's codes that made a finding leaf (anywhere under `id`) TRUE or FALSE.
-  void CollectFindingCodes(ConditionId id, std::vector<int>* finding_indices) const {
-    const CompiledCondition& c = rs_.conditions[id];
-    if (c.kind == CompiledCondition::Kind::kFinding) {
-      auto it = facts_.findings.find(c.ref);
-      if (it == facts_.findings.end()) return;
-      for (const FindingFact& f : it->second) {
-        if (f.status != Finding::UNKNOWN) finding_indices->push_back(f.index);
-      }
-      return;
-    }
-    for (ConditionId child : c.children) CollectFindingCodes(child, finding_indices);
-  }
-
-  // Describes the deciding measurement of each lab leaf under `id` that had data, e.g.
-  // "Total IgE 850 [IU]/mL > 13 (upper limit for age 13)".
-  void CollectLabDetails(ConditionId id, std::vector<std::string>* details) const {
-    const CompiledCondition& c = rs_.conditions[id];
-    if (c.kind == CompiledCondition::Kind::kLab) {
-      std::string detail;
-      if (EvalLab(c, &detail) != Tri::kUnknown) details->push_back(std::move(detail));
-      return;
-    }
-    for (ConditionId child : c.children) CollectLabDetails(child, details);
-  }
-
- private:
   Tri EvalFinding(const CompiledCondition& c, std::vector<int>* matched) const {
-    auto it = facts_.findings.find(c.ref);
-    if (it == facts_.findings.end()) return Tri::kUnknown;
+    int32_t i = facts_.FirstFinding(c.ref);
+    if (i < 0) return Tri::kUnknown;
     const bool any_onset = c.ages.unbounded();
     bool truth = false;
     bool unknown = false;
     bool falsity = false;
-    for (const FindingFact& f : it->second) {
+    for (; i >= 0; i = facts_.finding(i).next) {
+      const FindingFact& f = facts_.finding(i);
       switch (f.status) {
         case Finding::PRESENT:
           if (any_onset || (!std::isnan(f.onset_days) && c.ages.Contains(f.onset_days))) {
@@ -365,13 +518,23 @@ class Evaluator {
     return falsity ? Tri::kFalse : Tri::kUnknown;
   }
 
+  // EvalLab with its description in s_.detail[id], built once per call.
+  Tri LabDetail(ConditionId id) const {
+    if (s_.detail_stamp[id] != s_.epoch) {
+      s_.detail_truth[id] = EvalLab(rs_.conditions[id], &s_.detail[id]);
+      s_.detail_stamp[id] = s_.epoch;
+    }
+    return s_.detail_truth[id];
+  }
+
   Tri EvalLab(const CompiledCondition& c, std::string* detail) const {
-    auto it = facts_.labs.find(c.ref);
-    if (it == facts_.labs.end()) return Tri::kUnknown;
+    int32_t i = facts_.FirstLab(c.ref);
+    if (i < 0) return Tri::kUnknown;
     const compiler::CompiledLab& lab = rs_.labs[c.ref];
     // The latest measurement taken at an age the condition accepts.
     const LabFact* latest = nullptr;
-    for (const LabFact& fact : it->second) {
+    for (; i >= 0; i = facts_.lab(i).next) {
+      const LabFact& fact = facts_.lab(i);
       if (!c.ages.unbounded() && (std::isnan(fact.age_days) || !c.ages.Contains(fact.age_days))) {
         continue;
       }
@@ -383,21 +546,24 @@ class Evaluator {
     if (latest == nullptr) return Tri::kUnknown;
     using T = CompiledCondition::LabThreshold;
     double threshold = c.value;
-    std::string limit_text;
+    std::optional<double> limit;
+    const bool upper = c.lab_threshold == T::kAboveUpperTimes;
     if (c.lab_threshold == T::kAboveUpperTimes || c.lab_threshold == T::kBelowLowerTimes) {
-      const bool upper = c.lab_threshold == T::kAboveUpperTimes;
-      const std::optional<double> limit = Limit(lab, *latest, upper);
+      limit = Limit(lab, *latest, upper);
       if (!limit) return Tri::kUnknown;
       threshold = c.value * *limit;
-      limit_text = absl::StrCat(upper ? "upper" : "lower", " limit for age ", Fmt(*limit));
     }
     const bool above = c.lab_threshold == T::kAboveUpperTimes || c.lab_threshold == T::kAbove;
     const bool holds = above ? latest->value > threshold : latest->value < threshold;
     if (detail != nullptr) {
-      *detail = absl::StrCat(lab.label, " ", Fmt(latest->value), " ", lab.canonical_unit,
-                             holds ? (above ? " > " : " < ") : (above ? " <= " : " >= "),
-                             Fmt(threshold),
-                             limit_text.empty() ? "" : absl::StrCat(" (", limit_text, ")"));
+      detail->clear();
+      absl::StrAppend(detail, lab.label, " ", Fmt(latest->value), " ", lab.canonical_unit,
+                      holds ? (above ? " > " : " < ") : (above ? " <= " : " >= "),
+                      Fmt(threshold));
+      if (limit) {
+        absl::StrAppend(detail, " (", upper ? "upper" : "lower", " limit for age ", Fmt(*limit),
+                        ")");
+      }
     }
     return holds ? Tri::kTrue : Tri::kFalse;
   }
@@ -432,8 +598,8 @@ class Evaluator {
 
   const CompiledRuleSet& rs_;
   const Facts& facts_;
+  Scratch& s_;
 };
-
 void AddWarning(cds::v1::EvaluateResponse* response, cds::v1::Warning::Kind kind,
                 std::string field, std::string message) {
   auto* w = response->add_warnings();
@@ -444,10 +610,11 @@ void AddWarning(cds::v1::EvaluateResponse* response, cds::v1::Warning::Kind kind
 
 // Resolves the patient's record against the rule set, adding warnings for what it
 // cannot use.
-Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
+Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scratch& scratch,
                  cds::v1::EvaluateResponse* response) {
   Facts facts;
   facts.patient = &patient;
+  facts.scratch = &scratch;
   facts.sex = patient.sex() == cds::v1::OTHER_SEX ? cds::v1::OTHER_SEX : patient.sex();
   const compiler::AgeDays age = compiler::ToDays(patient.age());
   if (age.set) facts.age_days = age.days;
@@ -480,8 +647,7 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
     }
     const compiler::AgeDays onset = compiler::ToDays(f.onset());
     for (int32_t concept_index : it->second) {
-      facts.findings[concept_index].push_back(
-          FindingFact{f.status(), onset.set ? onset.days : kNan, i});
+      scratch.AddFinding(concept_index, FindingFact{f.status(), onset.set ? onset.days : kNan, i, -1});
     }
   }
 
@@ -512,26 +678,26 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
       if (m.reference_range().has_low()) fact.lower = m.reference_range().low() * factor->second;
       if (m.reference_range().has_high()) fact.upper = m.reference_range().high() * factor->second;
     }
-    facts.labs[it->second].push_back(fact);
+    scratch.AddLab(it->second, fact);
   }
 
   // Values computed from a percentage and a total measured together.
-  std::vector<std::pair<int32_t, LabFact>> derived;
-  for (const auto& [lab, percent_facts] : facts.labs) {
+  auto& derived = scratch.derived;
+  derived.clear();
+  for (int32_t lab : scratch.labs_present) {
     for (const compiler::CompiledDerivation& d : rs.derivations_by_percent_lab[lab]) {
-      auto totals = facts.labs.find(d.total_lab);
       bool used = false;
-      if (totals != facts.labs.end()) {
-        for (const LabFact& pct : percent_facts) {
-          for (const LabFact& total : totals->second) {
-            const bool both_unknown = std::isnan(pct.age_days) && std::isnan(total.age_days);
-            if (!both_unknown && !(std::fabs(pct.age_days - total.age_days) <= d.max_days_apart)) {
-              continue;
-            }
-            derived.emplace_back(d.target, LabFact{pct.value / 100 * total.value, pct.age_days,
-                                                   {}, {}, pct.index});
-            used = true;
+      for (int32_t p = facts.FirstLab(lab); p >= 0; p = facts.lab(p).next) {
+        const LabFact& pct = facts.lab(p);
+        for (int32_t t = facts.FirstLab(d.total_lab); t >= 0; t = facts.lab(t).next) {
+          const LabFact& total = facts.lab(t);
+          const bool both_unknown = std::isnan(pct.age_days) && std::isnan(total.age_days);
+          if (!both_unknown && !(std::fabs(pct.age_days - total.age_days) <= d.max_days_apart)) {
+            continue;
           }
+          derived.emplace_back(d.target, LabFact{pct.value / 100 * total.value, pct.age_days,
+                                                 {}, {}, pct.index});
+          used = true;
         }
       }
       if (!used) {
@@ -541,7 +707,7 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
       }
     }
   }
-  for (auto& [target, fact] : derived) facts.labs[target].push_back(fact);
+  for (auto& [target, fact] : derived) scratch.AddLab(target, fact);
   return facts;
 }
 
@@ -560,25 +726,14 @@ void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts,
     AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.family_history",
                "no family history was recorded; affected relatives would change the suggestions");
   }
-  for (size_t lab = 0; lab < rs.labs.size(); ++lab) {
-    const bool used_by_evidence =
-        std::any_of(rs.rules_by_lab[lab].begin(), rs.rules_by_lab[lab].end(),
-                    [](const RuleRef& r) { return r.kind == RuleRef::Kind::kEvidence; });
-    if (used_by_evidence && !facts.labs.contains(static_cast<int32_t>(lab))) {
+  for (int32_t lab : rs.labs_weighed_by_evidence) {
+    if (!facts.HasLabs(lab)) {
       AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.measurements",
                  absl::StrCat("no usable ", rs.labs[lab].label,
                               " measurement; it would change the suggestions"));
     }
   }
 }
-
-// One applied evidence item, for scoring and explanation.
-struct Applied {
-  int32_t evidence;
-  bool matched;  // condition TRUE (else FALSE)
-  double log_lr;
-  bool superseded = false;
-};
 
 int UrgencyOrder(cds::v1::Urgency u) { return -static_cast<int>(u); }
 
@@ -590,19 +745,10 @@ double Entropy(const std::vector<double>& p) {
   return h;
 }
 
-// The value of a test's result for the current differential.
-struct InformationValue {
-  double gain_bits = 0;
-  int32_t lead = -1;  // leading hypothesis
-  double lead_now = 0;
-  double lead_if_positive = 0;
-  double lead_if_negative = 0;
-};
-
 bool FactKnown(const Facts& facts, const compiler::FactKey& key) {
   switch (key.kind) {
-    case compiler::FactKey::Kind::kConcept: return facts.findings.contains(key.index);
-    case compiler::FactKey::Kind::kLab: return facts.labs.contains(key.index);
+    case compiler::FactKey::Kind::kConcept: return facts.HasFindings(key.index);
+    case compiler::FactKey::Kind::kLab: return facts.HasLabs(key.index);
     case compiler::FactKey::Kind::kFamily: return facts.family != nullptr;
   }
   return true;
@@ -730,26 +876,33 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   if (rs.ontology != nullptr) ref->set_ontology(rs.ontology->release());
   response->set_disclaimer(rs.disclaimer);
 
-  Facts facts = BuildFacts(rs, patient, response);
+  Scratch& scratch = ThreadScratch();
+  scratch.Begin(rs);
+  Facts facts = BuildFacts(rs, patient, scratch, response);
   WarnMissingKeyData(rs, facts, response);
   const Evaluator evaluator(rs, facts);
 
-  // 1. Candidate rules: those listed under a fact the patient record makes known.
-  // Vectors, sorted and made unique once: cheaper than hash sets for these sizes.
-  std::vector<int32_t> evidence_candidates;
-  std::vector<int32_t> action_candidates;
+  // 1. Candidate rules: those listed under a fact the patient record makes known, each once
+  // (stamped), then in ascending order.
+  std::vector<int32_t>& evidence_candidates = scratch.evidence_candidates;
+  std::vector<int32_t>& action_candidates = scratch.action_candidates;
+  auto add_action = [&](int32_t a) {
+    if (scratch.action_stamp[a] == scratch.epoch) return;
+    scratch.action_stamp[a] = scratch.epoch;
+    action_candidates.push_back(a);
+  };
   auto add = [&](const std::vector<RuleRef>& refs) {
     for (const RuleRef& r : refs) {
-      (r.kind == RuleRef::Kind::kEvidence ? evidence_candidates : action_candidates)
-          .push_back(r.index);
+      if (r.kind == RuleRef::Kind::kAction) {
+        add_action(r.index);
+      } else if (scratch.evidence_stamp[r.index] != scratch.epoch) {
+        scratch.evidence_stamp[r.index] = scratch.epoch;
+        evidence_candidates.push_back(r.index);
+      }
     }
   };
-  auto sort_unique = [](std::vector<int32_t>* v) {
-    std::sort(v->begin(), v->end());
-    v->erase(std::unique(v->begin(), v->end()), v->end());
-  };
-  for (const auto& [concept_index, unused] : facts.findings) add(rs.rules_by_concept[concept_index]);
-  for (const auto& [lab, unused] : facts.labs) add(rs.rules_by_lab[lab]);
+  for (int32_t concept_index : scratch.concepts_present) add(rs.rules_by_concept[concept_index]);
+  for (int32_t lab : scratch.labs_present) add(rs.rules_by_lab[lab]);
   if (facts.sex != cds::v1::UNKNOWN_SEX) add(rs.rules_on_sex);
   if (!std::isnan(facts.age_days)) add(rs.rules_on_age);
   if (facts.family != nullptr) {
@@ -761,11 +914,11 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
 
   // 2. Score: sum of log likelihood ratios per hypothesis; within a correlated group only
   // the strongest item counts.
-  sort_unique(&evidence_candidates);  // also makes explanations deterministic
-  const std::vector<int32_t>& ordered = evidence_candidates;
-  std::vector<Applied> applied;
-  absl::flat_hash_map<std::pair<int32_t, int32_t>, size_t> group_best;  // (h, group) -> index
-  for (int32_t e : ordered) {
+  std::sort(evidence_candidates.begin(), evidence_candidates.end());  // deterministic
+  std::vector<Applied>& applied = scratch.applied;
+  auto& group_best = scratch.group_best;  // of the current hypothesis
+  int32_t group_hypothesis = -1;
+  for (int32_t e : evidence_candidates) {
     const compiler::CompiledEvidence& ev = rs.evidence[e];
     const Tri t = evaluator.Eval(ev.condition);
     if (t == Tri::kUnknown) continue;
@@ -773,9 +926,16 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     if (lr == 1.0) continue;
     applied.push_back(Applied{e, t == Tri::kTrue, std::log(lr)});
     if (ev.group >= 0) {
-      auto [it, inserted] =
-          group_best.emplace(std::make_pair(ev.hypothesis, ev.group), applied.size() - 1);
-      if (!inserted) {
+      // Candidates are in evidence order, so one hypothesis' items are contiguous.
+      if (ev.hypothesis != group_hypothesis) {
+        group_best.clear();
+        group_hypothesis = ev.hypothesis;
+      }
+      auto it = std::find_if(group_best.begin(), group_best.end(),
+                             [&](const auto& g) { return g.first == ev.group; });
+      if (it == group_best.end()) {
+        group_best.emplace_back(ev.group, applied.size() - 1);
+      } else {
         Applied& best = applied[it->second];
         if (std::fabs(applied.back().log_lr) > std::fabs(best.log_lr)) {
           best.superseded = true;
@@ -788,8 +948,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   }
   // Applied items are already grouped by hypothesis: the compiler numbers evidence
   // hypothesis by hypothesis, and the candidates were taken in evidence order.
-  std::vector<std::pair<int32_t, double>> log_lr;  // per touched hypothesis
-  absl::flat_hash_map<int32_t, std::pair<size_t, size_t>> applied_range;  // h -> [begin, end)
+  double total = 1.0;  // none (1 - sum of pretests) + every hypothesis at its pretest
   for (size_t i = 0; i < applied.size();) {
     const int32_t h = rs.evidence[applied[i].evidence].hypothesis;
     double sum = 0;
@@ -797,14 +956,21 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     for (; j < applied.size() && rs.evidence[applied[j].evidence].hypothesis == h; ++j) {
       if (!applied[j].superseded) sum += applied[j].log_lr;
     }
-    log_lr.emplace_back(h, sum);
-    applied_range.emplace(h, std::make_pair(i, j));
+    const double prior = rs.hypotheses[h].pretest_probability;
+    const double w = prior * std::exp(sum);
+    scratch.hypothesis_stamp[h] = scratch.epoch;
+    scratch.weight[h] = w;
+    scratch.range_begin[h] = static_cast<uint32_t>(i);
+    scratch.range_end[h] = static_cast<uint32_t>(j);
+    scratch.touched.push_back(h);
+    total += w - prior;
     i = j;
   }
 
   // 3. Posterior over the differential plus "none of these".
-  const Scores scores(rs, std::move(log_lr));
+  const Scores scores(rs, scratch, total);
   facts.scores = &scores;
+  scratch.NewMemo();  // probability leaves can now be decided
   // The leading hypotheses: whose tests are worth valuing.
   constexpr size_t kLeading = 5;
   constexpr double kLeadingFloor = 0.01;
@@ -813,31 +979,41 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
 
   // 4. Actions whose conditions hold; tests with an information value only while their
   // result is unknown and would move a leading hypothesis enough to be worth having.
-  for (const auto& [h, range] : applied_range) add(rs.actions_by_hypothesis[h]);
-  absl::flat_hash_set<int32_t> information_candidates;
+  for (int32_t h : scratch.touched) {
+    for (const RuleRef& r : rs.actions_by_hypothesis[h]) add_action(r.index);
+  }
+  auto& information_candidates = scratch.information_candidates;
   for (size_t i = 0; i < leading.size(); ++i) {
     if (i > 0 && scores.Posterior(leading[i]) < kLeadingFloor) break;
     for (int32_t a : rs.information_actions_by_hypothesis[leading[i]]) {
-      information_candidates.insert(a);
+      if (std::find(information_candidates.begin(), information_candidates.end(), a) ==
+          information_candidates.end()) {
+        information_candidates.push_back(a);
+      }
     }
   }
-  absl::flat_hash_map<int32_t, InformationValue> test_values;
+  auto test_value = [&](int32_t a) -> const InformationValue* {
+    return scratch.value_stamp[a] == scratch.epoch ? &scratch.values[a] : nullptr;
+  };
   for (int32_t a : information_candidates) {
     const auto value = ValueOfTest(rs, facts, scores, lead, rs.actions[a]);
-    if (value && value->gain_bits >= rs.actions[a].min_gain_bits) test_values.emplace(a, *value);
+    if (value && value->gain_bits >= rs.actions[a].min_gain_bits) {
+      scratch.value_stamp[a] = scratch.epoch;
+      scratch.values[a] = *value;
+      add_action(a);
+    }
   }
-  for (const auto& [a, value] : test_values) action_candidates.push_back(a);
-  sort_unique(&action_candidates);
-  std::vector<int32_t> fired;
+  std::sort(action_candidates.begin(), action_candidates.end());
+  std::vector<int32_t>& fired = scratch.fired;
   for (int32_t a : action_candidates) {
     const compiler::CompiledAction& action = rs.actions[a];
     // A test valued for its information fires only when that value is there.
-    if (!action.reveals.empty() && !test_values.contains(a)) continue;
+    if (!action.reveals.empty() && test_value(a) == nullptr) continue;
     if (action.condition < 0 || evaluator.Eval(action.condition) == Tri::kTrue) fired.push_back(a);
   }
   auto gain_of = [&](int32_t a) {
-    auto it = test_values.find(a);
-    return it == test_values.end() ? 0.0 : it->second.gain_bits;
+    const InformationValue* v = test_value(a);
+    return v == nullptr ? 0.0 : v->gain_bits;
   };
   auto action_less = [&](int32_t a, int32_t b) {
     const auto& x = rs.actions[a];
@@ -859,8 +1035,8 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     s->set_title(action.title);
     s->set_detail(action.detail);
     s->set_urgency(action.urgency);
-    if (auto it = test_values.find(a); it != test_values.end()) {
-      const InformationValue& v = it->second;
+    if (const InformationValue* value = test_value(a); value != nullptr) {
+      const InformationValue& v = *value;
       s->set_expected_information_gain(v.gain_bits);
       absl::StrAppend(
           s->mutable_detail(), s->detail().empty() ? "" : " ",
@@ -879,10 +1055,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
         e->set_source(action.source);
         switch (key.kind) {
           case compiler::FactKey::Kind::kConcept:
-            e->set_description(absl::StrCat("Not yet recorded: ", rs.concepts[key.index].label));
+            e->set_description(rs.concepts[key.index].not_recorded);
             break;
           case compiler::FactKey::Kind::kLab:
-            e->set_description(absl::StrCat("No result yet: ", rs.labs[key.index].label));
+            e->set_description(rs.labs[key.index].no_result);
             break;
           case compiler::FactKey::Kind::kFamily:
             e->set_description("No family history recorded");
@@ -891,13 +1067,18 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       }
     }
     if (!options.explain || action.condition < 0) return;
-    std::vector<std::string> reasons;
-    std::vector<int> finding_indices;
+    auto& reasons = scratch.reasons;
+    auto& finding_indices = scratch.finding_indices;
+    reasons.clear();
+    finding_indices.clear();
     evaluator.CollectReasons(action.condition, &reasons, &finding_indices);
     // A leaf reached through several branches is one reason.
-    absl::flat_hash_set<std::string> seen_reasons;
-    for (const std::string& reason : reasons) {
-      if (!seen_reasons.insert(reason).second) continue;
+    for (size_t r = 0; r < reasons.size(); ++r) {
+      const std::string& reason = *reasons[r];
+      if (std::any_of(reasons.begin(), reasons.begin() + static_cast<ptrdiff_t>(r),
+                      [&](const std::string* earlier) { return *earlier == reason; })) {
+        continue;
+      }
       auto* e = s->add_evidence();
       e->set_rule_id(action.id);
       e->set_description(reason);
@@ -931,9 +1112,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     s->set_probability(posterior);
     s->set_pretest_probability(hyp.pretest_probability);
     if (!options.explain) continue;
-    std::vector<Applied> items;
-    if (auto range = applied_range.find(h); range != applied_range.end()) {
-      for (size_t i = range->second.first; i < range->second.second; ++i) items.push_back(applied[i]);
+    auto& items = scratch.items;
+    items.clear();
+    if (scores.Touched(h)) {
+      items.assign(applied.begin() + scratch.range_begin[h], applied.begin() + scratch.range_end[h]);
     }
     std::sort(items.begin(), items.end(), [&](const Applied& x, const Applied& y) {
       if (x.superseded != y.superseded) return !x.superseded;
@@ -944,16 +1126,20 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       const compiler::CompiledEvidence& ev = rs.evidence[item.evidence];
       auto* e = s->add_evidence();
       e->set_rule_id(ev.id);
-      std::vector<std::string> lab_details;
+      auto& lab_details = scratch.reasons;
+      lab_details.clear();
       evaluator.CollectLabDetails(ev.condition, &lab_details);
-      e->set_description(lab_details.empty()
-                             ? ev.description
-                             : absl::StrCat(ev.description, ": ", absl::StrJoin(lab_details, "; ")));
+      std::string* description = e->mutable_description();
+      *description = ev.description;
+      for (size_t d = 0; d < lab_details.size(); ++d) {
+        absl::StrAppend(description, d == 0 ? ": " : "; ", *lab_details[d]);
+      }
       e->set_effect(item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED);
       e->set_likelihood_ratio(item.superseded ? 1.0 : std::exp(item.log_lr));
       e->set_superseded(item.superseded);
       e->set_source(ev.source);
-      std::vector<int> finding_indices;
+      auto& finding_indices = scratch.finding_indices;
+      finding_indices.clear();
       evaluator.CollectFindingCodes(ev.condition, &finding_indices);
       std::sort(finding_indices.begin(), finding_indices.end());
       finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
