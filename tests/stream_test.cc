@@ -156,6 +156,67 @@ TEST_F(StreamTest, ClientThatWritesEverythingFirstGetsEveryResultInOrder) {
   }
 }
 
+TEST_F(StreamTest, PatientsEvaluatedConcurrentlyAreAnsweredInRequestOrder) {
+  // The server evaluates several patients of a stream at once on a pool. Every fifth
+  // patient here is slow (a long record), every seventh malformed: the fast ones after a
+  // slow one finish first, yet each response must come back at its request's position,
+  // with its own result or error.
+  const cds::v1::EvaluateRequest boy = IpexRequest("triad_boy.json");
+  const cds::v1::EvaluateRequest girl = IpexRequest("triad_girl.json");
+  cds::v1::EvaluateRequest slow = boy;
+  while (slow.patient().findings_size() < 1500) {
+    *slow.mutable_patient()->add_findings() = boy.patient().findings(
+        slow.patient().findings_size() % boy.patient().findings_size());
+  }
+  cds::v1::EvaluateRequest malformed = girl;
+  malformed.mutable_patient()->set_sex(cds::v1::SEX_UNSPECIFIED);
+  // What each kind of patient gets on its own.
+  std::vector<StreamResponse> alone;
+  ASSERT_TRUE(RunStream({Wrap(boy, "boy"), Wrap(girl, "girl"), Wrap(slow, "slow")}, &alone).ok());
+  ASSERT_EQ(alone.size(), 3u);
+  ASSERT_TRUE(alone[0].has_response() && alone[1].has_response() && alone[2].has_response());
+  // The result without its per-call id and time.
+  auto top = [](const StreamResponse& r) {
+    if (!r.has_response()) return std::string("none");
+    cds::v1::EvaluateResponse result = r.response();
+    result.clear_evaluation_id();
+    result.clear_evaluated_at();
+    return result.SerializeAsString();
+  };
+
+  std::vector<StreamRequest> requests;
+  std::vector<std::string> expected_top;
+  for (int i = 0; i < 300; ++i) {
+    const std::string id = absl::StrCat("p", i);
+    if (i % 7 == 3) {
+      requests.push_back(Wrap(malformed, id));
+      expected_top.push_back("error");
+    } else if (i % 5 == 0) {
+      requests.push_back(Wrap(slow, id));
+      expected_top.push_back(top(alone[2]));
+    } else if (i % 2 == 0) {
+      requests.push_back(Wrap(boy, id));
+      expected_top.push_back(top(alone[0]));
+    } else {
+      requests.push_back(Wrap(girl, id));
+      expected_top.push_back(top(alone[1]));
+    }
+  }
+  std::vector<StreamResponse> responses;
+  const grpc::Status status = RunStream(requests, &responses);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(responses.size(), requests.size());
+  for (size_t i = 0; i < responses.size(); ++i) {
+    EXPECT_EQ(responses[i].index(), static_cast<int64_t>(i));
+    EXPECT_EQ(responses[i].correlation_id(), absl::StrCat("p", i));
+    if (expected_top[i] == "error") {
+      EXPECT_EQ(responses[i].error().code(), grpc::StatusCode::INVALID_ARGUMENT) << i;
+    } else {
+      EXPECT_TRUE(top(responses[i]) == expected_top[i]) << "patient " << i;
+    }
+  }
+}
+
 TEST_F(StreamTest, EmptyStreamEndsOk) {
   std::vector<StreamResponse> responses;
   EXPECT_TRUE(RunStream({}, &responses).ok());
