@@ -14,6 +14,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/arena.h"
 #include "google/protobuf/text_format.h"
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
@@ -164,25 +165,58 @@ compiler::RuleSetSource Scaled(int copies) {
   return source;
 }
 
+// Explanation levels, as the request's Explanation enum.
+constexpr int kFull = 2;
+constexpr int kCompact = 1;
+constexpr int kNone = 0;
+
+engine::EvaluateOptions Options(int explanation) {
+  engine::EvaluateOptions options;
+  options.explain = explanation != kNone;
+  options.full_trace = explanation == kFull;
+  return options;
+}
+
+const char* ExplanationName(int explanation) {
+  return explanation == kFull ? "full trace" : explanation == kCompact ? "compact" : "no explanation";
+}
+
+// range(0): explanation level; range(1): 1 = response on a protobuf arena, as the server's
+// per-call arenas place it; 0 = on the heap.
 void BM_EvaluateTypicalPatient(benchmark::State& state) {
   const auto rs = CompileOrDie(Source());
-  engine::EvaluateOptions options;
-  options.explain = state.range(0) != 0;
+  const engine::EvaluateOptions options = Options(static_cast<int>(state.range(0)));
+  const bool arena = state.range(1) != 0;
   for (auto _ : state) {
-    cds::v1::EvaluateResponse response;
-    if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
-    benchmark::DoNotOptimize(response);
+    if (arena) {
+      google::protobuf::Arena a;
+      auto* response = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateResponse>(&a);
+      if (!engine::Evaluate(*rs, TypicalPatient(), options, response).ok()) std::abort();
+      benchmark::DoNotOptimize(response);
+    } else {
+      cds::v1::EvaluateResponse response;
+      if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
+      benchmark::DoNotOptimize(response);
+    }
   }
   cds::v1::EvaluateResponse response;
   if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
-  state.SetLabel(absl::StrCat(rs->name, "@", rs->version, options.explain ? " explain" : " no-explain",
-                              ", ", Shape(response)));
+  state.SetLabel(absl::StrCat(rs->name, "@", rs->version, " ",
+                              ExplanationName(static_cast<int>(state.range(0))),
+                              arena ? ", arena" : ", heap", "; ", Shape(response)));
 }
-BENCHMARK(BM_EvaluateTypicalPatient)->Arg(1)->Arg(0);
+BENCHMARK(BM_EvaluateTypicalPatient)
+    ->Args({kFull, 0})
+    ->Args({kCompact, 0})
+    ->Args({kNone, 0})
+    ->Args({kFull, 1})
+    ->Args({kCompact, 1})
+    ->Args({kNone, 1});
 
+// range(0): copies of the rule set; range(1): explanation level.
 void BM_EvaluateScaledRuleSet(benchmark::State& state) {
   const auto rs = CompileOrDie(Scaled(static_cast<int>(state.range(0))));
-  engine::EvaluateOptions options;
+  const engine::EvaluateOptions options = Options(static_cast<int>(state.range(1)));
   for (auto _ : state) {
     cds::v1::EvaluateResponse response;
     if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
@@ -193,7 +227,13 @@ void BM_EvaluateScaledRuleSet(benchmark::State& state) {
   state.SetLabel(absl::StrCat(rs->hypotheses.size(), " hypotheses, ", rs->evidence.size(),
                               " evidence, ", rs->actions.size(), " actions; ", Shape(response)));
 }
-BENCHMARK(BM_EvaluateScaledRuleSet)->Arg(1)->Arg(10)->Arg(100);
+BENCHMARK(BM_EvaluateScaledRuleSet)
+    ->Args({1, kFull})
+    ->Args({10, kFull})
+    ->Args({100, kFull})
+    ->Args({1, kCompact})
+    ->Args({10, kCompact})
+    ->Args({100, kCompact});
 
 void BM_CompileRuleSet(benchmark::State& state) {
   for (auto _ : state) {

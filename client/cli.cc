@@ -388,6 +388,10 @@ int Evaluate(const Options& options, std::ostream& out, std::ostream& err) {
   if (request->rule_set().empty()) request->set_rule_set(kDefaultRuleSet);
   if (options.version.has_value()) request->set_version(*options.version);
   if (options.label.has_value()) request->set_label(*options.label);
+  // The report shows the text of every reason: the full trace, unless the input chose.
+  if (request->explanation() == cds::v1::EXPLANATION_UNSPECIFIED) {
+    request->set_explanation(cds::v1::EXPLANATION_FULL);
+  }
 
   Connection connection(options);
   auto stub = cds::v1::DecisionSupport::NewStub(connection.channel());

@@ -90,6 +90,56 @@ TEST_F(EvaluateOnceTest, FillsIdTimeAndRuleSetAndCountsTheEvaluation) {
   EXPECT_EQ(count, 2);
 }
 
+TEST_F(EvaluateOnceTest, ExplanationsAreCompactUnlessTheFullTraceIsAsked) {
+  auto evaluate = [&](cds::v1::Explanation explanation) {
+    cds::v1::EvaluateRequest request = Request();
+    request.set_explanation(explanation);
+    cds::v1::EvaluateResponse response;
+    EXPECT_TRUE(EvaluateOnce(store_, request, &response).ok());
+    return response;
+  };
+  const cds::v1::EvaluateResponse unset = evaluate(cds::v1::EXPLANATION_UNSPECIFIED);
+  const cds::v1::EvaluateResponse compact = evaluate(cds::v1::EXPLANATION_COMPACT);
+  const cds::v1::EvaluateResponse full = evaluate(cds::v1::EXPLANATION_FULL);
+  const cds::v1::EvaluateResponse none = evaluate(cds::v1::EXPLANATION_NONE);
+  // The same suggestions in the same order whatever the explanation.
+  for (const auto* r : {&unset, &compact, &none}) {
+    ASSERT_EQ(r->suggestions_size(), full.suggestions_size());
+    for (int i = 0; i < full.suggestions_size(); ++i) {
+      EXPECT_EQ(r->suggestions(i).rule_id(), full.suggestions(i).rule_id());
+      EXPECT_EQ(r->suggestions(i).probability(), full.suggestions(i).probability());
+    }
+  }
+  int full_items = 0;
+  int described = 0;
+  for (const auto& s : full.suggestions()) {
+    full_items += s.evidence_size();
+    for (const auto& e : s.evidence()) described += e.description().empty() ? 0 : 1;
+  }
+  EXPECT_GT(full_items, 0);
+  EXPECT_EQ(described, full_items);
+  // Compact (also when unset): rule id, effect, source and matched codes, no description.
+  int compact_items = 0;
+  for (const auto* r : {&unset, &compact}) {
+    compact_items = 0;
+    for (const auto& s : r->suggestions()) {
+      for (const auto& e : s.evidence()) {
+        ++compact_items;
+        EXPECT_FALSE(e.rule_id().empty());
+        EXPECT_TRUE(absl::StrContains(e.source(), "ruleset.textproto:")) << e.source();
+        EXPECT_NE(e.effect(), cds::v1::Evidence::EFFECT_UNSPECIFIED);
+        if (s.kind() == cds::v1::DIAGNOSIS) {
+          EXPECT_TRUE(e.description().empty()) << e.description();
+          EXPECT_TRUE(e.has_likelihood_ratio());
+        }
+      }
+    }
+    EXPECT_GT(compact_items, 0);
+  }
+  EXPECT_LT(compact.ByteSizeLong(), full.ByteSizeLong());
+  for (const auto& s : none.suggestions()) EXPECT_EQ(s.evidence_size(), 0);
+}
+
 TEST_F(EvaluateOnceTest, ValidatesBeforeResolving) {
   cds::v1::EvaluateResponse response;
   cds::v1::EvaluateRequest request = Request();

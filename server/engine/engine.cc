@@ -1072,8 +1072,15 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     reasons.clear();
     finding_indices.clear();
     evaluator.CollectReasons(action.condition, &reasons, &finding_indices);
+    if (!options.full_trace) {
+      // Compact: the rule, where it is written and the codes it matched, in one item.
+      auto* e = s->add_evidence();
+      e->set_rule_id(action.id);
+      e->set_effect(cds::v1::Evidence::MATCHED);
+      e->set_source(action.source);
+    }
     // A leaf reached through several branches is one reason.
-    for (size_t r = 0; r < reasons.size(); ++r) {
+    for (size_t r = 0; options.full_trace && r < reasons.size(); ++r) {
       const std::string& reason = *reasons[r];
       if (std::any_of(reasons.begin(), reasons.begin() + static_cast<ptrdiff_t>(r),
                       [&](const std::string* earlier) { return *earlier == reason; })) {
@@ -1126,13 +1133,15 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       const compiler::CompiledEvidence& ev = rs.evidence[item.evidence];
       auto* e = s->add_evidence();
       e->set_rule_id(ev.id);
-      auto& lab_details = scratch.reasons;
-      lab_details.clear();
-      evaluator.CollectLabDetails(ev.condition, &lab_details);
-      std::string* description = e->mutable_description();
-      *description = ev.description;
-      for (size_t d = 0; d < lab_details.size(); ++d) {
-        absl::StrAppend(description, d == 0 ? ": " : "; ", *lab_details[d]);
+      if (options.full_trace) {
+        auto& lab_details = scratch.reasons;
+        lab_details.clear();
+        evaluator.CollectLabDetails(ev.condition, &lab_details);
+        std::string* description = e->mutable_description();
+        *description = ev.description;
+        for (size_t d = 0; d < lab_details.size(); ++d) {
+          absl::StrAppend(description, d == 0 ? ": " : "; ", *lab_details[d]);
+        }
       }
       e->set_effect(item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED);
       e->set_likelihood_ratio(item.superseded ? 1.0 : std::exp(item.log_lr));

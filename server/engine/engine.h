@@ -31,6 +31,12 @@ struct EvaluateOptions {
   // just run CheckPatient (patient_check.h) on this very patient and found nothing, as the
   // service does: the same rules are not run twice per call.
   bool validate = true;
+  // With `explain`: the full trace, with a readable description of every item (each
+  // condition that held for an action; measured values against their limits for labs).
+  // Off: compact explanations, whose items carry the rule id, effect, likelihood ratio,
+  // source line and matched codes but no description (the rule set's text, by rule id and
+  // version, says what each rule is); an action gets one item.
+  bool full_trace = true;
 };
 
 // Validates `patient` (INVALID_ARGUMENT naming the field, never echoing patient data; see

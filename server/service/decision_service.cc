@@ -91,6 +91,10 @@ absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::Evaluate
   CDS_RETURN_IF_ERROR(ValidateEvaluateRequest(request));
   CDS_ASSIGN_OR_RETURN(const Pin pin, ParsePin(request));
   CDS_ASSIGN_OR_RETURN(store::Resolved resolved, store.Resolve(pin.name, pin.version, pin.label));
+  // Compact explanations unless the caller asks for the full trace (or none); a value this
+  // server does not know yet counts as unset.
+  checked.explain = request.explanation() != cds::v1::EXPLANATION_NONE;
+  checked.full_trace = request.explanation() == cds::v1::EXPLANATION_FULL;
   CDS_RETURN_IF_ERROR(
       engine::Evaluate(*resolved.rule_set, request.patient(), checked, response));
   response->mutable_rule_set()->set_label(resolved.label);
