@@ -107,6 +107,8 @@ struct CompiledLab {
   std::string label;
   std::string canonical_unit;
   std::string no_result;  // "No result yet: <label>", explaining a test's value
+  // Warning when a patient has no usable measurement of a lab evidence weighs.
+  std::string missing_warning;
   // Unit (as written, and lower-cased) -> factor to the canonical unit.
   absl::flat_hash_map<std::string, double> unit_factors;
   std::vector<CompiledReferenceLimit> limits;
@@ -154,6 +156,9 @@ struct CompiledHypothesis {
   std::vector<int32_t> evidence;  // indices into CompiledRuleSet::evidence
   std::vector<cds::v1::Reference> references;
   int32_t group_count = 0;
+  // Position of `id` among the rule set's hypothesis ids in ascending order: ranks break
+  // ties on it without comparing strings.
+  int32_t id_rank = 0;
 };
 
 struct CompiledAction {

@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <regex>
 #include <utility>
 
+#include "absl/base/casts.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
@@ -455,6 +457,8 @@ class Compilation {
       compiled.id = lab.id();
       compiled.label = lab.label().empty() ? lab.id() : lab.label();
       compiled.no_result = absl::StrCat("No result yet: ", compiled.label);
+      compiled.missing_warning =
+          absl::StrCat("no usable ", compiled.label, " measurement; it would change the suggestions");
       compiled.canonical_unit = lab.canonical_unit();
       if (lab.canonical_unit().empty()) {
         Error(kRuleSetFile, at, lab.id(), "lab has no canonical_unit");
@@ -844,9 +848,22 @@ class Compilation {
         break;
       }
     }
-    const ConditionId id = static_cast<ConditionId>(out_->conditions.size());
-    out_->conditions.push_back(std::move(c));
-    return id;
+    // Identical conditions (the same test on the same fact, e.g. "sex MALE" or an age band
+    // that many hypotheses weigh) share one id, so the engine's per-call memo evaluates
+    // each once however many rules use it.
+    std::string key = absl::StrCat(static_cast<int>(c.kind), "|", c.ref, "|", c.count, "|",
+                                   absl::Hex(absl::bit_cast<uint64_t>(c.value)), "|",
+                                   static_cast<int>(c.lab_threshold), "|",
+                                   absl::Hex(absl::bit_cast<uint64_t>(c.ages.from)), "|",
+                                   absl::Hex(absl::bit_cast<uint64_t>(c.ages.to)), "|",
+                                   static_cast<int>(c.family_line), "|",
+                                   static_cast<int>(c.family_sex), "|",
+                                   c.family_or_died_in_infancy ? 1 : 0, "|",
+                                   absl::StrJoin(c.children, ","), "|", c.description);
+    auto [it, inserted] = condition_ids_.emplace(
+        std::move(key), static_cast<ConditionId>(out_->conditions.size()));
+    if (inserted) out_->conditions.push_back(std::move(c));
+    return it->second;
   }
 
   bool CompileChildren(const google::protobuf::RepeatedPtrField<cds::v1::Condition>& children,
@@ -1329,6 +1346,14 @@ class Compilation {
         out_->labs_weighed_by_evidence.push_back(static_cast<int32_t>(lab));
       }
     }
+    {
+      std::vector<int32_t> by_id(out_->hypotheses.size());
+      for (size_t h = 0; h < by_id.size(); ++h) by_id[h] = static_cast<int32_t>(h);
+      std::sort(by_id.begin(), by_id.end(), [&](int32_t a, int32_t b) {
+        return out_->hypotheses[a].id < out_->hypotheses[b].id;
+      });
+      for (size_t r = 0; r < by_id.size(); ++r) out_->hypotheses[by_id[r]].id_rank = static_cast<int32_t>(r);
+    }
     out_->hypotheses_by_pretest.clear();
     out_->pretest_sum = 0;
     for (size_t h = 0; h < out_->hypotheses.size(); ++h) {
@@ -1424,6 +1449,8 @@ class Compilation {
   std::vector<Src> concept_locations_;
   std::vector<Src> action_locations_;
   absl::flat_hash_set<int32_t> used_concepts_;
+  // Condition content -> its id (identical conditions are compiled once).
+  absl::flat_hash_map<std::string, ConditionId> condition_ids_;
   absl::flat_hash_map<std::string, int32_t> lab_index_;
   absl::flat_hash_map<std::string, int32_t> hypothesis_index_;
   std::vector<int> hypothesis_sources_;

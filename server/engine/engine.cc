@@ -63,6 +63,13 @@ struct InformationValue {
   double lead_if_negative = 0;
 };
 
+// A touched hypothesis with its ranking key.
+struct RankKey {
+  double posterior;
+  int32_t id_rank;
+  int32_t hypothesis;
+};
+
 // Per-thread working memory, reused by every call on the thread: arrays indexed by the
 // rule set's dense ids (concepts, labs, conditions, evidence, actions, hypotheses), each
 // entry valid only while its stamp equals the current call's epoch. Nothing is cleared or
@@ -166,6 +173,7 @@ struct Scratch {
   std::vector<Applied> applied;
   std::vector<std::pair<int32_t, size_t>> group_best;  // (group, applied index), one hypothesis
   std::vector<int32_t> touched, ranked;
+  std::vector<RankKey> keyed;
   // Memoised condition values and lab descriptions.
   std::vector<uint32_t> condition_stamp;
   std::vector<Tri> condition_value;
@@ -218,8 +226,15 @@ class Scores {
   // order; `total` is 1 + the sum over them of (weight - pretest).
   Scores(const CompiledRuleSet& rs, Scratch& scratch, double total)
       : rs_(rs), s_(scratch), total_(total) {
-    std::sort(s_.touched.begin(), s_.touched.end(),
-              [&](int32_t a, int32_t b) { return Before(a, b); });
+    // Sorted on keys computed once per hypothesis (posterior, then the id's rank).
+    auto& keyed = s_.keyed;
+    keyed.clear();
+    for (int32_t h : s_.touched) keyed.push_back({Posterior(h), rs_.hypotheses[h].id_rank, h});
+    std::sort(keyed.begin(), keyed.end(), [](const RankKey& a, const RankKey& b) {
+      if (a.posterior != b.posterior) return a.posterior > b.posterior;
+      return a.id_rank < b.id_rank;
+    });
+    for (size_t i = 0; i < keyed.size(); ++i) s_.touched[i] = keyed[i].hypothesis;
   }
 
   // Uncapped probability of `h` (the belief the value of tests is computed over).
@@ -272,7 +287,7 @@ class Scores {
     const double pa = Posterior(a);
     const double pb = Posterior(b);
     if (pa != pb) return pa > pb;
-    return rs_.hypotheses[a].id < rs_.hypotheses[b].id;
+    return rs_.hypotheses[a].id_rank < rs_.hypotheses[b].id_rank;
   }
 
   const CompiledRuleSet& rs_;
@@ -729,8 +744,7 @@ void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts,
   for (int32_t lab : rs.labs_weighed_by_evidence) {
     if (!facts.HasLabs(lab)) {
       AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.measurements",
-                 absl::StrCat("no usable ", rs.labs[lab].label,
-                              " measurement; it would change the suggestions"));
+                 rs.labs[lab].missing_warning);
     }
   }
 }
