@@ -213,29 +213,37 @@ BENCHMARK(BM_EvaluateTypicalPatient)
     ->Args({kCompact, 1})
     ->Args({kNone, 1});
 
-// range(0): copies of the rule set; range(1): explanation level. Response on an arena.
+// range(0): copies of the rule set; range(1): explanation level; range(2): 1 = response on
+// an arena (as in the server), 0 = on the heap.
 void BM_EvaluateScaledRuleSet(benchmark::State& state) {
   const auto rs = CompileOrDie(Scaled(static_cast<int>(state.range(0))));
   const engine::EvaluateOptions options = Options(static_cast<int>(state.range(1)));
+  const bool arena = state.range(2) != 0;
   for (auto _ : state) {
-    // On a per-call arena, as the server places its responses.
-    google::protobuf::Arena arena;
-    auto* response = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateResponse>(&arena);
-    if (!engine::Evaluate(*rs, TypicalPatient(), options, response).ok()) std::abort();
-    benchmark::DoNotOptimize(response);
+    if (arena) {
+      google::protobuf::Arena a;
+      auto* response = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateResponse>(&a);
+      if (!engine::Evaluate(*rs, TypicalPatient(), options, response).ok()) std::abort();
+      benchmark::DoNotOptimize(response);
+    } else {
+      cds::v1::EvaluateResponse response;
+      if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
+      benchmark::DoNotOptimize(response);
+    }
   }
   cds::v1::EvaluateResponse response;
   if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
   state.SetLabel(absl::StrCat(rs->hypotheses.size(), " hypotheses, ", rs->evidence.size(),
-                              " evidence, ", rs->actions.size(), " actions; ", Shape(response)));
+                              " evidence, ", rs->actions.size(), " actions; ", ExplanationName(static_cast<int>(state.range(1))),
+                              arena ? ", arena; " : ", heap; ", Shape(response)));
 }
 BENCHMARK(BM_EvaluateScaledRuleSet)
-    ->Args({1, kFull})
-    ->Args({10, kFull})
-    ->Args({100, kFull})
-    ->Args({1, kCompact})
-    ->Args({10, kCompact})
-    ->Args({100, kCompact});
+    ->Args({1, kFull, 0})
+    ->Args({10, kFull, 0})
+    ->Args({100, kFull, 0})
+    ->Args({1, kCompact, 1})
+    ->Args({10, kCompact, 1})
+    ->Args({100, kCompact, 1});
 
 void BM_CompileRuleSet(benchmark::State& state) {
   for (auto _ : state) {
