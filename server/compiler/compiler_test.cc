@@ -112,6 +112,33 @@ TEST(CompilerTest, CompilesValidRuleSet) {
   EXPECT_EQ(rs.actions_by_hypothesis[0].size(), 1u);
 }
 
+TEST(CompilerTest, IdenticalConditionsShareOneIdAndIdsHaveRanks) {
+  const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    hypotheses { id: "b" title: "B" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      evidence { id: "male" when { sex: MALE } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+      evidence { id: "c" when { all { conditions { sex: MALE } conditions { finding { concept: "c" } } } } likelihood_ratios { positive: 3 } provenance { reference_ids: "SRC" } } }
+    hypotheses { id: "a" title: "A" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      evidence { id: "male" when { sex: MALE } likelihood_ratios { positive: 4 } provenance { reference_ids: "SRC" } }
+      evidence { id: "female" when { sex: FEMALE } likelihood_ratios { positive: 4 } provenance { reference_ids: "SRC" } } }
+  )pb");
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  const CompiledRuleSet& rs = *result.rule_set;
+  ASSERT_EQ(rs.evidence.size(), 4u);
+  // "sex: MALE" is compiled once, for both hypotheses and inside the `all`.
+  EXPECT_EQ(rs.evidence[0].condition, rs.evidence[2].condition);
+  EXPECT_NE(rs.evidence[2].condition, rs.evidence[3].condition);
+  const auto& all = rs.conditions[rs.evidence[1].condition];
+  ASSERT_EQ(all.children.size(), 2u);
+  EXPECT_EQ(all.children[0], rs.evidence[0].condition);
+  // Sex MALE, sex FEMALE, the finding and the `all`.
+  EXPECT_EQ(rs.conditions.size(), 4u);
+  // Ranks follow the ids: "a" before "b".
+  EXPECT_EQ(rs.hypotheses[0].id, "b");
+  EXPECT_EQ(rs.hypotheses[0].id_rank, 1);
+  EXPECT_EQ(rs.hypotheses[1].id_rank, 0);
+}
+
 TEST(CompilerTest, EvidenceIsNumberedHypothesisByHypothesis) {
   const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
     concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
