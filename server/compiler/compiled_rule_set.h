@@ -137,6 +137,9 @@ struct CompiledEvidence {
   // compute the value of a test.
   double p_hypothesis = -1;
   double p_comparison = -1;
+  // |log LR+| + |log LR-|: how much the item's result moves the odds, either way (the
+  // value of a test takes each hypothesis' strongest item on a fact).
+  double strength = 0;
 };
 
 // A fact a test's result makes known.

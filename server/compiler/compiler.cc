@@ -1369,6 +1369,9 @@ class Compilation {
                 }
                 return x.id < y.id;
               });
+    for (CompiledEvidence& ev : out_->evidence) {
+      ev.strength = std::fabs(std::log(ev.lr_positive)) + std::fabs(std::log(ev.lr_negative));
+    }
     out_->leaf_evidence_by_concept.assign(out_->concepts.size(), {});
     out_->leaf_evidence_by_lab.assign(out_->labs.size(), {});
     for (size_t i = 0; i < out_->evidence.size(); ++i) {

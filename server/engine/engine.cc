@@ -794,10 +794,7 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
     if (items->empty()) continue;
     // Per hypothesis, its most informative item on this fact. The items are in evidence
     // order, so each hypothesis' items are contiguous.
-    auto strength = [&](int32_t e) {
-      return std::fabs(std::log(rs.evidence[e].lr_positive)) +
-             std::fabs(std::log(rs.evidence[e].lr_negative));
-    };
+    auto strength = [&](int32_t e) { return rs.evidence[e].strength; };
     double q_sum = 0;
     std::vector<std::pair<int32_t, double>> ps;
     for (size_t i = 0; i < items->size();) {
