@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -85,6 +86,9 @@ bool ServerProcess::Start(const std::string& binary, const std::vector<std::stri
     return false;
   }
   if (pid_ == 0) {
+    // A server must not outlive its test, even when the test binary is killed (a ctest
+    // timeout): the kernel kills it when the thread that started it exits.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     dup2(fds[1], STDERR_FILENO);
     execv(binary.c_str(), argv.data());
     _exit(127);
