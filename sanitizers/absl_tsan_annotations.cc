@@ -40,18 +40,6 @@ void __real__ZN4absl7debian35Mutex10ReaderLockEv(Mutex* mu);
 void __real__ZN4absl7debian35Mutex12ReaderUnlockEv(Mutex* mu);
 bool __real__ZN4absl7debian35Mutex7TryLockEv(Mutex* mu);
 bool __real__ZN4absl7debian35Mutex13ReaderTryLockEv(Mutex* mu);
-void __real__ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE(Mutex* mu, const Condition& c);
-void __real__ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE(Mutex* mu,
-                                                                     const Condition& c);
-bool __real__ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE(
-    Mutex* mu, const Condition& c, Duration d);
-bool __real__ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE(
-    Mutex* mu, const Condition& c, Time t);
-void __real__ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE(Mutex* mu, const Condition& c);
-bool __real__ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE(
-    Mutex* mu, const Condition& c, Duration d);
-bool __real__ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE(
-    Mutex* mu, const Condition& c, Time t);
 
 void __wrap__ZN4absl7debian35Mutex4LockEv(Mutex* mu) {
   __real__ZN4absl7debian35Mutex4LockEv(mu);
@@ -79,52 +67,52 @@ bool __wrap__ZN4absl7debian35Mutex13ReaderTryLockEv(Mutex* mu) {
   if (locked) __tsan_acquire(mu);
   return locked;
 }
-void __wrap__ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE(Mutex* mu, const Condition& c) {
-  __real__ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE(mu, c);
-  __tsan_acquire(mu);
+// Conditions. Abseil evaluates a waiter's Condition inside the library, at moments TSan
+// cannot see as "lock held" (the reacquisition happens in uninstrumented code), so the
+// instrumented condition function would race with the writer that made it true. Instead the
+// wrappers evaluate the condition themselves while holding the (annotated) lock and, while it
+// is false, release the lock, sleep briefly and take it again: the same semantics, with
+// polling latency, in TSan builds only. Exclusive mode only (the project never waits on a
+// Condition under a reader lock; ReaderLockWhen* are left unwrapped).
+namespace {
+// REQUIRES: mu held exclusively (annotated). True when `c` holds, false at `deadline`.
+bool PollUntil(Mutex* mu, const Condition& c, Time deadline) {
+  while (!c.Eval()) {
+    if (absl::Now() >= deadline) return false;
+    mu->Unlock();
+    absl::SleepFor(absl::Microseconds(200));
+    mu->Lock();
+  }
+  return true;
 }
-void __wrap__ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE(Mutex* mu,
-                                                                     const Condition& c) {
-  __real__ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE(mu, c);
-  __tsan_acquire(mu);
+}  // namespace
+
+void __wrap__ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE(Mutex* mu, const Condition& c) {
+  mu->Lock();
+  PollUntil(mu, c, absl::InfiniteFuture());
 }
 // The *WithTimeout / *WithDeadline forms hold the mutex on return whatever they return.
 bool __wrap__ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE(
     Mutex* mu, const Condition& c, Duration d) {
-  const bool met =
-      __real__ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE(mu, c,
-                                                                                         d);
-  __tsan_acquire(mu);
-  return met;
+  const Time deadline = absl::Now() + d;
+  mu->Lock();
+  return PollUntil(mu, c, deadline);
 }
 bool __wrap__ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE(
     Mutex* mu, const Condition& c, Time t) {
-  const bool met =
-      __real__ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE(mu, c, t);
-  __tsan_acquire(mu);
-  return met;
+  mu->Lock();
+  return PollUntil(mu, c, t);
 }
-// Await* release the mutex while waiting and hold it again on return.
 void __wrap__ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE(Mutex* mu, const Condition& c) {
-  __tsan_release(mu);
-  __real__ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE(mu, c);
-  __tsan_acquire(mu);
+  PollUntil(mu, c, absl::InfiniteFuture());
 }
 bool __wrap__ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE(
     Mutex* mu, const Condition& c, Duration d) {
-  __tsan_release(mu);
-  const bool met =
-      __real__ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE(mu, c, d);
-  __tsan_acquire(mu);
-  return met;
+  return PollUntil(mu, c, absl::Now() + d);
 }
 bool __wrap__ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE(
     Mutex* mu, const Condition& c, Time t) {
-  __tsan_release(mu);
-  const bool met =
-      __real__ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE(mu, c, t);
-  __tsan_acquire(mu);
-  return met;
+  return PollUntil(mu, c, t);
 }
 
 // CondVar: the mutex is given up while waiting and held again on return.
