@@ -10,22 +10,23 @@
 # gRPC, Protobuf and Abseil are uninstrumented), -O1 with assertions on, and no benchmarks.
 # Runtime options and suppressions are in sanitizers/ (each suppression says why).
 #
-# Under TSan run the tests whose subject is concurrency (TSAN_TESTS below, 42 tests):
-# rule_store_test.cc in-process (RuleStoreTest: N threads evaluating while versions are
-# published and rejected; fully checked), and against a real TSan-built server
-# lifecycle_test.cc (concurrent clients while bundles are published and labels move, SIGKILL
-# mid-publish, restarts, rescans), stream_test.cc (EvaluateStream) and audit_test.cc (group
-# commit, fail closed, SIGKILL under load). Debian's gRPC is not instrumented, so races
-# between two gRPC callbacks of one call cannot be judged and are suppressed
-# (sanitizers/tsan.supp says exactly what and why); the server-based tests check our other
-# threads. Only these binaries are built. The remaining tests are single-threaded
-# request/response checks that the ASan + UBSan run covers.
+# Under TSan run the tests whose subject is concurrency (TSAN_TESTS below). In-process, fully
+# checked: rule_store_test.cc (RuleStoreTest: N threads evaluating while versions are
+# published and rejected), audit_log_test.cc (SqliteAuditTest: concurrent writers, group
+# commit) and registry_test.cc (metrics from many threads). Against a real TSan-built
+# server: lifecycle_test.cc (concurrent clients while bundles are published and labels move,
+# SIGKILL mid-publish, restarts, rescans), stream_test.cc (EvaluateStream), audit_test.cc
+# (fail closed, SIGKILL under load) and operations_test.cc (SIGTERM with calls in flight,
+# metrics scrapes). Debian's gRPC is not instrumented, so races between two gRPC callbacks of
+# one call cannot be judged and are suppressed (sanitizers/tsan.supp says exactly what and
+# why); the server-based tests check our other threads. Only these binaries are built. The
+# remaining tests are single-threaded request/response checks that ASan + UBSan cover.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=$(pwd)
 BUILD_ROOT=${BUILD_ROOT:-build}
 JOBS=${JOBS:-$(nproc)}
-TSAN_TESTS='^(RuleStoreTest|SemverLessTest|LifecycleTest|StreamTest|StreamAuditTest|NoopBaselineTest|AuditTest)\.|CrashTest\.'
+TSAN_TESTS='^(RuleStoreTest|SemverLessTest|SqliteAuditTest|RegistryTest|ServerMetricsTest|LifecycleTest|StreamTest|StreamAuditTest|NoopBaselineTest|AuditTest|OperationsTest)\.|CrashTest\.'
 
 bash scripts/install-deps.sh
 
@@ -56,7 +57,7 @@ run_asan() {
 run_tsan() {
   # Only the binaries of TSAN_TESTS (and the server and CLI they run) are built.
   configure_and_build "$BUILD_ROOT/tsan" thread cds-server cdsctl cds_unit_tests lifecycle_test \
-    stream_test audit_test
+    stream_test audit_test operations_test
   ctest --test-dir "$BUILD_ROOT/tsan" --output-on-failure -j"$JOBS" --timeout 900 \
     -R "$TSAN_TESTS"
 }
