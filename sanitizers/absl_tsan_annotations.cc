@@ -2,18 +2,20 @@
 //
 // Debian ships libabsl_synchronization.so compiled without -fsanitize=thread, so TSan does
 // not see the atomics inside absl::Mutex, absl::CondVar and absl::Notification and reports
-// every access to a field guarded by an absl::Mutex as a data race (a false positive:
-// sanitizers/README.md shows the two-thread counter that proves it). Rebuilding Abseil is
-// not an option here (Debian's packages are the stack), so TSan builds (CDS_SANITIZE=thread)
-// link this file with `-Wl,--wrap=<symbol>` for each entry point below: every call that
-// instrumented code (ours, and the inline parts of gRPC/Abseil headers) makes into the
-// library goes through a __wrap_ function that calls the real one and tells TSan about the
-// happens-before edge it creates (__tsan_release before giving a mutex up, __tsan_acquire
-// after taking it). Calls made inside the uninstrumented libraries are not annotated; their
-// memory accesses are not instrumented either, so they cannot be reported.
+// every access to a field guarded by an absl::Mutex as a data race (a false positive: two
+// threads incrementing a counter under absl::MutexLock are reported; sanitizers/README.md).
+// Rebuilding Abseil is not an option here (Debian's packages are the stack), so TSan builds
+// (CDS_SANITIZE=thread) link this file with `-Wl,--wrap=<symbol>` for each entry point
+// below: every call that instrumented code (ours, and the inline parts of gRPC/Abseil
+// headers) makes into the library goes through a __wrap_ function that calls the real one
+// and tells TSan about the happens-before edge it creates (__tsan_release before giving a
+// mutex up, __tsan_acquire after taking it). Calls made inside the uninstrumented libraries
+// are not annotated; their memory accesses are not instrumented either, so they cannot be
+// reported.
 //
 // Only built with CDS_SANITIZE=thread. The mangled names are those of Debian 12's
-// libabsl 20220623 (inline namespace absl::debian3); CMakeLists.txt lists the same set.
+// libabsl 20220623 (inline namespace absl::debian3); cmake/Sanitizers.cmake passes
+// --wrap for every __wrap_ function defined here (it reads them from this file).
 
 #include <sanitizer/tsan_interface.h>
 
