@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages the build and tests need. Idempotent: when every package is
 # already present it only runs dpkg-query and returns in well under a second.
+# `install-deps.sh fuzz` adds clang 14 and its runtimes (libFuzzer, ASan, UBSan) for
+# fuzz/run.sh; the sanitizer builds (scripts/test-sanitizers.sh) use gcc's runtimes
+# (libasan8, libubsan1, libtsan2), which come with g++.
 set -euo pipefail
 
 PACKAGES=(
@@ -13,6 +16,9 @@ PACKAGES=(
   python3 python3-grpcio
   python3-yaml systemd
 )
+if [ "${1:-}" = "fuzz" ]; then
+  PACKAGES+=(clang-14 libclang-rt-14-dev)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
