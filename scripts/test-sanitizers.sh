@@ -51,7 +51,10 @@ export TSAN_OPTIONS="suppressions=$SRC/sanitizers/tsan.supp:ignore_noninstrument
 
 run_asan() {
   configure_and_build "$BUILD_ROOT/asan" address,undefined
-  ctest --test-dir "$BUILD_ROOT/asan" --output-on-failure -j"$JOBS" --timeout 600
+  # deploy_manifests checks that the Dockerfile's runtime stage installs every shared library
+  # the cds-server binary links, which for this build includes libasan: not applicable.
+  ctest --test-dir "$BUILD_ROOT/asan" --output-on-failure -j"$JOBS" --timeout 600 \
+    -E '^deploy_manifests$'
 }
 
 run_tsan() {
