@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCDS_WERROR="${CDS_WERROR:-OFF}" >/dev/null
 cmake --build build -j"$(nproc)" --target cds-server cdsctl
-# Plaintext on loopback for development (--insecure_dev); see README "Security" for TLS.
+# Plaintext on loopback for development (--insecure_dev); see docs/running.md for TLS.
 exec ./build/server/cds-server --listen 127.0.0.1:50051 --insecure_dev --rules_dir rules \
   --state_dir build/state "$@"
