@@ -78,12 +78,6 @@ double Histogram::Sum() const {
   return static_cast<double>(sum_nanos_.load(std::memory_order_relaxed)) / kNanos;
 }
 
-uint64_t Histogram::Count() const {
-  uint64_t total = 0;
-  for (const uint64_t n : BucketCounts()) total += n;
-  return total;
-}
-
 Family<Counter>& Registry::AddCounter(const std::string& name, const std::string& help,
                                       std::vector<std::string> label_names) {
   auto family = std::make_unique<Family<Counter>>(name, help, std::move(label_names),

@@ -46,7 +46,6 @@ class Histogram {
   // Per-bucket (not cumulative) counts; the last is the +Inf bucket.
   std::vector<uint64_t> BucketCounts() const;
   double Sum() const;
-  uint64_t Count() const;
 
  private:
   const std::vector<double> upper_bounds_;
