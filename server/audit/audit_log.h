@@ -2,13 +2,14 @@
 
 // The audit trail (issue 6, part 3): one record per call. A call is answered only after its
 // record is committed; records from concurrent calls are committed together (group commit:
-// one transaction, one fsync, per batch). When the store cannot keep up (queue full, or no
-// commit within the wait) or cannot be written, the record's outcome is UNAVAILABLE and the
-// caller fails the call closed rather than answering it unaudited. Callers on gRPC's
-// threads use RecordAsync, which never blocks: the outcome is delivered to a callback, so
-// waiting for a commit holds no thread and the records of every call in flight can share
-// one commit. Patient references are stored only as a keyed pseudonym (HMAC-SHA256 with a
-// server secret); the raw reference never reaches the store.
+// one transaction per batch; SqliteAuditOptions::sync_interval says when it reaches the
+// disk). When the store cannot keep up (queue full, or no commit within the wait) or cannot
+// be written, the record's outcome is UNAVAILABLE and the caller fails the call closed
+// rather than answering it unaudited. Callers on gRPC's threads use RecordAsync, which never
+// waits for other calls' records or for a disk flush: the outcome is delivered to a
+// callback, so the records of every call in flight can share one commit. Patient references
+// are stored only as a keyed pseudonym (HMAC-SHA256 with a server secret); the raw
+// reference never reaches the store.
 
 #include <cstdint>
 #include <memory>
@@ -48,7 +49,9 @@ class AuditSink {
   using Done = absl::AnyInvocable<void(absl::Status) &&>;
 
   virtual ~AuditSink() = default;
-  // Queues `record` and returns at once; `done` gets the outcome.
+  // Queues `record`; `done` gets the outcome. Returns without waiting for other records or
+  // for an fsync; it may commit a batch on the caller's thread when no commit is under
+  // way (SQLite with a sync_interval: a write to the WAL, tens of microseconds).
   virtual void RecordAsync(AuditRecord record, Done done) = 0;
   // Blocks until `record` is durably committed: OK, or UNAVAILABLE (fail closed).
   absl::Status Record(AuditRecord record);
@@ -79,6 +82,15 @@ struct SqliteAuditOptions {
   int max_queued = 10000;
   // A record not committed within this is answered UNAVAILABLE.
   absl::Duration max_wait = absl::Seconds(2);
+  // How far behind the calls the disk may be. Zero: every commit is fsynced before its
+  // calls are answered (SQLite synchronous=FULL). Positive: a commit is written to the WAL
+  // before its calls are answered, so a crash or SIGKILL of the server loses nothing, and a
+  // background thread makes the WAL durable (a checkpoint: fsync of the WAL, then of the
+  // database) at most this long later, off the calls' path; a power failure or kernel crash
+  // can lose at most that much of the trail. This is the trade PostgreSQL's
+  // synchronous_commit=off makes: an fsync costs a call at 1 in flight more than the rest
+  // of its work together.
+  absl::Duration sync_interval = absl::Milliseconds(200);
   // Tests only: sleep this long inside each commit (a slow disk).
   absl::Duration commit_delay = absl::ZeroDuration();
   // Tests only: when positive, the database may not grow beyond this many pages (a full
@@ -86,8 +98,8 @@ struct SqliteAuditOptions {
   int max_pages = 0;
 };
 
-// The embedded default: SQLite in WAL mode with synchronous=FULL, one writer thread that
-// commits whatever is queued as one transaction.
+// The embedded default: SQLite in WAL mode, one writer thread that commits whatever is
+// queued as one transaction, and (with a sync_interval) one that checkpoints it to disk.
 absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOptions& options);
 
 // Which records a query returns; empty fields match everything.

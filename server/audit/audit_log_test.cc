@@ -3,7 +3,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -96,6 +98,58 @@ TEST(SqliteAuditTest, AnswersEachRecordOnceAfterItsCommit) {
   for (auto& o : outcomes) EXPECT_EQ(o->calls.load(), 1);
 }
 
+// Pages in the main database file (its header's size field, big-endian at offset 28): the
+// records move there from the WAL only when a checkpoint copies them, after fsyncing the WAL.
+uint32_t MainFilePages(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  unsigned char header[32] = {};
+  in.read(reinterpret_cast<char*>(header), sizeof header);
+  return uint32_t{header[28]} << 24 | uint32_t{header[29]} << 16 | uint32_t{header[30]} << 8 |
+         header[31];
+}
+
+// Writes `count` records of a few hundred bytes each, waiting for every commit.
+void WriteRecords(AuditSink& sink, int count) {
+  for (int i = 0; i < count; ++i) {
+    AuditRecord r = MakeRecord("ipex@1.1.0", std::string(64, 'a' + i % 26));
+    r.top_suggestions = std::string(200, 'x');
+    ASSERT_TRUE(sink.Record(std::move(r)).ok());
+  }
+}
+
+TEST(SqliteAuditTest, SyncerCheckpointsCommitsToTheDatabaseWithinTheInterval) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  options.sync_interval = absl::Milliseconds(50);
+  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+  ASSERT_TRUE(sink.ok()) << sink.status();
+  const uint32_t before = MainFilePages(db.path());
+  WriteRecords(**sink, 100);  // some 10 pages, far below the automatic checkpoint's 1000
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (MainFilePages(db.path()) < before + 5 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_GE(MainFilePages(db.path()), before + 5) << "no checkpoint reached the database file";
+}
+
+TEST(SqliteAuditTest, WithoutASyncIntervalEveryCommitIsFsyncedAndNothingCheckpointsEarly) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  options.sync_interval = absl::ZeroDuration();
+  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+  ASSERT_TRUE(sink.ok()) << sink.status();
+  const uint32_t before = MainFilePages(db.path());
+  WriteRecords(**sink, 100);
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(MainFilePages(db.path()), before);  // still in the (fsynced) WAL
+  AuditQuery all;
+  absl::StatusOr<std::vector<AuditRecord>> records = (*sink)->Query(all);
+  ASSERT_TRUE(records.ok());
+  EXPECT_EQ(records->size(), 100u);
+}
+
 TEST(SqliteAuditTest, PagesByIdAndMatchesRuleSetNamesExactly) {
   TempDb db;
   SqliteAuditOptions options;
@@ -123,20 +177,28 @@ TEST(SqliteAuditTest, PagesByIdAndMatchesRuleSetNamesExactly) {
   EXPECT_TRUE(page->empty());  // neither "ip_x" (no wildcards) nor "ipexx"
 }
 
-TEST(SqliteAuditTest, ASlowStoreAnswersUnavailableOnceAndStillCommits) {
+// Both ways a commit reaches the disk: fsynced in each commit (0), or checkpointed later by
+// the syncer, with commits then made on the caller's thread when no commit is under way.
+// The callers here are threads of their own, as gRPC's would be.
+class SlowStoreTest : public testing::TestWithParam<absl::Duration> {};
+
+TEST_P(SlowStoreTest, ASlowStoreAnswersUnavailableOnceAndStillCommits) {
   TempDb db;
   SqliteAuditOptions options;
   options.path = db.path();
+  options.sync_interval = GetParam();
   options.commit_delay = absl::Milliseconds(500);
   options.max_wait = absl::Milliseconds(50);
   absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
   ASSERT_TRUE(sink.ok()) << sink.status();
   Outcome outcome;
   const absl::Time start = absl::Now();
-  (*sink)->RecordAsync(MakeRecord("ipex@1.0.0"), outcome.Callback());
+  std::thread caller(
+      [&] { (*sink)->RecordAsync(MakeRecord("ipex@1.0.0"), outcome.Callback()); });
   ASSERT_TRUE(outcome.done.WaitForNotificationWithTimeout(absl::Seconds(10)));
   EXPECT_EQ(outcome.status.code(), absl::StatusCode::kUnavailable) << outcome.status;
   EXPECT_LT(absl::Now() - start, absl::Milliseconds(450));  // the watchdog, not the commit
+  caller.join();
   sink->reset();  // waits for the writer: the commit still happens, answered once
   EXPECT_EQ(outcome.calls.load(), 1);
   AuditQuery all;
@@ -145,21 +207,24 @@ TEST(SqliteAuditTest, ASlowStoreAnswersUnavailableOnceAndStillCommits) {
   EXPECT_EQ(records->size(), 1u);
 }
 
-TEST(SqliteAuditTest, AFullQueueRefusesAtOnce) {
+TEST_P(SlowStoreTest, AFullQueueRefusesAtOnce) {
   TempDb db;
   SqliteAuditOptions options;
   options.path = db.path();
+  options.sync_interval = GetParam();
   options.commit_delay = absl::Milliseconds(300);
   options.max_queued = 1;
   absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
   ASSERT_TRUE(sink.ok()) << sink.status();
-  // The first is taken by the writer (sleeping in its commit), the second waits in the
-  // queue, the third finds the queue full.
+  // The first is being committed (by the writer or its caller, sleeping in the commit), the
+  // second waits in the queue, the third finds the queue full.
   std::vector<std::unique_ptr<Outcome>> outcomes;
-  for (int i = 0; i < 3; ++i) {
-    outcomes.push_back(std::make_unique<Outcome>());
-    (*sink)->RecordAsync(MakeRecord("ipex@1.0.0"), outcomes.back()->Callback());
-    if (i == 0) absl::SleepFor(absl::Milliseconds(100));
+  for (int i = 0; i < 3; ++i) outcomes.push_back(std::make_unique<Outcome>());
+  std::thread first(
+      [&] { (*sink)->RecordAsync(MakeRecord("ipex@1.0.0"), outcomes[0]->Callback()); });
+  absl::SleepFor(absl::Milliseconds(100));
+  for (int i = 1; i < 3; ++i) {
+    (*sink)->RecordAsync(MakeRecord("ipex@1.0.0"), outcomes[i]->Callback());
   }
   ASSERT_TRUE(outcomes[2]->done.HasBeenNotified());
   EXPECT_EQ(outcomes[2]->status.code(), absl::StatusCode::kUnavailable);
@@ -167,7 +232,15 @@ TEST(SqliteAuditTest, AFullQueueRefusesAtOnce) {
     ASSERT_TRUE(outcomes[i]->done.WaitForNotificationWithTimeout(absl::Seconds(10)));
     EXPECT_TRUE(outcomes[i]->status.ok()) << outcomes[i]->status;
   }
+  first.join();
 }
+
+INSTANTIATE_TEST_SUITE_P(SyncIntervals, SlowStoreTest,
+                         testing::Values(absl::ZeroDuration(), absl::Milliseconds(200)),
+                         [](const testing::TestParamInfo<absl::Duration>& info) {
+                           return info.param == absl::ZeroDuration() ? "FsyncEachCommit"
+                                                                     : "DeferredSync";
+                         });
 
 TEST(SqliteAuditTest, AStoreThatCannotBeWrittenAnswersUnavailable) {
   TempDb db;
