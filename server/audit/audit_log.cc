@@ -88,6 +88,19 @@ class SqliteAuditSink final : public AuditSink {
   }
 
   void RecordAsync(AuditRecord record, Done done) override {
+    Enqueue(std::move(record), std::move(done), commit_on_caller_);
+  }
+  void RecordAsyncBatched(AuditRecord record, Done done) override {
+    Enqueue(std::move(record), std::move(done), /*may_commit_here=*/false);
+  }
+
+  absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const override {
+    // A connection of its own, read-only: WAL readers never block the writer.
+    return QuerySqliteAudit(options_.path, query);
+  }
+
+ private:
+  void Enqueue(AuditRecord record, Done done, bool may_commit_here) {
     auto pending = std::make_shared<Pending>();
     pending->record = std::move(record);
     pending->done = std::move(done);
@@ -106,7 +119,7 @@ class SqliteAuditSink final : public AuditSink {
         // others queue for the next batch, which the writer thread takes. Only when a
         // commit does not wait for an fsync: a caller's thread is never held for a disk
         // flush.
-        if (!commit_on_caller_ || committing_) return;
+        if (!may_commit_here || committing_) return;
         committing_ = true;
         batch.swap(queue_);
       }
@@ -121,12 +134,6 @@ class SqliteAuditSink final : public AuditSink {
     committing_ = false;  // what queued meanwhile wakes the writer thread
   }
 
-  absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const override {
-    // A connection of its own, read-only: WAL readers never block the writer.
-    return QuerySqliteAudit(options_.path, query);
-  }
-
- private:
   struct Pending {
     AuditRecord record;
     Done done;
@@ -272,7 +279,7 @@ class SqliteAuditSink final : public AuditSink {
   sqlite3_stmt* const commit_;  // ditto
   sqlite3* const checkpointer_;  // the syncer thread's, or null
   std::atomic<uint64_t> commits_{0};  // transactions committed so far
-  const bool commit_on_caller_;        // see RecordAsync
+  const bool commit_on_caller_;        // see Enqueue
   mutable absl::Mutex mu_;
   // Records waiting for the writer.
   std::vector<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
@@ -281,7 +288,7 @@ class SqliteAuditSink final : public AuditSink {
   std::deque<std::shared_ptr<Pending>> watched_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool writer_done_ ABSL_GUARDED_BY(mu_) = false;
-  // A thread (the writer, or a caller in RecordAsync) is committing: it alone uses db_ and
+  // A thread (the writer, or a caller in Enqueue) is committing: it alone uses db_ and
   // the statements until it clears this.
   bool committing_ ABSL_GUARDED_BY(mu_) = false;
   std::thread writer_;

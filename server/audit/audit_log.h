@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/functional/any_invocable.h"
@@ -53,6 +54,12 @@ class AuditSink {
   // for an fsync; it may commit a batch on the caller's thread when no commit is under
   // way (SQLite with a sync_interval: a write to the WAL, tens of microseconds).
   virtual void RecordAsync(AuditRecord record, Done done) = 0;
+  // As RecordAsync, for a caller that has more records coming (a stream reading on): the
+  // record is left to the store's own thread, to share a commit with the ones that follow,
+  // rather than committed on the caller's thread.
+  virtual void RecordAsyncBatched(AuditRecord record, Done done) {
+    RecordAsync(std::move(record), std::move(done));
+  }
   // Blocks until `record` is durably committed: OK, or UNAVAILABLE (fail closed).
   absl::Status Record(AuditRecord record);
   // Records waiting to be committed (for the metrics' queue-depth gauge).

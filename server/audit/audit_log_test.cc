@@ -235,6 +235,21 @@ TEST_P(SlowStoreTest, AFullQueueRefusesAtOnce) {
   first.join();
 }
 
+TEST(SqliteAuditTest, BatchedRecordsAreLeftToTheWriterThread) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  options.commit_delay = absl::Milliseconds(300);
+  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+  ASSERT_TRUE(sink.ok()) << sink.status();
+  Outcome outcome;
+  const absl::Time start = absl::Now();
+  (*sink)->RecordAsyncBatched(MakeRecord("ipex@1.0.0"), outcome.Callback());
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(250));  // not committed on this thread
+  ASSERT_TRUE(outcome.done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_TRUE(outcome.status.ok()) << outcome.status;
+}
+
 INSTANTIATE_TEST_SUITE_P(SyncIntervals, SlowStoreTest,
                          testing::Values(absl::ZeroDuration(), absl::Milliseconds(200)),
                          [](const testing::TestParamInfo<absl::Duration>& info) {

@@ -75,18 +75,23 @@ void Auditor::CallAsync(const grpc::ServerContextBase& context, const char* meth
 }
 
 void Auditor::Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,
-                     absl::Time start, grpc::Status status, Finish finish) const {
+                     absl::Time start, grpc::Status status, Finish finish, bool batched) const {
   record.time = start;
   record.caller = CallerOf(context);
   record.status_code = static_cast<int>(status.error_code());
   record.latency_us = absl::ToInt64Microseconds(absl::Now() - start);
-  sink_.RecordAsync(std::move(record), [status = std::move(status), finish = std::move(finish)](
-                                           absl::Status written) mutable {
+  audit::AuditSink::Done done = [status = std::move(status), finish = std::move(finish)](
+                                   absl::Status written) mutable {
     if (!written.ok()) {
       status = grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(written.message()));
     }
     std::move(finish)(std::move(status));
-  });
+  };
+  if (batched) {
+    sink_.RecordAsyncBatched(std::move(record), std::move(done));
+  } else {
+    sink_.RecordAsync(std::move(record), std::move(done));
+  }
 }
 
 grpc::Status Auditor::CommitAndWait(const grpc::ServerContextBase& context,
