@@ -3,6 +3,7 @@
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
+#include <pthread.h>
 #include <sqlite3.h>
 
 #include <atomic>
@@ -62,9 +63,20 @@ class SqliteAuditSink final : public AuditSink {
         commit_(commit),
         checkpointer_(checkpointer),
         commit_on_caller_(checkpointer != nullptr),
-        writer_([this] { WriteLoop(); }),
-        watchdog_([this] { WatchLoop(); }) {
-    if (checkpointer_ != nullptr) syncer_ = std::thread([this] { SyncLoop(); });
+        writer_([this] {
+          pthread_setname_np(pthread_self(), "audit-writer");  // for top -H and profiles
+          WriteLoop();
+        }),
+        watchdog_([this] {
+          pthread_setname_np(pthread_self(), "audit-watchdog");
+          WatchLoop();
+        }) {
+    if (checkpointer_ != nullptr) {
+      syncer_ = std::thread([this] {
+        pthread_setname_np(pthread_self(), "audit-syncer");
+        SyncLoop();
+      });
+    }
   }
 
   ~SqliteAuditSink() override {
