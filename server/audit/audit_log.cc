@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <deque>
 #include <fstream>
-#include <optional>
 #include <sstream>
 #include <thread>
 #include <utility>
@@ -62,7 +61,6 @@ class SqliteAuditSink final : public AuditSink {
         insert_(insert),
         commit_(commit),
         checkpointer_(checkpointer),
-        commit_on_caller_(checkpointer != nullptr),
         writer_([this] {
           pthread_setname_np(pthread_self(), "audit-writer");  // for top -H and profiles
           WriteLoop();
@@ -100,10 +98,19 @@ class SqliteAuditSink final : public AuditSink {
   }
 
   void RecordAsync(AuditRecord record, Done done) override {
-    Enqueue(std::move(record), std::move(done), commit_on_caller_);
-  }
-  void RecordAsyncBatched(AuditRecord record, Done done) override {
-    Enqueue(std::move(record), std::move(done), /*may_commit_here=*/false);
+    auto pending = std::make_shared<Pending>();
+    pending->record = std::move(record);
+    pending->done = std::move(done);
+    {
+      absl::MutexLock lock(&mu_);
+      if (static_cast<int>(queue_.size()) < options_.max_queued && !stopping_) {
+        pending->deadline = absl::Now() + options_.max_wait;
+        queue_.push_back(pending);
+        watched_.push_back(std::move(pending));
+        return;
+      }
+    }
+    pending->Finish(absl::UnavailableError("audit trail cannot keep up: call refused unaudited"));
   }
 
   absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const override {
@@ -112,44 +119,10 @@ class SqliteAuditSink final : public AuditSink {
   }
 
  private:
-  void Enqueue(AuditRecord record, Done done, bool may_commit_here) {
-    auto pending = std::make_shared<Pending>();
-    pending->record = std::move(record);
-    pending->done = std::move(done);
-    std::vector<std::shared_ptr<Pending>> batch;
-    {
-      absl::MutexLock lock(&mu_);
-      if (static_cast<int>(queue_.size()) >= options_.max_queued || stopping_) {
-        batch.push_back(std::move(pending));
-      } else {
-        pending->deadline = absl::Now() + options_.max_wait;
-        queue_.push_back(pending);
-        watched_.push_back(std::move(pending));
-        // Leader-based group commit: when nobody is committing, this caller commits what is
-        // queued on its own thread, sparing the hand-off to the writer thread and back
-        // (two context switches, the largest cost of a call at 1 in flight). Meanwhile
-        // others queue for the next batch, which the writer thread takes. Only when a
-        // commit does not wait for an fsync: a caller's thread is never held for a disk
-        // flush.
-        if (!may_commit_here || committing_) return;
-        committing_ = true;
-        batch.swap(queue_);
-      }
-    }
-    if (!batch.front()->deadline.has_value()) {
-      batch.front()->Finish(
-          absl::UnavailableError("audit trail cannot keep up: call refused unaudited"));
-      return;
-    }
-    CommitAndAnswer(batch);
-    absl::MutexLock lock(&mu_);
-    committing_ = false;  // what queued meanwhile wakes the writer thread
-  }
-
   struct Pending {
     AuditRecord record;
     Done done;
-    std::optional<absl::Time> deadline;  // unset: refused before it was queued
+    absl::Time deadline;
     std::atomic<bool> claimed{false};
     // Calls `done` unless someone already has.
     void Finish(absl::Status status) {
@@ -164,7 +137,7 @@ class SqliteAuditSink final : public AuditSink {
       {
         absl::MutexLock lock(&mu_);
         auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return !committing_ && (stopping_ || !queue_.empty());
+          return stopping_ || !queue_.empty();
         };
         mu_.Await(absl::Condition(&ready));
         // Forget the records answered so far (the watchdog would, but only when it wakes).
@@ -175,18 +148,15 @@ class SqliteAuditSink final : public AuditSink {
           writer_done_ = true;
           return;
         }
-        committing_ = true;
         batch.swap(queue_);
       }
       CommitAndAnswer(batch);
-      absl::MutexLock lock(&mu_);
-      committing_ = false;
     }
   }
 
   // Commits `batch` as one transaction and answers each record. Committed even when the
   // watchdog has already answered some of them: those callers were told UNAVAILABLE, and a
-  // record too many is better than one too few. REQUIRES: this thread set committing_.
+  // record too many is better than one too few.
   void CommitAndAnswer(const std::vector<std::shared_ptr<Pending>>& batch) {
     const absl::Status status = Commit(batch);
     if (status.ok()) commits_.fetch_add(1, std::memory_order_release);
@@ -231,10 +201,10 @@ class SqliteAuditSink final : public AuditSink {
         continue;
       }
       std::shared_ptr<Pending> oldest = watched_.front();
-      if (absl::Now() < *oldest->deadline) {
+      if (absl::Now() < oldest->deadline) {
         // Records are watched in arrival order, so the oldest expires first. On shutdown
         // the writer answers every queued record before it stops.
-        mu_.AwaitWithDeadline(absl::Condition(&writer_done_), *oldest->deadline);
+        mu_.AwaitWithDeadline(absl::Condition(&writer_done_), oldest->deadline);
         continue;
       }
       watched_.pop_front();
@@ -291,7 +261,6 @@ class SqliteAuditSink final : public AuditSink {
   sqlite3_stmt* const commit_;  // ditto
   sqlite3* const checkpointer_;  // the syncer thread's, or null
   std::atomic<uint64_t> commits_{0};  // transactions committed so far
-  const bool commit_on_caller_;        // see Enqueue
   mutable absl::Mutex mu_;
   // Records waiting for the writer.
   std::vector<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
@@ -300,9 +269,7 @@ class SqliteAuditSink final : public AuditSink {
   std::deque<std::shared_ptr<Pending>> watched_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool writer_done_ ABSL_GUARDED_BY(mu_) = false;
-  // A thread (the writer, or a caller in Enqueue) is committing: it alone uses db_ and
-  // the statements until it clears this.
-  bool committing_ ABSL_GUARDED_BY(mu_) = false;
+
   std::thread writer_;
   std::thread watchdog_;
   std::thread syncer_;  // with a sync_interval only

@@ -6,8 +6,8 @@
 // disk). When the store cannot keep up (queue full, or no commit within the wait) or cannot
 // be written, the record's outcome is UNAVAILABLE and the caller fails the call closed
 // rather than answering it unaudited. Callers on gRPC's threads use RecordAsync, which never
-// waits for other calls' records or for a disk flush: the outcome is delivered to a
-// callback, so the records of every call in flight can share one commit. Patient references
+// blocks: the outcome is delivered to a callback, so waiting for a commit holds no thread
+// and the records of every call in flight can share one commit. Patient references
 // are stored only as a keyed pseudonym (HMAC-SHA256 with a server secret); the raw
 // reference never reaches the store.
 
@@ -50,16 +50,8 @@ class AuditSink {
   using Done = absl::AnyInvocable<void(absl::Status) &&>;
 
   virtual ~AuditSink() = default;
-  // Queues `record`; `done` gets the outcome. Returns without waiting for other records or
-  // for an fsync; it may commit a batch on the caller's thread when no commit is under
-  // way (SQLite with a sync_interval: a write to the WAL, tens of microseconds).
+  // Queues `record` and returns at once; `done` gets the outcome.
   virtual void RecordAsync(AuditRecord record, Done done) = 0;
-  // As RecordAsync, for a caller that has more records coming (a stream reading on): the
-  // record is left to the store's own thread, to share a commit with the ones that follow,
-  // rather than committed on the caller's thread.
-  virtual void RecordAsyncBatched(AuditRecord record, Done done) {
-    RecordAsync(std::move(record), std::move(done));
-  }
   // Blocks until `record` is durably committed: OK, or UNAVAILABLE (fail closed).
   absl::Status Record(AuditRecord record);
   // Records waiting to be committed (for the metrics' queue-depth gauge).

@@ -178,8 +178,7 @@ TEST(SqliteAuditTest, PagesByIdAndMatchesRuleSetNamesExactly) {
 }
 
 // Both ways a commit reaches the disk: fsynced in each commit (0), or checkpointed later by
-// the syncer, with commits then made on the caller's thread when no commit is under way.
-// The callers here are threads of their own, as gRPC's would be.
+// the syncer. The callers here are threads of their own, as gRPC's would be.
 class SlowStoreTest : public testing::TestWithParam<absl::Duration> {};
 
 TEST_P(SlowStoreTest, ASlowStoreAnswersUnavailableOnceAndStillCommits) {
@@ -216,7 +215,7 @@ TEST_P(SlowStoreTest, AFullQueueRefusesAtOnce) {
   options.max_queued = 1;
   absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
   ASSERT_TRUE(sink.ok()) << sink.status();
-  // The first is being committed (by the writer or its caller, sleeping in the commit), the
+  // The first is being committed (by the writer, sleeping in the commit), the
   // second waits in the queue, the third finds the queue full.
   std::vector<std::unique_ptr<Outcome>> outcomes;
   for (int i = 0; i < 3; ++i) outcomes.push_back(std::make_unique<Outcome>());
@@ -233,21 +232,6 @@ TEST_P(SlowStoreTest, AFullQueueRefusesAtOnce) {
     EXPECT_TRUE(outcomes[i]->status.ok()) << outcomes[i]->status;
   }
   first.join();
-}
-
-TEST(SqliteAuditTest, BatchedRecordsAreLeftToTheWriterThread) {
-  TempDb db;
-  SqliteAuditOptions options;
-  options.path = db.path();
-  options.commit_delay = absl::Milliseconds(300);
-  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
-  ASSERT_TRUE(sink.ok()) << sink.status();
-  Outcome outcome;
-  const absl::Time start = absl::Now();
-  (*sink)->RecordAsyncBatched(MakeRecord("ipex@1.0.0"), outcome.Callback());
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(250));  // not committed on this thread
-  ASSERT_TRUE(outcome.done.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  EXPECT_TRUE(outcome.status.ok()) << outcome.status;
 }
 
 INSTANTIATE_TEST_SUITE_P(SyncIntervals, SlowStoreTest,

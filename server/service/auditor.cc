@@ -75,7 +75,7 @@ void Auditor::CallAsync(const grpc::ServerContextBase& context, const char* meth
 }
 
 void Auditor::Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,
-                     absl::Time start, grpc::Status status, Finish finish, bool batched) const {
+                     absl::Time start, grpc::Status status, Finish finish) const {
   record.time = start;
   record.caller = CallerOf(context);
   record.status_code = static_cast<int>(status.error_code());
@@ -87,11 +87,7 @@ void Auditor::Commit(const grpc::ServerContextBase& context, audit::AuditRecord 
     }
     std::move(finish)(std::move(status));
   };
-  if (batched) {
-    sink_.RecordAsyncBatched(std::move(record), std::move(done));
-  } else {
-    sink_.RecordAsync(std::move(record), std::move(done));
-  }
+  sink_.RecordAsync(std::move(record), std::move(done));
 }
 
 grpc::Status Auditor::CommitAndWait(const grpc::ServerContextBase& context,

@@ -52,10 +52,8 @@ class Auditor {
   audit::AuditRecord EvaluationRecord(const cds::v1::EvaluateRequest& request,
                                       const cds::v1::EvaluateResponse& response,
                                       const grpc::Status& status, const char* method) const;
-  // `batched`: more records follow from this caller (a stream); see
-  // AuditSink::RecordAsyncBatched.
   void Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,
-              absl::Time start, grpc::Status status, Finish finish, bool batched = false) const;
+              absl::Time start, grpc::Status status, Finish finish) const;
 
  private:
   grpc::Status CommitAndWait(const grpc::ServerContextBase& context, audit::AuditRecord record,

@@ -71,9 +71,7 @@ class EvaluateStreamReactor final
       // Reading on while the record commits lets the next patients share its commit.
       MaybeReadLocked();
     }
-    // Outside mu_: the outcome may be delivered on this thread, at once. Batched: the
-    // store's thread commits it with the patients read meanwhile, rather than this thread
-    // committing each patient alone.
+    // Outside mu_: the outcome may be delivered on this thread, at once.
     auditor_->Commit(context_, std::move(record), start, std::move(status),
                      [this, slot](grpc::Status audited) {
                        absl::MutexLock lock(&mu_);
@@ -82,8 +80,7 @@ class EvaluateStreamReactor final
                        MaybeWriteLocked();
                        MaybeReadLocked();
                        MaybeFinishLocked();
-                     },
-                     /*batched=*/true);
+                     });
   }
 
   void OnWriteDone(bool ok) override {
