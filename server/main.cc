@@ -94,7 +94,7 @@ ABSL_FLAG(std::string, audit_db, "",
           "answered; a call whose record cannot be committed fails with UNAVAILABLE. "
           "Admins query it with AuditService.QueryAudit (cdsctl audit). Empty: no audit "
           "trail (QueryAudit is FAILED_PRECONDITION).");
-ABSL_FLAG(absl::Duration, audit_sync_interval, absl::Milliseconds(200),
+ABSL_FLAG(absl::Duration, audit_sync_interval, absl::Seconds(1),
           "How far the audit trail on disk may lag the answered calls. Each call's record "
           "is committed to the WAL before the call is answered (a crash of the server loses "
           "none), and a background checkpoint fsyncs it at most this long later; a power "
