@@ -163,13 +163,10 @@ class EvaluateStreamReactor final
   void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (writing_ || queued_ == 0 || !ring_[head_].ready || failed_) return;
     writing_ = true;
-    // When the next response is ready too, this one may wait in gRPC's buffer for it
-    // (buffer_hint): the two then leave in one flush, one sendmsg instead of two. Never
-    // when the next is not ready yet, or this one could sit there until it is.
-    grpc::WriteOptions options;
-    if (queued_ > 1 && ring_[(head_ + 1) % kMaxQueued].ready) options.set_buffer_hint();
-    // The front slot is not reused until OnWriteDone.
-    StartWrite(ring_[head_].response, options);
+    // The front slot is not reused until OnWriteDone. (No buffer_hint to coalesce writes:
+    // a hinted write may not complete until a later write flushes it, and the next write
+    // only starts once this one has completed: the stream then stalled.)
+    StartWrite(ring_[head_].response);
   }
 
   void MaybeReadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
