@@ -40,6 +40,7 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "server/audit/audit_log.h"
+#include "server/common/host_port.h"
 #include "server/common/log.h"
 #include "server/metrics/http_exposer.h"
 #include "server/metrics/registry.h"
@@ -123,15 +124,6 @@ namespace {
 
 constexpr char kServiceName[] = "cds.v1.DecisionSupport";
 
-// Splits "host:port" / "[v6]:port" at the last colon; false when there is no port.
-bool SplitHostPort(const std::string& address, std::string* host, std::string* port) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos || colon + 1 == address.size()) return false;
-  *host = address.substr(0, colon);
-  *port = address.substr(colon + 1);
-  return !host->empty();
-}
-
 // Tests only: CDS_TEST_PAUSE_AT=<step> stops the process at that persistence step (it logs
 // "test hook: paused at <step>" and sleeps until killed), so a test can SIGKILL a server in
 // the middle of a publish.
@@ -184,13 +176,13 @@ int main(int argc, char** argv) {
   std::string trusted_keys_dir = absl::GetFlag(FLAGS_trusted_keys_dir);
   if (trusted_keys_dir.empty()) trusted_keys_dir = rules_dir + "/keys";
 
-  std::string host, port;
-  int port_number = 0;
-  if (!SplitHostPort(listen, &host, &port) || !absl::SimpleAtoi(port, &port_number) ||
-      port_number < 0 || port_number > 65535) {
-    cds::log::Error("--listen must be HOST:PORT, got '", listen, "'");
+  const absl::StatusOr<cds::common::HostPort> listen_at =
+      cds::common::ParseHostPort(listen, "--listen");
+  if (!listen_at.ok()) {
+    cds::log::Error(listen_at.status().message());
     return 2;
   }
+  const std::string& host = listen_at->host;
 
   // Block the shutdown signals before gRPC starts its threads, so that they inherit the
   // mask and only the waiter thread below ever receives them.

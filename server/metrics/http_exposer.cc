@@ -2,25 +2,18 @@
 
 #include <utility>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "httplib.h"
+#include "server/common/host_port.h"
 
 namespace cds::metrics {
 
 absl::StatusOr<std::unique_ptr<HttpExposer>> HttpExposer::Start(const std::string& address,
                                                                 const Registry& registry) {
-  const size_t colon = address.rfind(':');
-  int port = -1;
-  if (colon == std::string::npos || colon == 0 ||
-      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--metrics_listen must be HOST:PORT, got '", address, "'"));
-  }
-  std::string host = address.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
+  absl::StatusOr<common::HostPort> parsed = common::ParseHostPort(address, "--metrics_listen");
+  if (!parsed.ok()) return parsed.status();
+  const std::string host = common::Unbracketed(parsed->host);
+  const int port = parsed->port;
   std::unique_ptr<HttpExposer> exposer(new HttpExposer());
   exposer->server_ = std::make_unique<httplib::Server>();
   exposer->server_->Get("/metrics", [&registry](const httplib::Request&, httplib::Response& res) {
