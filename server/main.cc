@@ -67,6 +67,10 @@ ABSL_FLAG(bool, allow_unsigned, false,
 ABSL_FLAG(std::string, state_dir, "",
           "Where published bundles, labels and retirements are persisted (created if "
           "missing). Empty: the admin RPCs are refused.");
+ABSL_FLAG(int32_t, keep_versions, 10,
+          "Retention: per rule set, besides the versions a label points at and the default "
+          "one, only this many of the highest loaded versions stay in memory; older ones are "
+          "UNLOADED (listed, not served; their bundles stay in --state_dir). 0: keep all.");
 ABSL_FLAG(absl::Duration, poll_interval, absl::Seconds(30),
           "How often to look for complete new bundles under --rules_dir (0: never; SIGHUP "
           "always triggers a look).");
@@ -295,6 +299,7 @@ int main(int argc, char** argv) {
   options.trusted_keys_dir = trusted_keys_dir;
   options.allow_unsigned = absl::GetFlag(FLAGS_allow_unsigned);
   options.state_dir = absl::GetFlag(FLAGS_state_dir);
+  options.keep_versions = std::max<int32_t>(0, absl::GetFlag(FLAGS_keep_versions));
   options.ontology_dir = rules_dir + "/ontology";
   options.persistence_hook = PauseHookFromEnvironment();
   options.on_change = [&health, &draining](int available_now) {

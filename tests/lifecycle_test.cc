@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -299,6 +300,100 @@ TEST(LifecycleTest, ConcurrentClientsNeverFailWhileVersionsArePublishedAndLabels
   EXPECT_EQ(wrong, 0);
   EXPECT_GT(total, 0);
   std::cerr << total << " evaluations during " << changes << " publishes and label moves\n";
+}
+
+// Issue 5, "publish under load", as a test: new versions published back to back and the
+// label the default request resolves through ("stable") moved to each, while a client
+// evaluates without pause; with a small --keep_versions, so that versions are unloaded
+// under the client's feet too.
+TEST(LifecycleTest, RuleUpdatesUnderLoadNeverFailAndMoveCallsToTheNewVersion) {
+  Deployment deployment;
+  ServerProcess server;
+  std::string error;
+  ASSERT_TRUE(server.Start(CDS_SERVER_BINARY, deployment.Flags({"--keep_versions", "2"}), &error))
+      << error;
+  Client admin(server.address());
+  ASSERT_TRUE(admin.Label("stable", "1.0.0").ok());
+
+  // Index of the newest version whose label move had completed (-1: none yet).
+  std::atomic<int> moved{-1};
+  struct Call {
+    int moved_before;  // `moved` when the call started
+    bool ok;
+    std::string error, version, label;
+  };
+  std::vector<Call> calls;  // the client thread's until it is joined
+  std::atomic<bool> stop{false};
+  std::atomic<int> after_last{0};
+  std::thread client_thread([&] {
+    Client client(server.address());
+    while (!stop.load()) {
+      Call call;
+      call.moved_before = moved.load();
+      cds::v1::EvaluateResponse response;
+      const grpc::Status status = client.Evaluate("ipex", &response);
+      call.ok = status.ok();
+      call.error = status.error_message();
+      call.version = response.rule_set().version();
+      call.label = response.rule_set().label();
+      if (call.moved_before == 4) after_last.fetch_add(1);
+      calls.push_back(std::move(call));
+    }
+  });
+
+  const std::vector<std::string> versions = {"1.0.1", "1.0.2", "1.0.3", "1.0.4", "1.0.5"};
+  for (size_t i = 0; i < versions.size(); ++i) {
+    cds::v1::PublishRuleSetResponse published;
+    const grpc::Status status = admin.Publish(deployment.Bundle(versions[i]), &published);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    ASSERT_TRUE(admin.Label("stable", versions[i]).ok());
+    moved.store(static_cast<int>(i));
+    // Read your writes: the next call names the new version.
+    cds::v1::EvaluateResponse response;
+    ASSERT_TRUE(admin.Evaluate("ipex", &response).ok());
+    EXPECT_EQ(response.rule_set().version(), versions[i]);
+    EXPECT_EQ(response.rule_set().label(), "stable");
+  }
+  // Let the client make a few calls after the last move (a bound, not a timed assertion).
+  for (int i = 0; i < 6000 && after_last.load() < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  stop.store(true);
+  client_thread.join();
+
+  int failed = 0, stale = 0;
+  std::set<std::string> named;
+  for (const Call& call : calls) {
+    if (!call.ok) {
+      ++failed;
+      ADD_FAILURE() << "call failed: " << call.error;
+      continue;
+    }
+    named.insert(call.version);
+    // A call that started after the label moved to versions[k] runs on versions[k] or later.
+    const std::string oldest = call.moved_before < 0 ? "1.0.0" : versions[call.moved_before];
+    if (call.version < oldest || call.label != "stable") {
+      ++stale;
+      ADD_FAILURE() << "a call started after the label moved to " << oldest
+                    << " was answered by " << call.version << " (label '" << call.label << "')";
+    }
+  }
+  EXPECT_EQ(failed, 0);
+  EXPECT_EQ(stale, 0);
+  EXPECT_GT(calls.size(), versions.size());
+  EXPECT_GE(named.size(), 2u);
+  std::cerr << calls.size() << " evaluations naming " << named.size() << " versions during "
+            << versions.size() << " publishes and label moves\n";
+
+  // Retention: the two newest versions (the last one labelled) stay; the rest are unloaded.
+  std::map<std::string, cds::v1::RuleSetInfo> list = admin.List();
+  EXPECT_EQ(list["1.0.5"].state(), cds::v1::RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(list["1.0.4"].state(), cds::v1::RuleSetInfo::AVAILABLE);
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.2", "1.0.3"}) {
+    EXPECT_EQ(list[version].state(), cds::v1::RuleSetInfo::UNLOADED) << version;
+  }
+  cds::v1::EvaluateResponse pinned;
+  EXPECT_EQ(admin.Evaluate("ipex@1.0.1", &pinned).error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
 TEST(LifecycleTest, EveryKindOfBadBundleIsRefusedWithItsReasonAndServingIsUntouched) {

@@ -156,7 +156,7 @@ void AddRuleStoreGauges(const store::RuleStore& store, Registry& registry) {
   registry.AddGauge(
       "cds_rule_set_versions",
       "Rule-set versions known to the server, by rule set and state (AVAILABLE, REJECTED, "
-      "RETIRED, LOADING).",
+      "RETIRED, UNLOADED, LOADING).",
       {"rule_set", "state"}, [&store] {
         std::map<std::pair<std::string, std::string>, double> counts;
         for (const cds::v1::RuleSetInfo& info : store.List("")) {

@@ -250,6 +250,18 @@ bool AfterSignature(cds::v1::RejectReason reason) {
   }
 }
 
+// The RuleSetInfo fields that come from the compiled rule set itself.
+void AddRuleSetFields(const compiler::CompiledRuleSet& rs, RuleSetInfo* info) {
+  const cds::v1::RuleSetMetadata& metadata = rs.definition.metadata();
+  info->mutable_ref()->set_ontology(metadata.ontology());
+  info->set_title(metadata.title());
+  info->set_description(metadata.description());
+  for (const std::string& author : metadata.authors()) info->add_authors(author);
+  info->set_effective_date(metadata.effective_date());
+  info->set_hypothesis_count(static_cast<int32_t>(rs.hypotheses.size()));
+  info->set_action_count(static_cast<int32_t>(rs.actions.size()));
+}
+
 }  // namespace
 
 bool SemverLess(const std::string& a, const std::string& b) {
@@ -422,7 +434,8 @@ std::optional<bundle::Rejection> RuleStore::Insert(Candidate c, bool* created) {
     auto& versions = entries_[entry.name];
     auto it = versions.find(entry.version);
     if (it != versions.end() && (it->second.state == RuleSetInfo::AVAILABLE ||
-                                 it->second.state == RuleSetInfo::RETIRED)) {
+                                 it->second.state == RuleSetInfo::RETIRED ||
+                                 it->second.state == RuleSetInfo::UNLOADED)) {
       if (it->second.digest == entry.digest) return std::nullopt;  // same content: no-op
       bundle::Rejection conflict{
           cds::v1::VERSION_CONFLICT,
@@ -491,7 +504,9 @@ int RuleStore::ScanRulesDir() {
   absl::MutexLock writer(&writer_mu_);
   if (rules_root_.empty()) return 0;
   ReloadKeys();
-  return ScanLocked(rules_root_, /*startup=*/false);
+  const int added = ScanLocked(rules_root_, /*startup=*/false);
+  ApplyRetention();
+  return added;
 }
 
 int RuleStore::ScanLocked(const std::string& root, bool startup) {
@@ -511,7 +526,10 @@ int RuleStore::ScanLocked(const std::string& root, bool startup) {
       auto by_name = entries_.find(name);
       if (by_name != entries_.end()) {
         auto it = by_name->second.find(version);
-        if (it != by_name->second.end() && it->second.state == RuleSetInfo::RETIRED) continue;
+        if (it != by_name->second.end() && (it->second.state == RuleSetInfo::RETIRED ||
+                                            it->second.state == RuleSetInfo::UNLOADED)) {
+          continue;
+        }
       }
     }
     std::error_code ec;
@@ -552,8 +570,11 @@ int RuleStore::ScanLocked(const std::string& root, bool startup) {
 }
 
 absl::StatusOr<int> RuleStore::RestoreState() {
-  if (options_.state_dir.empty()) return AvailableCount();
   absl::MutexLock writer(&writer_mu_);
+  if (options_.state_dir.empty()) {
+    ApplyRetention();
+    return AvailableCount();
+  }
   ReloadKeys();
   const fs::path state_dir(options_.state_dir);
   std::error_code ec;
@@ -631,6 +652,8 @@ absl::StatusOr<int> RuleStore::RestoreState() {
       log::Info("label ", l.name(), "@", l.label(), " -> ", l.version());
     }
   }
+  // Only now that the labels are known (a labelled version is always kept).
+  ApplyRetention();
   Changed();
   return AvailableCount();
 }
@@ -749,7 +772,8 @@ absl::StatusOr<PublishResult> RuleStore::PublishLocked(const cds::v1::Bundle& bu
     if (by_name != entries_.end()) {
       auto it = by_name->second.find(c.entry.version);
       if (it != by_name->second.end() && (it->second.state == RuleSetInfo::AVAILABLE ||
-                                          it->second.state == RuleSetInfo::RETIRED)) {
+                                          it->second.state == RuleSetInfo::RETIRED ||
+                                          it->second.state == RuleSetInfo::UNLOADED)) {
         if (it->second.digest == c.entry.digest) {
           return PublishResult{InfoLocked(it->second), false};
         }
@@ -780,6 +804,7 @@ absl::StatusOr<PublishResult> RuleStore::PublishLocked(const cds::v1::Bundle& bu
   if (std::optional<bundle::Rejection> r = Insert(std::move(c), &created); r.has_value()) {
     return bundle::RejectionStatus(*r);
   }
+  ApplyRetention();
   absl::ReaderMutexLock lock(&mu_);
   const VersionEntry& entry = entries_[name][version];
   return PublishResult{InfoLocked(entry), created};
@@ -801,7 +826,8 @@ absl::StatusOr<std::string> RuleStore::SetLabel(const std::string& name, const s
     absl::ReaderMutexLock lock(&mu_);
     if (AvailableLocked(name, version) == nullptr) {
       return absl::NotFoundError(absl::StrCat("version '", Echo(version), "' of rule set '",
-                                              Echo(name), "' is not available"));
+                                              Echo(name), "' is not available",
+                                              UnloadedNoteLocked(name, version)));
     }
     if (auto by_name = labels_.find(name); by_name != labels_.end()) {
       if (auto it = by_name->second.find(label); it != by_name->second.end()) previous = it->second;
@@ -829,6 +855,7 @@ absl::StatusOr<std::string> RuleStore::SetLabel(const std::string& name, const s
   }
   log::Info("label ", name, "@", label, " -> ", version,
             previous.empty() ? "" : absl::StrCat(" (was ", previous, ")"));
+  ApplyRetention();  // the version the label left may no longer be kept
   Changed();
   return previous;
 }
@@ -854,6 +881,19 @@ absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std
         }
       }
     }
+    // Retention cannot bring an unloaded version back: never leave the rule set unserved.
+    int available = 0;
+    bool any_unloaded = false;
+    for (const auto& [unused, entry] : entries_.find(name)->second) {
+      available += entry.state == RuleSetInfo::AVAILABLE;
+      any_unloaded |= entry.state == RuleSetInfo::UNLOADED;
+    }
+    if (available == 1 && any_unloaded) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          name, "@", version, " is the only version of ", name,
+          " still served (older ones were unloaded by the retention policy): publish "
+          "another version first"));
+    }
   }
   cds::v1::ServerState state = CurrentState();
   state.add_retired(Key(name, version));
@@ -867,6 +907,7 @@ absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std
     info = InfoLocked(entry);
   }
   log::Info("rule set ", name, "@", version, " RETIRED (no longer served)");
+  ApplyRetention();
   Changed();
   return info;
 }
@@ -919,7 +960,66 @@ absl::StatusOr<Resolved> RuleStore::Resolve(const std::string& name, const std::
         absl::StrCat("rule set '", Echo(name), "' has no available version"));
   }
   return absl::NotFoundError(absl::StrCat("version '", Echo(version), "' of rule set '",
-                                          Echo(name), "' is not available"));
+                                          Echo(name), "' is not available",
+                                          UnloadedNoteLocked(name, version)));
+}
+
+std::string RuleStore::UnloadedNoteLocked(const std::string& name,
+                                          const std::string& version) const {
+  auto by_name = entries_.find(name);
+  if (by_name == entries_.end()) return "";
+  auto it = by_name->second.find(version);
+  if (it == by_name->second.end() || it->second.state != RuleSetInfo::UNLOADED) return "";
+  return absl::StrCat(" (unloaded by the retention policy: neither labelled nor among the ",
+                      options_.keep_versions, " newest)");
+}
+
+int RuleStore::ApplyRetention() {
+  if (options_.keep_versions <= 0) return 0;
+  const size_t keep_newest = static_cast<size_t>(options_.keep_versions);
+  // Released after mu_ is dropped: freeing a rule set takes a while, and a call in flight
+  // on one still holds its own reference anyway.
+  std::vector<std::shared_ptr<const compiler::CompiledRuleSet>> released;
+  std::vector<std::string> unloaded;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [name, versions] : entries_) {
+      std::vector<VersionEntry*> loaded;
+      for (auto& [unused_version, entry] : versions) {
+        if (entry.rule_set != nullptr) loaded.push_back(&entry);
+      }
+      if (loaded.size() <= keep_newest) continue;
+      std::sort(loaded.begin(), loaded.end(), [](const VersionEntry* a, const VersionEntry* b) {
+        return SemverLess(b->version, a->version);  // highest first
+      });
+      std::set<std::string> keep;
+      for (size_t i = 0; i < keep_newest; ++i) keep.insert(loaded[i]->version);
+      if (auto labels = labels_.find(name); labels != labels_.end()) {
+        for (const auto& [unused_label, version] : labels->second) keep.insert(version);
+      }
+      std::string unused_label;
+      if (const VersionEntry* default_entry = DefaultLocked(name, &unused_label)) {
+        keep.insert(default_entry->version);
+      }
+      for (VersionEntry* entry : loaded) {
+        if (keep.count(entry->version) > 0) continue;
+        auto summary = std::make_shared<RuleSetInfo>();
+        AddRuleSetFields(*entry->rule_set, summary.get());
+        entry->unloaded_summary = std::move(summary);
+        released.push_back(std::move(entry->rule_set));
+        entry->rule_set = nullptr;
+        if (entry->state == RuleSetInfo::AVAILABLE) entry->state = RuleSetInfo::UNLOADED;
+        unloaded.push_back(Key(name, entry->version));
+      }
+    }
+  }
+  released.clear();
+  for (const std::string& key : unloaded) {
+    log::Info("rule set ", key, " UNLOADED by the retention policy (not labelled, not the default, "
+              "not among the ", keep_newest, " newest loaded)");
+  }
+  if (!unloaded.empty()) Changed();
+  return static_cast<int>(unloaded.size());
 }
 
 std::vector<RuleSetInfo> RuleStore::List(const std::string& name) const {
@@ -966,6 +1066,15 @@ absl::StatusOr<cds::v1::GetRuleSetResponse> RuleStore::Get(const std::string& na
   return response;
 }
 
+int RuleStore::LoadedCount() const {
+  absl::ReaderMutexLock lock(&mu_);
+  int count = 0;
+  for (const auto& [unused_name, versions] : entries_) {
+    for (const auto& [unused_version, entry] : versions) count += entry.rule_set != nullptr;
+  }
+  return count;
+}
+
 int RuleStore::AvailableCount() const {
   absl::ReaderMutexLock lock(&mu_);
   int count = 0;
@@ -997,15 +1106,9 @@ RuleSetInfo RuleStore::InfoLocked(const VersionEntry& entry) const {
     }
   }
   if (entry.rule_set != nullptr) {
-    const compiler::CompiledRuleSet& rs = *entry.rule_set;
-    const cds::v1::RuleSetMetadata& metadata = rs.definition.metadata();
-    info.mutable_ref()->set_ontology(metadata.ontology());
-    info.set_title(metadata.title());
-    info.set_description(metadata.description());
-    for (const std::string& author : metadata.authors()) info.add_authors(author);
-    info.set_effective_date(metadata.effective_date());
-    info.set_hypothesis_count(static_cast<int32_t>(rs.hypotheses.size()));
-    info.set_action_count(static_cast<int32_t>(rs.actions.size()));
+    AddRuleSetFields(*entry.rule_set, &info);
+  } else if (entry.unloaded_summary != nullptr) {
+    info.MergeFrom(*entry.unloaded_summary);
   }
   return info;
 }

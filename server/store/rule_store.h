@@ -16,7 +16,15 @@
 //
 // Readers (Resolve) take a shared_ptr to an immutable CompiledRuleSet under a reader lock
 // and evaluate without any lock: a call in flight finishes on the version it started with,
-// and a replaced version is freed by its last reader. Writers (publish, labels, retire,
+// and a replaced version is freed by its last reader.
+//
+// Retention (Options::keep_versions, like TensorFlow Serving's "latest N" version policy):
+// after every change, per rule set, the compiled versions kept in memory are those a label
+// points at, the default one, and the keep_versions highest loaded (AVAILABLE or RETIRED)
+// ones. Every other AVAILABLE version is UNLOADED (listed, no longer served) and a RETIRED
+// one keeps its state; both drop their compiled rule set, which calls already in flight on
+// it still hold (shared_ptr) until they finish. Bundles stay persisted: a restart loads
+// them and the same policy unloads the same versions again. Writers (publish, labels, retire,
 // scans) are serialized by writer_mu_, held across compile and disk I/O but never by
 // readers.
 
@@ -59,8 +67,10 @@ struct VersionEntry {
   std::string origin;  // "rules_dir", "published" or "memory"
   std::string signer;  // key id; empty when unsigned
   absl::Time loaded_at;
-  // Set when AVAILABLE or RETIRED.
+  // Set when AVAILABLE or RETIRED, until the retention policy unloads it.
   std::shared_ptr<const compiler::CompiledRuleSet> rule_set;
+  // What RuleSetInfo shows of a version whose rule_set was unloaded (title, counts, ...).
+  std::shared_ptr<const cds::v1::RuleSetInfo> unloaded_summary;
   // Shared so that counting an evaluation needs no store lock.
   std::shared_ptr<std::atomic<int64_t>> evaluations =
       std::make_shared<std::atomic<int64_t>>(0);
@@ -94,6 +104,9 @@ class RuleStore {
     std::string ontology_dir;
     // Called after every change, with the number of AVAILABLE versions (health).
     std::function<void(int available)> on_change;
+    // Retention: how many of the highest loaded versions of each rule set stay in memory
+    // besides the labelled and default ones (see the class comment). 0: keep every version.
+    int keep_versions = 0;
     // Tests only: called at each persistence step ("bundle_file_written",
     // "bundle_staged", "bundle_renamed", "state_staged") to pause or crash there.
     std::function<void(absl::string_view step)> persistence_hook;
@@ -158,6 +171,10 @@ class RuleStore {
   // Number of AVAILABLE versions.
   int AvailableCount() const ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Number of versions whose compiled rule set the store holds (AVAILABLE, or RETIRED and
+  // not unloaded): what resident memory grows with.
+  int LoadedCount() const ABSL_LOCKS_EXCLUDED(mu_);
+
  private:
   // The outcome of the gate for one candidate version.
   struct Candidate {
@@ -187,12 +204,18 @@ class RuleStore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
   cds::v1::ServerState CurrentState() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
   absl::Status PersistBundle(const Candidate& candidate) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  // Applies the retention policy (Options::keep_versions); returns how many versions it
+  // unloaded. The compiled rule sets are released after mu_ is dropped.
+  int ApplyRetention() ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_) ABSL_LOCKS_EXCLUDED(mu_);
   void Hook(absl::string_view step) const;
   void Changed() const ABSL_LOCKS_EXCLUDED(mu_);
 
   cds::v1::RuleSetInfo InfoLocked(const VersionEntry& entry) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   const VersionEntry* DefaultLocked(const std::string& name, std::string* label) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // " (unloaded by the retention policy ...)" when that version was unloaded, else "".
+  std::string UnloadedNoteLocked(const std::string& name, const std::string& version) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   const VersionEntry* AvailableLocked(const std::string& name, const std::string& version) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);

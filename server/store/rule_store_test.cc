@@ -5,6 +5,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -539,6 +540,187 @@ TEST_F(LifecycleTest, ARestartRestoresVersionsLabelsAndRetirements) {
   std::filesystem::remove(root_.path() + "/keys/author.pub");
   RuleStore distrustful(StoreOptions());
   EXPECT_EQ(distrustful.RestoreState().value(), 0);
+}
+
+// ---- retention (Options::keep_versions) -----------------------------------------------------
+
+class RetentionTest : public LifecycleTest {
+ protected:
+  void SetUp() override {
+    LifecycleTest::SetUp();
+    store_ = std::make_unique<RuleStore>(Options());
+  }
+  RuleStore::Options Options() const {
+    RuleStore::Options options = StoreOptions();
+    options.keep_versions = 2;
+    return options;
+  }
+  void Publish(const std::string& version) {
+    absl::StatusOr<PublishResult> result = store_->Publish(Signed(Good(version), version));
+    ASSERT_TRUE(result.ok()) << version << ": " << result.status();
+  }
+  static std::map<std::string, RuleSetInfo::State> States(const RuleStore& store) {
+    std::map<std::string, RuleSetInfo::State> states;
+    for (const RuleSetInfo& info : store.List("demo")) states[info.ref().version()] = info.state();
+    return states;
+  }
+};
+
+TEST_F(RetentionTest, KeepsLabelledAndNewestVersionsAndUnloadsTheRest) {
+  Publish("1.0.0");
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.0").ok());
+  for (const char* version : {"1.0.1", "1.0.2", "1.0.3", "1.0.4"}) Publish(version);
+
+  using S = RuleSetInfo;
+  EXPECT_EQ(States(*store_), (std::map<std::string, S::State>{{"1.0.0", S::AVAILABLE},
+                                                               {"1.0.1", S::UNLOADED},
+                                                               {"1.0.2", S::UNLOADED},
+                                                               {"1.0.3", S::AVAILABLE},
+                                                               {"1.0.4", S::AVAILABLE}}));
+  EXPECT_EQ(store_->LoadedCount(), 3);
+  EXPECT_EQ(store_->AvailableCount(), 3);
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.0");  // stable
+  absl::Status pinned = store_->Resolve("demo", "1.0.1").status();
+  EXPECT_EQ(pinned.code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(absl::StrContains(pinned.message(), "unloaded by the retention policy")) << pinned;
+  // An unloaded version is still described (from what it was when loaded).
+  const std::vector<RuleSetInfo> list = store_->List("demo");
+  const RuleSetInfo* unloaded = Find(list, "1.0.1");
+  ASSERT_NE(unloaded, nullptr);
+  EXPECT_EQ(unloaded->title(), "Demo");
+  EXPECT_EQ(unloaded->hypothesis_count(), 2);
+  EXPECT_TRUE(absl::StartsWith(unloaded->ref().digest(), "sha256:"));
+  absl::StatusOr<cds::v1::GetRuleSetResponse> got = store_->Get("demo", "1.0.1");
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->info().state(), RuleSetInfo::UNLOADED);
+  EXPECT_FALSE(got->has_definition());
+
+  // The label moves on: the version it left is neither labelled nor among the newest.
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.4").ok());
+  EXPECT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
+  EXPECT_EQ(store_->LoadedCount(), 2);
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.4");
+  // Not servable, so not labelled either; a published version is still never edited.
+  EXPECT_EQ(store_->SetLabel("demo", "canary", "1.0.1").status().code(),
+            absl::StatusCode::kNotFound);
+  absl::StatusOr<PublishResult> again = store_->Publish(Signed(Good("1.0.1"), "1.0.1"));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->created);
+  Spec changed;
+  changed.version = "1.0.1";
+  changed.extra = R"pb(hypotheses {
+    id: "third"
+    title: "Third"
+    code { system: "OMIM" code: "OMIM:100001" }
+    pretest_probability: 0.01
+    pretest_provenance { assumption: true note: "test" }
+  })pb";
+  EXPECT_EQ(PublishReason(Signed(Source(changed), "1.0.1")), "VERSION_CONFLICT");
+}
+
+TEST_F(RetentionTest, ACallInFlightKeepsItsVersionUntilItFinishes) {
+  Publish("1.0.0");
+  Resolved in_flight = store_->Resolve("demo", "1.0.0").value();
+  std::weak_ptr<const compiler::CompiledRuleSet> watch = in_flight.rule_set;
+  for (const char* version : {"1.0.1", "1.0.2"}) Publish(version);
+  EXPECT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
+  // Still whole for the call that holds it, and held by nothing else...
+  ASSERT_FALSE(watch.expired());
+  EXPECT_EQ(in_flight.rule_set->version, "1.0.0");
+  EXPECT_EQ(in_flight.rule_set.use_count(), 1);
+  // ...so it is freed when that call ends.
+  in_flight = Resolved();
+  EXPECT_TRUE(watch.expired());
+}
+
+TEST_F(RetentionTest, RetiredVersionsBeyondTheNewestDropTheirDefinition) {
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.2"}) Publish(version);
+  ASSERT_TRUE(store_->Retire("demo", "1.0.2").ok());
+  // 1.0.2 (retired) and 1.0.1 are the two newest loaded; 1.0.0 is unloaded.
+  EXPECT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
+  Publish("1.0.3");
+  EXPECT_EQ(States(*store_)["1.0.2"], RuleSetInfo::RETIRED);
+  EXPECT_FALSE(store_->Get("demo", "1.0.1").value().has_definition());
+  EXPECT_EQ(store_->LoadedCount(), 2);  // 1.0.3 and the retired 1.0.2
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.3");
+}
+
+TEST_F(RetentionTest, RetiringTheLastServedVersionIsRefusedOnceOlderOnesAreUnloaded) {
+  RuleStore::Options options = Options();
+  options.keep_versions = 1;
+  store_ = std::make_unique<RuleStore>(options);
+  Publish("1.0.0");
+  Publish("1.0.1");
+  ASSERT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
+  // Without retention 1.0.0 would take over; here nothing would be left to serve.
+  absl::Status retired = store_->Retire("demo", "1.0.1").status();
+  EXPECT_EQ(retired.code(), absl::StatusCode::kFailedPrecondition) << retired;
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.1");
+  // With a newer version served, 1.0.1 is unloaded in turn.
+  Publish("1.0.2");
+  EXPECT_EQ(States(*store_)["1.0.1"], RuleSetInfo::UNLOADED);
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.2");
+}
+
+TEST_F(RetentionTest, ARestartUnloadsTheSameVersionsAgain) {
+  Publish("1.0.0");
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.0").ok());
+  for (const char* version : {"1.0.1", "1.0.2", "1.0.3"}) Publish(version);
+  const std::map<std::string, RuleSetInfo::State> before = States(*store_);
+  ASSERT_EQ(before.at("1.0.1"), RuleSetInfo::UNLOADED);
+
+  RuleStore restarted(Options());
+  ASSERT_TRUE(restarted.RestoreState().ok());
+  EXPECT_EQ(States(restarted), before);
+  EXPECT_EQ(restarted.LoadedCount(), 3);
+  EXPECT_EQ(restarted.Resolve("demo", "").value().rule_set->version, "1.0.0");
+}
+
+TEST_F(RetentionTest, ZeroKeepsEveryVersion) {
+  RuleStore::Options options = Options();
+  options.keep_versions = 0;
+  store_ = std::make_unique<RuleStore>(options);
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.2", "1.0.3"}) Publish(version);
+  EXPECT_EQ(store_->LoadedCount(), 4);
+}
+
+// The TSan test of retention: readers resolving through the label and pinning versions
+// while versions are published, labelled and unloaded.
+TEST_F(RetentionTest, ReadersNeverFailWhileVersionsAreUnloaded) {
+  RuleStore::Options options = Options();
+  options.keep_versions = 1;
+  store_ = std::make_unique<RuleStore>(options);
+  Publish("1.0.0");
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.0").ok());
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0}, evaluated{0};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 4; ++t) {
+    readers.emplace_back([&] {
+      while (!stop.load()) {
+        absl::StatusOr<Resolved> r = store_->Resolve("demo", "");
+        if (!r.ok() || r->rule_set == nullptr) {
+          failures.fetch_add(1);
+          continue;
+        }
+        // Use the version after the store may have unloaded it.
+        std::this_thread::yield();
+        if (r->rule_set->hypotheses.size() != 2) failures.fetch_add(1);
+        evaluated.fetch_add(1);
+        store_->List("demo");
+      }
+    });
+  }
+  for (int patch = 1; patch <= 6; ++patch) {
+    const std::string version = absl::StrCat("1.0.", patch);
+    Publish(version);
+    ASSERT_TRUE(store_->SetLabel("demo", "stable", version).ok());
+  }
+  stop.store(true);
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_GT(evaluated.load(), 0);
+  EXPECT_EQ(store_->LoadedCount(), 1);
 }
 
 TEST_F(LifecycleTest, ScanTakesOnlyCompleteSignedDirectories) {
