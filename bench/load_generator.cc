@@ -7,11 +7,22 @@
 // measured window), plus the real/no-op ratios of each round's pair (median). Optionally it
 // also measures patients per second on one EvaluateStream.
 //
+// Rule updates under load (--publish_every): instead of real against no-op, it alternates
+// the real server between steady state and publishing. While publishing, a publisher thread
+// signs a NEW version of the rule set every --publish_every (the --publish_source files
+// re-versioned: patch + 1, + 2, ... across the whole run), publishes it through
+// RuleSetAdmin.PublishRuleSet and moves --publish_label (what the load's requests resolve
+// through: "stable" for a request naming no version) to it with SetLabel. It reports both
+// phases, the p99 and QPS ratios of each round's pair (median), the publishes and label moves
+// that succeeded or failed with their latency, and the versions the responses named.
+//
 // Talks only to the addresses it is given (bench/run.sh: 127.0.0.1) and stops by itself.
 //
 //   load_generator --real=127.0.0.1:P1 --real_pid=PID1 --noop=127.0.0.1:P2 --noop_pid=PID2
 //       --patient=bench/typical_patient.textproto --in_flight=1,64 --channels=4
 //       --warmup=1s --duration=3s --rounds=5 --json_out=FILE
+//   load_generator --real=127.0.0.1:P1 --real_pid=PID1 --in_flight=64 --publish_every=100ms
+//       --publish_key=KEY.pem --publish_source=rules/ipex/1.1.0 --publish_label=stable
 
 #include <sys/resource.h>
 #include <unistd.h>
@@ -24,9 +35,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -35,17 +49,23 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "google/protobuf/arena.h"
 #include "google/protobuf/text_format.h"
 #include "grpcpp/grpcpp.h"
+#include "server/bundle/bundle.h"
 
 ABSL_FLAG(std::string, real, "", "Address of the real server (HOST:PORT).");
 ABSL_FLAG(int, real_pid, 0, "PID of the real server, for its CPU time (0: not measured).");
@@ -62,6 +82,16 @@ ABSL_FLAG(int, rounds, 5, "Rounds; each measures both targets.");
 ABSL_FLAG(absl::Duration, stream_duration, absl::ZeroDuration(),
           "If positive: also measure patients/s on one EvaluateStream to --real for this long.");
 ABSL_FLAG(std::string, json_out, "", "Write the results as JSON to this file.");
+ABSL_FLAG(absl::Duration, publish_every, absl::ZeroDuration(),
+          "If positive: measure rule updates under load (steady state against publishing a new "
+          "version this often) at the first --in_flight value, instead of real against no-op.");
+ABSL_FLAG(std::string, publish_key, "",
+          "Ed25519 private key (PEM, `cdsctl rules keygen`) the server trusts: signs each bundle.");
+ABSL_FLAG(std::string, publish_source, "rules/ipex/1.1.0",
+          "Rule-set version directory (ruleset.textproto, tests.textproto) published again and "
+          "again under new patch versions.");
+ABSL_FLAG(std::string, publish_label, "stable",
+          "Label moved to each new version: the one the load's requests resolve through.");
 
 namespace {
 
@@ -82,6 +112,11 @@ struct Sample {
   int64_t errors = 0;
   double server_cpu_us_per_call = -1;  // -1: not measured
   double client_cpu_us_per_call = 0;
+  // Distinct rule-set versions the window's responses named, and how often a call loop saw
+  // the version change from its previous call.
+  int64_t versions_seen = 0;
+  int64_t version_switches = 0;
+  int64_t rss_kib = -1;  // the server's resident memory at the end of the window
 };
 
 // utime + stime of a process, in microseconds; -1 when unreadable.
@@ -98,6 +133,22 @@ double ProcessCpuMicros(int pid) {
   int64_t utime = 0, stime = 0;
   if (!absl::SimpleAtoi(fields[11], &utime) || !absl::SimpleAtoi(fields[12], &stime)) return -1;
   return static_cast<double>(utime + stime) * 1e6 / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// VmRSS of a process in KiB; -1 when unreadable.
+int64_t ProcessRssKib(int pid) {
+  if (pid <= 0) return -1;
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    int64_t kib = 0;
+    if (absl::StartsWith(line, "VmRSS:") &&
+        absl::SimpleAtoi(absl::StripSuffix(absl::StripAsciiWhitespace(line.substr(6)), " kB"),
+                         &kib)) {
+      return kib;
+    }
+  }
+  return -1;
 }
 
 double SelfCpuMicros() {
@@ -146,12 +197,15 @@ class Run {
     done_.wait(lock, [&] { return active_ == 0; });
   }
 
-  void Collect(std::vector<int64_t>* latencies_ns, int64_t* errors, std::string* first_error) {
+  void Collect(std::vector<int64_t>* latencies_ns, int64_t* errors, std::string* first_error,
+               std::set<std::string>* versions, int64_t* version_switches) {
     for (Slot& slot : slots_) {
       latencies_ns->insert(latencies_ns->end(), slot.latencies_ns.begin(),
                            slot.latencies_ns.end());
       *errors += slot.errors;
       if (first_error->empty()) *first_error = slot.first_error;
+      versions->insert(slot.versions.begin(), slot.versions.end());
+      *version_switches += slot.version_switches;
     }
   }
 
@@ -161,6 +215,9 @@ class Run {
     std::vector<int64_t> latencies_ns;
     int64_t errors = 0;
     std::string first_error;
+    std::string last_version;
+    std::set<std::string> versions;
+    int64_t version_switches = 0;
   };
 
   // One call; deletes itself when done (the callback API's reactor pattern).
@@ -182,6 +239,12 @@ class Run {
         if (status.ok()) {
           slot_->latencies_ns.push_back(
               std::chrono::duration_cast<std::chrono::nanoseconds>(end - start_).count());
+          const std::string& version = response_->rule_set().version();
+          if (version != slot_->last_version) {
+            if (!slot_->last_version.empty()) ++slot_->version_switches;
+            slot_->last_version = version;
+            slot_->versions.insert(version);
+          }
         } else {
           ++slot_->errors;
           if (slot_->first_error.empty()) {
@@ -233,8 +296,10 @@ class Run {
   int active_ = 0;  // guarded by mu_
 };
 
+// `during`, when set, runs on its own thread over the measured window.
 Sample Measure(Target& target, const cds::v1::EvaluateRequest& request, int in_flight,
-               std::string* first_error) {
+               std::string* first_error,
+               const std::function<void(Clock::time_point, Clock::time_point)>& during = {}) {
   const auto to_chrono = [](absl::Duration d) {
     return std::chrono::nanoseconds(absl::ToInt64Nanoseconds(d));
   };
@@ -242,6 +307,8 @@ Sample Measure(Target& target, const cds::v1::EvaluateRequest& request, int in_f
   const Clock::time_point measure_end = measure_start + to_chrono(absl::GetFlag(FLAGS_duration));
   Run run(target, request, in_flight, measure_start, measure_end);
   run.Start();
+  std::thread during_thread;
+  if (during) during_thread = std::thread(during, measure_start, measure_end);
   std::this_thread::sleep_until(measure_start);
   const double server_before = ProcessCpuMicros(target.pid);
   const double client_before = SelfCpuMicros();
@@ -249,10 +316,15 @@ Sample Measure(Target& target, const cds::v1::EvaluateRequest& request, int in_f
   const double server_after = ProcessCpuMicros(target.pid);
   const double client_after = SelfCpuMicros();
   run.Wait();
+  if (during_thread.joinable()) during_thread.join();
+  const int64_t rss_kib = ProcessRssKib(target.pid);
 
   std::vector<int64_t> latencies;
   Sample sample;
-  run.Collect(&latencies, &sample.errors, first_error);
+  std::set<std::string> versions;
+  run.Collect(&latencies, &sample.errors, first_error, &versions, &sample.version_switches);
+  sample.versions_seen = static_cast<int64_t>(versions.size());
+  sample.rss_kib = rss_kib;
   std::sort(latencies.begin(), latencies.end());
   const double seconds = absl::ToDoubleSeconds(absl::GetFlag(FLAGS_duration));
   sample.calls = static_cast<int64_t>(latencies.size());
@@ -319,9 +391,11 @@ double MeasureStream(Target& target, const cds::v1::EvaluateRequest& request, in
 std::string SampleJson(const Sample& s) {
   return absl::StrFormat(
       R"({"qps": %.1f, "p50_us": %.1f, "p90_us": %.1f, "p99_us": %.1f, "p999_us": %.1f, )"
-      R"("calls": %d, "errors": %d, "server_cpu_us_per_call": %.2f, "client_cpu_us_per_call": %.2f})",
+      R"("calls": %d, "errors": %d, "server_cpu_us_per_call": %.2f, "client_cpu_us_per_call": %.2f, )"
+      R"("versions_seen": %d, "version_switches": %d, "rss_kib": %d})",
       s.qps, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.calls, s.errors,
-      s.server_cpu_us_per_call, s.client_cpu_us_per_call);
+      s.server_cpu_us_per_call, s.client_cpu_us_per_call, s.versions_seen, s.version_switches,
+      s.rss_kib);
 }
 
 // The median of each field over rounds, and the total errors.
@@ -342,8 +416,268 @@ Sample MedianOf(const std::vector<Sample>& samples) {
   for (const Sample& s : samples) {
     m.calls += s.calls;
     m.errors += s.errors;
+    m.versions_seen += s.versions_seen;
+    m.version_switches += s.version_switches;
+    m.rss_kib = s.rss_kib;  // the last round's
   }
   return m;
+}
+
+// Publishes a new version of one rule set and moves a label to it, every `interval`, through
+// the server's real admin API (RuleSetAdmin.PublishRuleSet with a signed bundle, SetLabel).
+// Versions keep counting up across Run calls. Not thread-safe: one Run at a time.
+class Publisher {
+ public:
+  struct Stats {
+    int64_t published = 0, publish_failed = 0, labelled = 0, label_failed = 0;
+    int64_t late = 0;  // ticks that started late because the previous update overran
+    std::vector<int64_t> publish_ns, label_ns;
+    std::string first_error, first_version, last_version;
+  };
+
+  static std::unique_ptr<Publisher> Create(const std::string& address, const std::string& key_path,
+                                           const std::string& source_dir, const std::string& label,
+                                           absl::Duration interval, std::string* error) {
+    std::ifstream key_in(key_path);
+    std::stringstream key_text;
+    key_text << key_in.rdbuf();
+    absl::StatusOr<cds::bundle::PrivateKey> key = cds::bundle::PrivateKey::Parse(key_text.str());
+    if (!key.ok()) {
+      *error = absl::StrCat("cannot read --publish_key ", key_path, ": ", key.status().message());
+      return nullptr;
+    }
+    absl::StatusOr<cds::v1::Bundle> source = cds::bundle::ReadBundleDir(source_dir);
+    if (!source.ok()) {
+      *error = absl::StrCat("cannot read --publish_source: ", source.status().message());
+      return nullptr;
+    }
+    // .../<name>/<MAJOR.MINOR.PATCH>[/]
+    std::vector<std::string> parts = absl::StrSplit(source_dir, '/', absl::SkipEmpty());
+    std::vector<std::string> numbers;
+    if (!parts.empty()) numbers = absl::StrSplit(parts.back(), '.');
+    auto publisher = std::unique_ptr<Publisher>(new Publisher());
+    if (parts.size() < 2 || numbers.size() != 3 ||
+        !absl::SimpleAtoi(numbers[2], &publisher->patch_)) {
+      *error = "--publish_source must be a <name>/<MAJOR.MINOR.PATCH> directory";
+      return nullptr;
+    }
+    publisher->name_ = parts[parts.size() - 2];
+    publisher->source_version_ = parts.back();
+    publisher->prefix_ = absl::StrCat(numbers[0], ".", numbers[1], ".");
+    publisher->files_.assign(source->files().begin(), source->files().end());
+    publisher->key_ = *std::move(key);
+    publisher->label_ = label;
+    publisher->interval_ = std::chrono::nanoseconds(absl::ToInt64Nanoseconds(interval));
+    publisher->admin_ = cds::v1::RuleSetAdmin::NewStub(
+        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+    return publisher;
+  }
+
+  // One update now (publish, then move the label); false when either failed.
+  bool UpdateOnce() {
+    const std::string version = absl::StrCat(prefix_, patch_ + ++published_count_);
+    std::vector<cds::compiler::SourceFile> files;
+    for (const cds::v1::BundleFile& file : files_) {
+      std::string content = file.content();
+      if (file.path() == "ruleset.textproto") {
+        content = absl::StrReplaceAll(content, {{absl::StrCat("version: \"", source_version_, "\""),
+                                                 absl::StrCat("version: \"", version, "\"")}});
+      }
+      files.push_back({file.path(), std::move(content)});
+    }
+    absl::StatusOr<cds::v1::Bundle> bundle =
+        cds::bundle::SignFiles(name_, version, files, "load_generator", *key_, absl::Now());
+    if (!bundle.ok()) return Failed(&stats_.publish_failed, bundle.status().ToString());
+    cds::v1::PublishRuleSetRequest publish;
+    bundle->SerializeToString(publish.mutable_bundle());
+    cds::v1::PublishRuleSetResponse published;
+    Clock::time_point start = Clock::now();
+    grpc::Status status = Call([&](grpc::ClientContext* context) {
+      return admin_->PublishRuleSet(context, publish, &published);
+    });
+    if (!status.ok()) return Failed(&stats_.publish_failed, "publish " + version, status);
+    stats_.publish_ns.push_back(Elapsed(start));
+    ++stats_.published;
+    if (stats_.first_version.empty()) stats_.first_version = version;
+
+    cds::v1::SetLabelRequest set;
+    set.set_name(name_);
+    set.set_label(label_);
+    set.set_version(version);
+    cds::v1::SetLabelResponse unused;
+    start = Clock::now();
+    status = Call([&](grpc::ClientContext* context) {
+      return admin_->SetLabel(context, set, &unused);
+    });
+    if (!status.ok()) return Failed(&stats_.label_failed, "label " + version, status);
+    stats_.label_ns.push_back(Elapsed(start));
+    ++stats_.labelled;
+    stats_.last_version = version;
+    return true;
+  }
+
+  // Updates every interval from `start` until `end`; an update that overruns its interval
+  // makes the next one start at once (counted as late), not skipped.
+  void Run(Clock::time_point start, Clock::time_point end) {
+    Clock::time_point next = start;
+    while (true) {
+      std::this_thread::sleep_until(next);
+      if (Clock::now() >= end) break;
+      UpdateOnce();
+      next += interval_;
+      const Clock::time_point now = Clock::now();
+      if (next < now) {
+        ++stats_.late;
+        next = now;
+      }
+    }
+  }
+
+  const Stats& stats() const { return stats_; }
+  const std::string& label() const { return label_; }
+
+ private:
+  Publisher() = default;
+
+  template <typename F>
+  grpc::Status Call(F f) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return f(&context);
+  }
+  static int64_t Elapsed(Clock::time_point start) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+  }
+  bool Failed(int64_t* counter, const std::string& what, const grpc::Status& status = {}) {
+    ++*counter;
+    if (stats_.first_error.empty()) {
+      stats_.first_error = status.ok() ? what
+                                       : absl::StrCat(what, ": ", status.error_code(), ": ",
+                                                      status.error_message());
+    }
+    return false;
+  }
+
+  std::unique_ptr<cds::v1::RuleSetAdmin::Stub> admin_;
+  std::optional<cds::bundle::PrivateKey> key_;
+  std::vector<cds::v1::BundleFile> files_;
+  std::string name_, source_version_, prefix_, label_;
+  uint64_t patch_ = 0;
+  int64_t published_count_ = 0;
+  std::chrono::nanoseconds interval_{0};
+  Stats stats_;
+};
+
+std::string MillisJson(std::vector<int64_t> ns) {
+  std::sort(ns.begin(), ns.end());
+  return absl::StrFormat(R"({"count": %d, "p50_ms": %.2f, "p99_ms": %.2f, "max_ms": %.2f})",
+                         ns.size(), Percentile(ns, 0.5) / 1e3, Percentile(ns, 0.99) / 1e3,
+                         ns.empty() ? 0.0 : static_cast<double>(ns.back()) / 1e6);
+}
+
+// Steady state against publishing, alternated for --rounds at one in-flight setting.
+// Returns the JSON object "rule_updates"; false when the publisher could not be set up.
+bool MeasureRuleUpdates(Target& target, const cds::v1::EvaluateRequest& request, int in_flight,
+                        std::string* json) {
+  std::string error;
+  std::unique_ptr<Publisher> publisher = Publisher::Create(
+      target.address, absl::GetFlag(FLAGS_publish_key), absl::GetFlag(FLAGS_publish_source),
+      absl::GetFlag(FLAGS_publish_label), absl::GetFlag(FLAGS_publish_every), &error);
+  if (publisher == nullptr) {
+    std::cerr << "load_generator: " << error << "\n";
+    return false;
+  }
+  // Outside the measurement: one update, so that both phases serve a published version
+  // through the label, and the server has loaded what a publish needs (ontology, keys).
+  if (!publisher->UpdateOnce()) {
+    std::cerr << "load_generator: the first rule update failed: "
+              << publisher->stats().first_error << "\n";
+    return false;
+  }
+  const Publisher::Stats primed = publisher->stats();
+  const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
+  const char* kPhases[] = {"steady", "publishing"};
+  std::vector<Sample> samples[2];
+  std::vector<double> p99_ratios, qps_ratios;
+  std::vector<int64_t> published_per_round;
+  for (int round = 0; round < rounds; ++round) {
+    for (int k = 0; k < 2; ++k) {
+      const int phase = round % 2 == 0 ? k : 1 - k;
+      std::string first_error;
+      const int64_t before = publisher->stats().labelled;
+      Sample s = phase == 0 ? Measure(target, request, in_flight, &first_error)
+                            : Measure(target, request, in_flight, &first_error,
+                                      [&](Clock::time_point start, Clock::time_point end) {
+                                        publisher->Run(start, end);
+                                      });
+      if (phase == 1) published_per_round.push_back(publisher->stats().labelled - before);
+      samples[phase].push_back(s);
+      std::cerr << absl::StrFormat(
+          "in_flight=%d round=%d %-10s qps=%.0f p50=%.1fus p99=%.1fus errors=%d versions=%d "
+          "switches=%d server_cpu/call=%.1fus rss=%.1fMiB%s%s\n",
+          in_flight, round, kPhases[phase], s.qps, s.p50_us, s.p99_us, s.errors, s.versions_seen,
+          s.version_switches, s.server_cpu_us_per_call, static_cast<double>(s.rss_kib) / 1024,
+          phase == 1 ? absl::StrCat(" updates=", published_per_round.back()) : "",
+          first_error.empty() ? "" : absl::StrCat(" first error: ", first_error));
+    }
+    const Sample& steady = samples[0].back();
+    const Sample& publishing = samples[1].back();
+    if (steady.p99_us > 0) p99_ratios.push_back(publishing.p99_us / steady.p99_us);
+    if (steady.qps > 0) qps_ratios.push_back(publishing.qps / steady.qps);
+  }
+  const Publisher::Stats& stats = publisher->stats();
+  std::vector<int64_t> publish_ns(stats.publish_ns.begin() + primed.publish_ns.size(),
+                                  stats.publish_ns.end());
+  std::vector<int64_t> label_ns(stats.label_ns.begin() + primed.label_ns.size(),
+                                stats.label_ns.end());
+  const double every_ms = absl::ToDoubleMilliseconds(absl::GetFlag(FLAGS_publish_every));
+  std::printf("rule updates under load: in flight %d, %d channel(s), %d round(s), a new version "
+              "every %.0f ms while publishing:\n",
+              in_flight, std::min(static_cast<int>(target.stubs.size()), in_flight), rounds,
+              every_ms);
+  std::printf("  %-10s %9s %9s %9s %9s %7s %9s %14s\n", "", "QPS", "p50 us", "p99 us",
+              "p99.9 us", "errors", "versions", "srv CPU/call");
+  std::vector<std::string> phases_json;
+  for (int phase = 0; phase < 2; ++phase) {
+    const Sample m = MedianOf(samples[phase]);
+    std::printf("  %-10s %9.0f %9.1f %9.1f %9.1f %7lld %9lld %11.1f us\n", kPhases[phase], m.qps,
+                m.p50_us, m.p99_us, m.p999_us, static_cast<long long>(m.errors),
+                static_cast<long long>(m.versions_seen), m.server_cpu_us_per_call);
+    std::vector<std::string> rounds_json;
+    for (const Sample& s : samples[phase]) rounds_json.push_back(SampleJson(s));
+    phases_json.push_back(absl::StrCat("\"", kPhases[phase], "\": {\"median\": ", SampleJson(m),
+                                       ", \"rounds\": [", absl::StrJoin(rounds_json, ", "), "]}"));
+  }
+  std::sort(publish_ns.begin(), publish_ns.end());
+  std::sort(label_ns.begin(), label_ns.end());
+  const int64_t published = stats.published - primed.published;
+  const int64_t labelled = stats.labelled - primed.labelled;
+  std::printf("  publishing/steady (median of %d paired rounds): p99 %.3f, QPS %.3f\n", rounds,
+              Median(p99_ratios), Median(qps_ratios));
+  std::printf("  updates: %lld published (%lld failed), %lld label moves (%lld failed), %lld late; "
+              "versions %s..%s; publish p50 %.1f ms p99 %.1f ms; label move p50 %.1f ms p99 %.1f ms%s\n",
+              static_cast<long long>(published), static_cast<long long>(stats.publish_failed),
+              static_cast<long long>(labelled), static_cast<long long>(stats.label_failed),
+              static_cast<long long>(stats.late), primed.last_version.c_str(),
+              stats.last_version.c_str(), Percentile(publish_ns, 0.5) / 1e3,
+              Percentile(publish_ns, 0.99) / 1e3, Percentile(label_ns, 0.5) / 1e3,
+              Percentile(label_ns, 0.99) / 1e3,
+              stats.first_error.empty() ? "" : absl::StrCat("; first error: ", stats.first_error).c_str());
+  *json = absl::StrCat(
+      "{\"in_flight\": ", in_flight, ", \"channels\": ",
+      std::min(static_cast<int>(target.stubs.size()), in_flight), ", \"rounds\": ", rounds,
+      ", \"publish_every_ms\": ", every_ms, ", \"label\": \"", publisher->label(), "\", ",
+      absl::StrJoin(phases_json, ", "),
+      absl::StrFormat(R"(, "p99_ratio": %.4f, "qps_ratio": %.4f, )", Median(p99_ratios),
+                      Median(qps_ratios)),
+      absl::StrFormat(R"("updates": {"published": %d, "publish_failed": %d, "labelled": %d, )"
+                      R"("label_failed": %d, "late": %d, "per_round": [%s], "first_version": "%s", )"
+                      R"("last_version": "%s", "first_error": "%s", )",
+                      published, stats.publish_failed, labelled, stats.label_failed, stats.late,
+                      absl::StrJoin(published_per_round, ", "), primed.last_version,
+                      stats.last_version, absl::CHexEscape(stats.first_error)),
+      "\"publish\": ", MillisJson(publish_ns), ", \"label_move\": ", MillisJson(label_ns), "}}");
+  return true;
 }
 
 }  // namespace
@@ -400,6 +734,22 @@ int main(int argc, char** argv) {
     }
   }
   const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
+
+  if (absl::GetFlag(FLAGS_publish_every) > absl::ZeroDuration()) {
+    std::string rule_updates;
+    if (!MeasureRuleUpdates(targets[0], request, in_flight_values[0], &rule_updates)) return 1;
+    const std::string json = absl::StrCat(
+        "{\"request_bytes\": ", request.ByteSizeLong(), ", \"warmup_s\": ",
+        absl::ToDoubleSeconds(absl::GetFlag(FLAGS_warmup)), ", \"duration_s\": ",
+        absl::ToDoubleSeconds(absl::GetFlag(FLAGS_duration)), ", \"rule_updates\": ", rule_updates,
+        "}\n");
+    if (!absl::GetFlag(FLAGS_json_out).empty()) {
+      std::ofstream out(absl::GetFlag(FLAGS_json_out));
+      out << json;
+      if (!out) return 1;
+    }
+    return 0;
+  }
 
   std::vector<std::string> json_configs;
   for (const int in_flight : in_flight_values) {

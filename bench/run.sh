@@ -5,10 +5,14 @@
 # 127.0.0.1 (plaintext, --insecure_dev; both up at once, pinned to one core and the client to
 # the other when taskset and 2+ cores exist), alternates the load generator between them
 # (1 and 64 calls in flight, several rounds), measures one EvaluateStream, reads resident
-# memory (also with 10 rule-set versions loaded, between bursts of load), and writes
-# bench/report.md and bench/report.json. Everything stops by itself; nothing here is a test.
+# memory (also with 10 rule-set versions loaded, between bursts of load), measures rule
+# updates under load (a third, audited server with a state directory: steady state against a
+# new signed version published and labelled `stable` every PUBLISH_EVERY, alternated), and
+# writes bench/report.md and bench/report.json. Everything stops by itself; nothing here is
+# a test.
 #
-# Usage: bench/run.sh            (env: BUILD_DIR, OUT_DIR, ROUNDS=5, WARMUP=1s, DURATION=3s)
+# Usage: bench/run.sh            (env: BUILD_DIR, OUT_DIR, ROUNDS=5, WARMUP=1s, DURATION=3s,
+#                                 PUBLISH_EVERY=100ms, KEEP_VERSIONS=10)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,7 +33,7 @@ trap cleanup EXIT
 start=$(date +%s)
 echo "== build (Release) in $BUILD"
 cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DCDS_BUILD_TESTS=OFF > /dev/null
-cmake --build "$BUILD" -j2 --target cds-server engine_benchmark load_generator > "$WORK/build.log" \
+cmake --build "$BUILD" -j2 --target cds-server cdsctl engine_benchmark load_generator > "$WORK/build.log" \
   || { cat "$WORK/build.log"; exit 1; }
 
 PIN_CLIENT=()
@@ -83,6 +87,32 @@ echo "== load: real (pid $REAL_PID) against noop (pid $NOOP_PID), $ROUNDS rounds
 REAL_RSS_AFTER=$(rss_kib "$REAL_PID")
 NOOP_RSS_AFTER=$(rss_kib "$NOOP_PID")
 kill "$REAL_PID" "$NOOP_PID"
+
+echo "== rule updates under load: a new signed version every ${PUBLISH_EVERY:-100ms}, 'stable' moved to it"
+# A throwaway signing key (the release key's private half is not here), trusted beside the
+# release key; the server persists what is published under its own state directory.
+UPD="$WORK/updates"
+mkdir -p "$UPD/keys"
+cp "$ROOT"/rules/keys/*.pub "$UPD/keys/"
+"$BUILD/client/cdsctl" rules keygen --out "$UPD/bench" > /dev/null
+cp "$UPD/bench.pub" "$UPD/keys/"
+KEEP_VERSIONS=${KEEP_VERSIONS:-10}
+start_server "$WORK/updates.log" --state_dir "$UPD/state" --trusted_keys_dir "$UPD/keys" \
+  --audit_db "$WORK/updates.db" --audit_key_file "$WORK/audit.key" --keep_versions "$KEEP_VERSIONS"
+UPD_PID=$PID UPD_PORT=$PORT
+UPD_RSS_BEFORE=$(rss_kib "$UPD_PID")
+NEWEST_SIGNED=$(ls "$ROOT/rules/ipex" | sort -V | tail -1)
+"${PIN_CLIENT[@]}" "$BUILD/bench/load_generator" --real "127.0.0.1:$UPD_PORT" --real_pid "$UPD_PID" \
+  --patient "$ROOT/bench/typical_patient.textproto" --in_flight 64 --channels 4 \
+  --rounds "$ROUNDS" --warmup "$WARMUP" --duration "$DURATION" \
+  --publish_every "${PUBLISH_EVERY:-100ms}" --publish_key "$UPD/bench.key" \
+  --publish_source "$ROOT/rules/ipex/$NEWEST_SIGNED" --publish_label stable \
+  --json_out "$WORK/updates.json" | tee "$WORK/updates.txt"
+UPD_RSS_AFTER=$(rss_kib "$UPD_PID")
+UPD_AVAILABLE=$(grep -c ' AVAILABLE digest=' "$WORK/updates.log" || true)
+UPD_UNLOADED=$(grep -c ' UNLOADED by the retention policy' "$WORK/updates.log" || true)
+kill "$UPD_PID"
+export UPD_RSS_BEFORE UPD_RSS_AFTER UPD_AVAILABLE UPD_UNLOADED KEEP_VERSIONS
 
 echo "== memory: 10 rule-set versions loaded, resident memory between load bursts"
 # The bundled versions plus unsigned copies of the newest one (hence --allow_unsigned) under
@@ -146,6 +176,13 @@ report = {
                                     "calls": [int(x) for x in mem_calls.split()],
                                     "rss_kib": [int(x) for x in mem_rss.split()]}},
 }
+updates = json.load(open(os.path.join(work, "updates.json")))["rule_updates"]
+updates["memory_kib"] = {"rss_before": int(os.environ["UPD_RSS_BEFORE"]),
+                         "rss_after": int(os.environ["UPD_RSS_AFTER"]),
+                         "versions_loaded_total": int(os.environ["UPD_AVAILABLE"] or 0),
+                         "versions_unloaded": int(os.environ["UPD_UNLOADED"] or 0),
+                         "keep_versions": int(os.environ["KEEP_VERSIONS"])}
+report["rule_updates"] = updates
 json.dump(report, open(os.path.join(out, "report.json"), "w"), indent=2)
 
 md = [f"# Performance report", "",
@@ -189,6 +226,43 @@ md += ["", "## Memory", "",
        "after each burst of load (64 in flight): " +
        ", ".join(f"{c} calls: {r / 1024:.1f} MiB" for c, r in
                  zip(m['ten_versions']['calls'], m['ten_versions']['rss_kib'])) + "."]
+u = report["rule_updates"]
+um = u["memory_kib"]
+up = u["updates"]
+md += ["", "## Rule updates under load", "",
+       f"A third real server (audited, --state_dir, --keep_versions {um['keep_versions']}) under "
+       f"{u['in_flight']} calls in flight over {u['channels']} channels; its requests name no "
+       f"version, so they resolve through the label `{u['label']}`. Steady state and publishing "
+       f"alternate for {u['rounds']} rounds ({report['load']['warmup_s']} s warm-up then "
+       f"{report['load']['duration_s']} s measured each). While publishing, every "
+       f"{u['publish_every_ms']:.0f} ms bench/load_generator signs a new version (the newest "
+       "bundled ipex re-versioned, patch + 1 each time, with a throwaway key the server trusts), "
+       "publishes it (RuleSetAdmin.PublishRuleSet: signature, hashes, compile, embedded cases, "
+       f"fsync) and moves `{u['label']}` to it (SetLabel). Medians over rounds; errors and "
+       "versions are totals.", "",
+       "| phase | QPS | p50 µs | p99 µs | p99.9 µs | errors | versions in responses | server CPU µs/call |",
+       "|---|---|---|---|---|---|---|---|"]
+for phase in ("steady", "publishing"):
+    m = u[phase]["median"]
+    md.append(f"| {phase} | {m['qps']:.0f} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['p999_us']:.1f} | "
+              f"{m['errors']} | {m['versions_seen']} | {m['server_cpu_us_per_call']:.1f} |")
+errors = u["steady"]["median"]["errors"] + u["publishing"]["median"]["errors"]
+md += ["", f"p99 publishing / steady: {u['p99_ratio']:.2f} (target <= 2, median of the rounds' pairs); "
+       f"QPS publishing / steady: {u['qps_ratio']:.2f}; failed calls: {errors} (target 0).", "",
+       f"Versions swapped: {up['labelled']} published and labelled ({up['first_version']} .. "
+       f"{up['last_version']}; per round: {', '.join(str(x) for x in up['per_round'])}); failed: "
+       f"{up['publish_failed']} publishes, {up['label_failed']} label moves"
+       + (f" (first: {up['first_error']})" if up['first_error'] else "") +
+       f"; {up['late']} updates started late because the previous one overran its interval. "
+       f"Publish latency p50 {up['publish']['p50_ms']:.1f} ms, p99 {up['publish']['p99_ms']:.1f} ms, "
+       f"max {up['publish']['max_ms']:.1f} ms; label move p50 {up['label_move']['p50_ms']:.1f} ms, "
+       f"p99 {up['label_move']['p99_ms']:.1f} ms.", "",
+       f"Resident memory: {um['rss_before'] / 1024:.1f} MiB before, {um['rss_after'] / 1024:.1f} MiB "
+       f"after all rounds; after each round (steady, publishing): " +
+       ", ".join(f"{s['rss_kib'] / 1024:.1f} / {p['rss_kib'] / 1024:.1f}"
+                 for s, p in zip(u["steady"]["rounds"], u["publishing"]["rounds"])) +
+       f" MiB. {um['versions_loaded_total']} versions were loaded in all, "
+       f"{um['versions_unloaded']} of them unloaded by the retention policy."]
 open(os.path.join(out, "report.md"), "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 EOF
