@@ -30,11 +30,11 @@ void SetTimestamp(absl::Time t, google::protobuf::Timestamp* out) {
 
 }  // namespace
 
-grpc::ServerUnaryReactor* FinishAudited(const Auditor* auditor,
+// Finishes `reactor` with `status` once the call's audit record is committed.
+grpc::ServerUnaryReactor* FinishAudited(grpc::ServerUnaryReactor* reactor, const Auditor* auditor,
                                         grpc::CallbackServerContext* context, const char* method,
                                         absl::Time start, std::string rule_set,
                                         grpc::Status status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   if (auditor == nullptr) {
     reactor->Finish(status);
   } else {
@@ -42,6 +42,14 @@ grpc::ServerUnaryReactor* FinishAudited(const Auditor* auditor,
                        [reactor](grpc::Status audited) { reactor->Finish(audited); });
   }
   return reactor;
+}
+
+grpc::ServerUnaryReactor* FinishAudited(const Auditor* auditor,
+                                        grpc::CallbackServerContext* context, const char* method,
+                                        absl::Time start, std::string rule_set,
+                                        grpc::Status status) {
+  return FinishAudited(context->DefaultReactor(), auditor, context, method, start,
+                       std::move(rule_set), std::move(status));
 }
 
 absl::StatusOr<Pin> ParsePin(const cds::v1::EvaluateRequest& request) {
@@ -167,55 +175,99 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::GetRuleSet(
 
 namespace cds::service {
 
+RuleSetAdminImpl::RuleSetAdminImpl(store::RuleStore& store)
+    : store_(store), worker_([this] { WorkLoop(); }) {}
+
+RuleSetAdminImpl::~RuleSetAdminImpl() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  worker_.join();
+}
+
+void RuleSetAdminImpl::Post(std::function<void()> task) {
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(std::move(task));
+}
+
+void RuleSetAdminImpl::WorkLoop() {
+  while (true) {
+    std::function<void()> task;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(this, &RuleSetAdminImpl::HasWorkOrStopping));
+      if (queue_.empty()) return;  // stopping, and every queued call finished
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    task();
+  }
+}
+
+// Each admin call: the reactor is taken here, the work and Finish happen on the admin thread
+// (context, request and response stay valid until Finish).
 grpc::ServerUnaryReactor* RuleSetAdminImpl::PublishRuleSet(
     grpc::CallbackServerContext* context, const cds::v1::PublishRuleSetRequest* request,
     cds::v1::PublishRuleSetResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::Time start = absl::Now();
-  absl::StatusOr<store::PublishResult> published = store_.PublishBytes(request->bundle());
-  std::string rule_set;
-  if (published.ok()) {
-    rule_set = absl::StrCat(published->info.ref().name(), "@", published->info.ref().version());
-    *response->mutable_info() = std::move(published->info);
-    response->set_created(published->created);
-  }
-  grpc::Status status = ToGrpcStatus(published.status());
-  return FinishAudited(auditor_, context, "/cds.v1.RuleSetAdmin/PublishRuleSet", start,
-                       std::move(rule_set), std::move(status));
+  Post([this, reactor, context, request, response, start] {
+    absl::StatusOr<store::PublishResult> published = store_.PublishBytes(request->bundle());
+    std::string rule_set;
+    if (published.ok()) {
+      rule_set = absl::StrCat(published->info.ref().name(), "@", published->info.ref().version());
+      *response->mutable_info() = std::move(published->info);
+      response->set_created(published->created);
+    }
+    grpc::Status status = ToGrpcStatus(published.status());
+    FinishAudited(reactor, auditor_, context, "/cds.v1.RuleSetAdmin/PublishRuleSet", start,
+                  std::move(rule_set), std::move(status));
+  });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* RuleSetAdminImpl::SetLabel(grpc::CallbackServerContext* context,
                                                      const cds::v1::SetLabelRequest* request,
                                                      cds::v1::SetLabelResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::Time start = absl::Now();
-  absl::Status status;
-  if (request->name().empty() || request->label().empty() || request->version().empty()) {
-    status = absl::InvalidArgumentError("name, label and version are required");
-  } else {
-    absl::StatusOr<std::string> previous =
-        store_.SetLabel(request->name(), request->label(), request->version());
-    if (previous.ok()) response->set_previous_version(*previous);
-    status = previous.status();
-  }
-  grpc::Status result = ToGrpcStatus(status);
-  return FinishAudited(auditor_, context, "/cds.v1.RuleSetAdmin/SetLabel", start,
-                       absl::StrCat(request->name(), "@", request->version()), std::move(result));
+  Post([this, reactor, context, request, response, start] {
+    absl::Status status;
+    if (request->name().empty() || request->label().empty() || request->version().empty()) {
+      status = absl::InvalidArgumentError("name, label and version are required");
+    } else {
+      absl::StatusOr<std::string> previous =
+          store_.SetLabel(request->name(), request->label(), request->version());
+      if (previous.ok()) response->set_previous_version(*previous);
+      status = previous.status();
+    }
+    grpc::Status result = ToGrpcStatus(status);
+    FinishAudited(reactor, auditor_, context, "/cds.v1.RuleSetAdmin/SetLabel", start,
+                  absl::StrCat(request->name(), "@", request->version()), std::move(result));
+  });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* RuleSetAdminImpl::RetireRuleSet(
     grpc::CallbackServerContext* context, const cds::v1::RetireRuleSetRequest* request,
     cds::v1::RetireRuleSetResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::Time start = absl::Now();
-  absl::Status status;
-  if (request->name().empty() || request->version().empty()) {
-    status = absl::InvalidArgumentError("name and version are required");
-  } else {
-    absl::StatusOr<cds::v1::RuleSetInfo> info = store_.Retire(request->name(), request->version());
-    if (info.ok()) *response->mutable_info() = std::move(*info);
-    status = info.status();
-  }
-  grpc::Status result = ToGrpcStatus(status);
-  return FinishAudited(auditor_, context, "/cds.v1.RuleSetAdmin/RetireRuleSet", start,
-                       absl::StrCat(request->name(), "@", request->version()), std::move(result));
+  Post([this, reactor, context, request, response, start] {
+    absl::Status status;
+    if (request->name().empty() || request->version().empty()) {
+      status = absl::InvalidArgumentError("name and version are required");
+    } else {
+      absl::StatusOr<cds::v1::RuleSetInfo> info = store_.Retire(request->name(), request->version());
+      if (info.ok()) *response->mutable_info() = std::move(*info);
+      status = info.status();
+    }
+    grpc::Status result = ToGrpcStatus(status);
+    FinishAudited(reactor, auditor_, context, "/cds.v1.RuleSetAdmin/RetireRuleSet", start,
+                  absl::StrCat(request->name(), "@", request->version()), std::move(result));
+  });
+  return reactor;
 }
 
 }  // namespace cds::service

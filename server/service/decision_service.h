@@ -4,8 +4,12 @@
 // adapter: validate, resolve the rule-set version in the store, call the engine, convert
 // the status once (grpc_status.h). Thread-safe; borrows the store, which must outlive it.
 
+#include <deque>
+#include <functional>
 #include <string>
+#include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "cds/v1/service.grpc.pb.h"
@@ -46,9 +50,17 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
 // cds.v1.RuleSetAdmin: publish bundles, move labels, retire versions. Thread-safe; borrows
 // the store, which must outlive it. Who may call them is the access policy's business
 // (server/security/authz.h: the author and admin roles); bundles must be signed in any case.
+//
+// The calls run one at a time on a thread of their own, never on gRPC's callback threads:
+// a publish verifies, compiles, runs the embedded cases and fsyncs (50-300 ms), a label
+// move fsyncs, and a callback thread blocked that long stalls the evaluations it would
+// serve (the callback API's handlers must not block). The store serializes writers anyway.
 class RuleSetAdminImpl final : public cds::v1::RuleSetAdmin::CallbackService {
  public:
-  explicit RuleSetAdminImpl(store::RuleStore& store) : store_(store) {}
+  explicit RuleSetAdminImpl(store::RuleStore& store);
+  // Finishes the calls already queued, then stops the thread. REQUIRES: the server stopped
+  // taking calls.
+  ~RuleSetAdminImpl() override;
   // Every call is audited (and fails closed) when set; the auditor must outlive this.
   void set_auditor(const Auditor* auditor) { auditor_ = auditor; }
 
@@ -63,8 +75,20 @@ class RuleSetAdminImpl final : public cds::v1::RuleSetAdmin::CallbackService {
                                           cds::v1::RetireRuleSetResponse* response) override;
 
  private:
+  // Runs `task` on the admin thread after the tasks queued before it.
+  void Post(std::function<void()> task) ABSL_LOCKS_EXCLUDED(mu_);
+  void WorkLoop() ABSL_LOCKS_EXCLUDED(mu_);
+  bool HasWorkOrStopping() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return stopping_ || !queue_.empty();
+  }
+
   store::RuleStore& store_;
   const Auditor* auditor_ = nullptr;
+
+  absl::Mutex mu_;
+  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread worker_;  // last: started once the rest is set up
 };
 
 // Which version a request asks for: `rule_set` may carry "name@version" or "name@label"
