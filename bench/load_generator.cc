@@ -391,8 +391,9 @@ double MeasureStream(Target& target, const cds::v1::EvaluateRequest& request, in
 std::string SampleJson(const Sample& s) {
   return absl::StrFormat(
       R"({"qps": %.1f, "p50_us": %.1f, "p90_us": %.1f, "p99_us": %.1f, "p999_us": %.1f, )"
-      R"("calls": %d, "errors": %d, "server_cpu_us_per_call": %.2f, "client_cpu_us_per_call": %.2f, )"
-      R"("versions_seen": %d, "version_switches": %d, "rss_kib": %d})",
+      R"("calls": %d, "errors": %d, "server_cpu_us_per_call": %.2f, )"
+      R"("client_cpu_us_per_call": %.2f, "versions_seen": %d, "version_switches": %d, )"
+      R"("rss_kib": %d})",
       s.qps, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.calls, s.errors,
       s.server_cpu_us_per_call, s.client_cpu_us_per_call, s.versions_seen, s.version_switches,
       s.rss_kib);
@@ -432,7 +433,8 @@ class Publisher {
     int64_t published = 0, publish_failed = 0, labelled = 0, label_failed = 0;
     int64_t late = 0;  // ticks that started late because the previous update overran
     std::vector<int64_t> publish_ns, label_ns;
-    std::string first_error, first_version, last_version;
+    std::vector<std::string> versions;  // published and labelled, in order
+    std::string first_error;
   };
 
   static std::unique_ptr<Publisher> Create(const std::string& address, const std::string& key_path,
@@ -498,7 +500,6 @@ class Publisher {
     if (!status.ok()) return Failed(&stats_.publish_failed, "publish " + version, status);
     stats_.publish_ns.push_back(Elapsed(start));
     ++stats_.published;
-    if (stats_.first_version.empty()) stats_.first_version = version;
 
     cds::v1::SetLabelRequest set;
     set.set_name(name_);
@@ -512,7 +513,7 @@ class Publisher {
     if (!status.ok()) return Failed(&stats_.label_failed, "label " + version, status);
     stats_.label_ns.push_back(Elapsed(start));
     ++stats_.labelled;
-    stats_.last_version = version;
+    stats_.versions.push_back(version);
     return true;
   }
 
@@ -654,28 +655,38 @@ bool MeasureRuleUpdates(Target& target, const cds::v1::EvaluateRequest& request,
   const int64_t labelled = stats.labelled - primed.labelled;
   std::printf("  publishing/steady (median of %d paired rounds): p99 %.3f, QPS %.3f\n", rounds,
               Median(p99_ratios), Median(qps_ratios));
-  std::printf("  updates: %lld published (%lld failed), %lld label moves (%lld failed), %lld late; "
-              "versions %s..%s; publish p50 %.1f ms p99 %.1f ms; label move p50 %.1f ms p99 %.1f ms%s\n",
-              static_cast<long long>(published), static_cast<long long>(stats.publish_failed),
-              static_cast<long long>(labelled), static_cast<long long>(stats.label_failed),
-              static_cast<long long>(stats.late), primed.last_version.c_str(),
-              stats.last_version.c_str(), Percentile(publish_ns, 0.5) / 1e3,
-              Percentile(publish_ns, 0.99) / 1e3, Percentile(label_ns, 0.5) / 1e3,
-              Percentile(label_ns, 0.99) / 1e3,
-              stats.first_error.empty() ? "" : absl::StrCat("; first error: ", stats.first_error).c_str());
+  const std::string first_version =
+      labelled > 0 ? stats.versions[primed.versions.size()] : std::string();
+  const std::string last_version = labelled > 0 ? stats.versions.back() : std::string();
+  const Sample steady_median = MedianOf(samples[0]), publishing_median = MedianOf(samples[1]);
+  const double p99_ratio_of_medians =
+      steady_median.p99_us > 0 ? publishing_median.p99_us / steady_median.p99_us : 0;
+  std::printf("  (ratio of the medians: p99 %.3f)\n", p99_ratio_of_medians);
+  std::printf(
+      "  updates: %lld published (%lld failed), %lld label moves (%lld failed), %lld late; "
+      "versions %s..%s\n",
+      static_cast<long long>(published), static_cast<long long>(stats.publish_failed),
+      static_cast<long long>(labelled), static_cast<long long>(stats.label_failed),
+      static_cast<long long>(stats.late), first_version.c_str(), last_version.c_str());
+  std::printf("  publish p50 %.1f ms p99 %.1f ms; label move p50 %.1f ms p99 %.1f ms%s\n",
+              Percentile(publish_ns, 0.5) / 1e3, Percentile(publish_ns, 0.99) / 1e3,
+              Percentile(label_ns, 0.5) / 1e3, Percentile(label_ns, 0.99) / 1e3,
+              stats.first_error.empty()
+                  ? ""
+                  : absl::StrCat("; first error: ", stats.first_error).c_str());
   *json = absl::StrCat(
       "{\"in_flight\": ", in_flight, ", \"channels\": ",
       std::min(static_cast<int>(target.stubs.size()), in_flight), ", \"rounds\": ", rounds,
       ", \"publish_every_ms\": ", every_ms, ", \"label\": \"", publisher->label(), "\", ",
       absl::StrJoin(phases_json, ", "),
-      absl::StrFormat(R"(, "p99_ratio": %.4f, "qps_ratio": %.4f, )", Median(p99_ratios),
-                      Median(qps_ratios)),
+      absl::StrFormat(R"(, "p99_ratio": %.4f, "p99_ratio_of_medians": %.4f, "qps_ratio": %.4f, )",
+                      Median(p99_ratios), p99_ratio_of_medians, Median(qps_ratios)),
       absl::StrFormat(R"("updates": {"published": %d, "publish_failed": %d, "labelled": %d, )"
-                      R"("label_failed": %d, "late": %d, "per_round": [%s], "first_version": "%s", )"
-                      R"("last_version": "%s", "first_error": "%s", )",
+                      R"("label_failed": %d, "late": %d, "per_round": [%s], )"
+                      R"("first_version": "%s", "last_version": "%s", "first_error": "%s", )",
                       published, stats.publish_failed, labelled, stats.label_failed, stats.late,
-                      absl::StrJoin(published_per_round, ", "), primed.last_version,
-                      stats.last_version, absl::CHexEscape(stats.first_error)),
+                      absl::StrJoin(published_per_round, ", "), first_version, last_version,
+                      absl::CHexEscape(stats.first_error)),
       "\"publish\": ", MillisJson(publish_ns), ", \"label_move\": ", MillisJson(label_ns), "}}");
   return true;
 }

@@ -259,7 +259,8 @@ grpc::ServerUnaryReactor* RuleSetAdminImpl::RetireRuleSet(
     if (request->name().empty() || request->version().empty()) {
       status = absl::InvalidArgumentError("name and version are required");
     } else {
-      absl::StatusOr<cds::v1::RuleSetInfo> info = store_.Retire(request->name(), request->version());
+      absl::StatusOr<cds::v1::RuleSetInfo> info =
+          store_.Retire(request->name(), request->version());
       if (info.ok()) *response->mutable_info() = std::move(*info);
       status = info.status();
     }
