@@ -396,6 +396,43 @@ TEST(LifecycleTest, RuleUpdatesUnderLoadNeverFailAndMoveCallsToTheNewVersion) {
   EXPECT_EQ(admin.Evaluate("ipex@1.0.1", &pinned).error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
+// Admin calls wait for each other (a publish verifies, compiles, runs the cases and fsyncs),
+// but never on gRPC's callback threads: with a publish stuck half-way and a pile of label
+// moves queued behind it, evaluations are still answered.
+TEST(LifecycleTest, EvaluationsGoOnWhileAdminCallsWait) {
+  Deployment deployment;
+  std::string error;
+  setenv("CDS_TEST_PAUSE_AT", "bundle_staged", 1);
+  ServerProcess server;
+  const bool started = server.Start(CDS_SERVER_BINARY, deployment.Flags(), &error);
+  unsetenv("CDS_TEST_PAUSE_AT");
+  ASSERT_TRUE(started) << error;
+  std::vector<std::thread> admin_calls;
+  admin_calls.emplace_back([&] {
+    Client client(server.address());
+    cds::v1::PublishRuleSetResponse response;
+    client.Publish(deployment.Bundle("1.0.1"), &response);  // fails once the server is killed
+  });
+  ASSERT_TRUE(WaitForLog(server, "test hook: paused at bundle_staged")) << server.Stderr();
+  for (int i = 0; i < 16; ++i) {
+    admin_calls.emplace_back([&] {
+      Client client(server.address());
+      client.Label("canary", "1.0.0");  // waits behind the publish
+    });
+  }
+  // (Before the admin calls had a thread of their own, the first call here timed out.)
+  Client client(server.address());
+  for (int i = 0; i < 20; ++i) {
+    cds::v1::EvaluateResponse response;
+    const grpc::Status status = client.Evaluate("ipex", &response);
+    EXPECT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
+    if (!status.ok()) break;
+    EXPECT_EQ(response.rule_set().version(), "1.0.0");
+  }
+  EXPECT_EQ(server.Stop(SIGKILL), 128 + SIGKILL);
+  for (std::thread& t : admin_calls) t.join();
+}
+
 TEST(LifecycleTest, EveryKindOfBadBundleIsRefusedWithItsReasonAndServingIsUntouched) {
   Deployment deployment;
   ServerProcess server;
