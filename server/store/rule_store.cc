@@ -993,7 +993,6 @@ int RuleStore::ApplyRetention() {
         return SemverLess(b->version, a->version);  // highest first
       });
       std::set<std::string> keep;
-      for (size_t i = 0; i < keep_newest; ++i) keep.insert(loaded[i]->version);
       if (auto labels = labels_.find(name); labels != labels_.end()) {
         for (const auto& [unused_label, version] : labels->second) keep.insert(version);
       }
@@ -1001,8 +1000,15 @@ int RuleStore::ApplyRetention() {
       if (const VersionEntry* default_entry = DefaultLocked(name, &unused_label)) {
         keep.insert(default_entry->version);
       }
+      // An AVAILABLE version stays among the N highest AVAILABLE ones (retired versions do
+      // not push served ones out); a RETIRED one among the N highest loaded ones.
+      size_t rank = 0, available_rank = 0;
       for (VersionEntry* entry : loaded) {
-        if (keep.count(entry->version) > 0) continue;
+        const bool available = entry->state == RuleSetInfo::AVAILABLE;
+        const bool newest = available ? available_rank < keep_newest : rank < keep_newest;
+        ++rank;
+        if (available) ++available_rank;
+        if (newest || keep.count(entry->version) > 0) continue;
         auto summary = std::make_shared<RuleSetInfo>();
         AddRuleSetFields(*entry->rule_set, summary.get());
         entry->unloaded_summary = std::move(summary);

@@ -20,10 +20,10 @@
 //
 // Retention (Options::keep_versions, like TensorFlow Serving's "latest N" version policy):
 // after every change, per rule set, the compiled versions kept in memory are those a label
-// points at, the default one, and the keep_versions highest loaded (AVAILABLE or RETIRED)
-// ones. Every other AVAILABLE version is UNLOADED (listed, no longer served) and a RETIRED
-// one keeps its state; both drop their compiled rule set, which calls already in flight on
-// it still hold (shared_ptr) until they finish. Bundles stay persisted: a restart loads
+// points at, the default one, the keep_versions highest AVAILABLE ones, and the RETIRED ones
+// among the keep_versions highest loaded. Every other AVAILABLE version is UNLOADED (listed,
+// no longer served) and a RETIRED one keeps its state; both drop their compiled rule set,
+// which calls already in flight on it still hold (shared_ptr) until they finish. Bundles stay persisted: a restart loads
 // them and the same policy unloads the same versions again. Writers (publish, labels, retire,
 // scans) are serialized by writer_mu_, held across compile and disk I/O but never by
 // readers.
@@ -104,7 +104,7 @@ class RuleStore {
     std::string ontology_dir;
     // Called after every change, with the number of AVAILABLE versions (health).
     std::function<void(int available)> on_change;
-    // Retention: how many of the highest loaded versions of each rule set stay in memory
+    // Retention: how many of the highest AVAILABLE versions of each rule set stay in memory
     // besides the labelled and default ones (see the class comment). 0: keep every version.
     int keep_versions = 0;
     // Tests only: called at each persistence step ("bundle_file_written",

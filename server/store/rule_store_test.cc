@@ -635,14 +635,48 @@ TEST_F(RetentionTest, ACallInFlightKeepsItsVersionUntilItFinishes) {
 
 TEST_F(RetentionTest, RetiredVersionsBeyondTheNewestDropTheirDefinition) {
   for (const char* version : {"1.0.0", "1.0.1", "1.0.2"}) Publish(version);
-  ASSERT_TRUE(store_->Retire("demo", "1.0.2").ok());
-  // 1.0.2 (retired) and 1.0.1 are the two newest loaded; 1.0.0 is unloaded.
   EXPECT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
+  ASSERT_TRUE(store_->Retire("demo", "1.0.2").ok());
+  // 1.0.3 and 1.0.1 are the two highest served; the retired 1.0.2 is among the two highest.
   Publish("1.0.3");
+  EXPECT_EQ(store_->LoadedCount(), 3);
+  EXPECT_TRUE(store_->Get("demo", "1.0.2").value().has_definition());
+  Publish("1.0.4");
   EXPECT_EQ(States(*store_)["1.0.2"], RuleSetInfo::RETIRED);
-  EXPECT_FALSE(store_->Get("demo", "1.0.1").value().has_definition());
-  EXPECT_EQ(store_->LoadedCount(), 2);  // 1.0.3 and the retired 1.0.2
-  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.3");
+  EXPECT_FALSE(store_->Get("demo", "1.0.2").value().has_definition());
+  EXPECT_EQ(States(*store_)["1.0.1"], RuleSetInfo::UNLOADED);
+  EXPECT_EQ(store_->LoadedCount(), 2);  // 1.0.4 and 1.0.3
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.4");
+}
+
+// bench/soak.sh's pattern: `stable` flips between two old versions while newer ones are
+// published and retired. Three versions are served at any time; retired versions never
+// push a served one out.
+TEST_F(RetentionTest, LabelFlipsBetweenOldVersionsSurviveNewerRetiredOnes) {
+  RuleStore::Options options = Options();
+  options.keep_versions = 3;
+  store_ = std::make_unique<RuleStore>(options);
+  Publish("1.0.0");
+  Publish("1.1.0");
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.0").ok());
+  std::string previous;
+  for (int patch = 1; patch <= 6; ++patch) {
+    const std::string version = absl::StrCat("1.1.", 100 + patch);
+    Publish(version);
+    if (!previous.empty()) {
+      ASSERT_TRUE(store_->Retire("demo", previous).ok());
+    }
+    previous = version;
+    for (const char* target : {"1.1.0", "1.0.0"}) {
+      absl::StatusOr<std::string> moved = store_->SetLabel("demo", "stable", target);
+      ASSERT_TRUE(moved.ok()) << target << " after " << version << ": " << moved.status();
+    }
+  }
+  EXPECT_EQ(States(*store_)["1.1.0"], RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(States(*store_)["1.1.101"], RuleSetInfo::RETIRED);
+  // 1.0.0, 1.1.0, 1.1.106, and the retired 1.1.105 and 1.1.104 (among the 3 highest).
+  EXPECT_EQ(store_->LoadedCount(), 5);
+  EXPECT_FALSE(store_->Get("demo", "1.1.103").value().has_definition());
 }
 
 TEST_F(RetentionTest, RetiringTheLastServedVersionIsRefusedOnceOlderOnesAreUnloaded) {
