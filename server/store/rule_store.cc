@@ -315,7 +315,9 @@ void RuleStore::ReloadKeys() {
 
 void RuleStore::CompileAndTest(const compiler::RuleSetSource& source, Candidate* c) const {
   VersionEntry& entry = c->entry;
+  absl::Time start = absl::Now();
   compiler::CompileResult compiled = compiler::Compile(source);
+  c->compile_time = absl::Now() - start;
   if (!compiled.ok()) {
     entry.digest = compiler::DigestFiles(source.files);
     std::vector<std::string> errors;
@@ -331,8 +333,10 @@ void RuleStore::CompileAndTest(const compiler::RuleSetSource& source, Candidate*
   entry.name = compiled.rule_set->name;
   entry.version = compiled.rule_set->version;
   entry.digest = compiled.rule_set->digest;
+  start = absl::Now();
   const std::vector<engine::CaseResult> results =
       engine::RunCases(*compiled.rule_set, compiled.rule_set->tests);
+  c->cases_time = absl::Now() - start;
   std::vector<std::string> failures;
   for (const engine::CaseResult& result : results) {
     if (result.passed) continue;
@@ -364,7 +368,9 @@ RuleStore::Candidate RuleStore::Gate(const cds::v1::Bundle& bundle,
   c.entry.loaded_at = absl::Now();
   c.manifest_bytes = bundle.manifest();
   c.signature_bytes = bundle.signature();
+  const absl::Time verify_start = absl::Now();
   c.rejection = bundle::VerifyBundle(bundle, keys_, verify, &c.verified);
+  c.verify_time = absl::Now() - verify_start;
   if (c.entry.name.empty()) c.entry.name = c.verified.manifest.name();
   if (c.entry.version.empty()) c.entry.version = c.verified.manifest.version();
   if (c.rejection.has_value()) {
@@ -798,12 +804,20 @@ absl::StatusOr<PublishResult> RuleStore::PublishLocked(const cds::v1::Bundle& bu
   }
   c.entry.source_dir =
       (fs::path(options_.state_dir) / kBundlesDir / c.entry.name / c.entry.version).string();
+  const absl::Time persist_start = absl::Now();
   CDS_RETURN_IF_ERROR(PersistBundle(c));
+  const absl::Duration persist_time = absl::Now() - persist_start;
   const std::string name = c.entry.name, version = c.entry.version;
+  const std::string timings = absl::StrCat(
+      "verify ", absl::ToInt64Milliseconds(c.verify_time), " ms, compile ",
+      absl::ToInt64Milliseconds(c.compile_time), " ms, cases ",
+      absl::ToInt64Milliseconds(c.cases_time), " ms, persist ",
+      absl::ToInt64Milliseconds(persist_time), " ms");
   bool created = false;
   if (std::optional<bundle::Rejection> r = Insert(std::move(c), &created); r.has_value()) {
     return bundle::RejectionStatus(*r);
   }
+  log::Info("published ", name, "@", version, ": ", timings);
   ApplyRetention();
   absl::ReaderMutexLock lock(&mu_);
   const VersionEntry& entry = entries_[name][version];

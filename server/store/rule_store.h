@@ -184,6 +184,8 @@ class RuleStore {
     bool signature_checked = false;  // the rejection (if any) came after the signature
     std::string manifest_bytes;   // exactly as received, persisted as is
     std::string signature_bytes;
+    // Where the gate's time went (logged for publishes).
+    absl::Duration verify_time, compile_time, cases_time;
   };
 
   Candidate Gate(const cds::v1::Bundle& bundle, const bundle::VerifyOptions& verify,
