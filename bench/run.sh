@@ -215,8 +215,12 @@ for c in load["configs"]:
                   f"{r['p99_ratio']:.3f} | {r['server_cpu_delta_us_per_call']:+.1f} µs/call |")
 if "stream" in load:
     s = load["stream"]
-    md += ["", f"One EvaluateStream to the real server: {s['patients_per_second']:.0f} patients/s "
-           f"({s['errors']} errors)."]
+    unary = {c["in_flight"]: c["real"]["median"] for c in load["configs"] if "real" in c}
+    ratios = "; ".join(f"{s['patients_per_second'] / u['qps']:.2f}x the unary QPS at {n} in flight"
+                       for n, u in sorted(unary.items()) if u["qps"] > 0)
+    md += ["", f"One EvaluateStream to the real server (after the rounds): "
+           f"{s['patients_per_second']:.0f} patients/s ({s['errors']} errors), "
+           f"{s.get('server_cpu_us_per_patient', -1):.1f} µs of server CPU per patient; {ratios}."]
 m = report["memory_kib"]
 md += ["", "## Memory", "",
        f"Real server resident memory: {m['real_rss_before_load'] / 1024:.1f} MiB before the load, "
