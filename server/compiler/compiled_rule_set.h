@@ -180,6 +180,40 @@ struct CompiledAction {
   double min_gain_bits = 0.01;
 };
 
+// An evidence item whose condition was decided for a patient: what scoring applies and
+// explanations list. The engine builds them per call; the compiler precomputes those of
+// demographic evidence (DemographicContext).
+struct AppliedEvidence {
+  int32_t evidence = -1;
+  bool matched = false;     // condition TRUE (else FALSE)
+  bool superseded = false;  // a stronger item of its correlated group counts instead
+  double log_lr = 0;
+};
+
+// A touched hypothesis of a demographic context: its items are
+// DemographicContext::items[begin, end), in evidence order.
+struct DemographicHypothesis {
+  int32_t hypothesis = -1;
+  uint32_t begin = 0;
+  uint32_t end = 0;
+  double weight = 0;  // pretest x exp(sum of its items' log LRs), summed in evidence order
+};
+
+// The folded demographic evidence for one (sex, age band): every item of it that applies
+// to such a patient, already decided and capped within its correlated groups. The engine
+// then evaluates only the evidence on the patient's other facts, so the per-copy sex/age
+// evidence of a large rule set costs a walk over these arrays rather than condition
+// evaluation and sorting.
+struct DemographicContext {
+  std::vector<AppliedEvidence> items;
+  // Ascending hypothesis index: the hypotheses some folded item applies to.
+  std::vector<DemographicHypothesis> hypotheses;
+  // The uncapped ones among `hypotheses`, as positions into it, by weight descending then
+  // id rank: their rank order whatever the normaliser (equal posteriors are re-sorted by id
+  // rank at run time, since dividing can make different weights equal).
+  std::vector<int32_t> order;
+};
+
 // Where an evidence item or action is listed in the trigger index.
 struct RuleRef {
   enum class Kind : uint8_t { kEvidence, kAction };
@@ -224,6 +258,10 @@ struct CompiledRuleSet {
   std::vector<std::vector<RuleRef>> actions_by_hypothesis;  // per hypothesis (probability leaves)
   std::vector<RuleRef> rules_on_sex;
   std::vector<RuleRef> rules_on_age;
+  // What the engine evaluates when sex / age is known: rules_on_sex / rules_on_age without
+  // the folded demographic evidence (see `demographics`).
+  std::vector<RuleRef> candidates_on_sex;
+  std::vector<RuleRef> candidates_on_age;
   std::vector<RuleRef> rules_on_family;         // family history taken
   std::vector<RuleRef> rules_on_consanguinity;  // consanguinity recorded
   // Labs some evidence item weighs, ascending (warned about when the patient has none).
@@ -252,6 +290,30 @@ struct CompiledRuleSet {
   double pretest_sum = 0;
   // The largest `in_top` of any probability condition (how deep ranks must be known).
   int32_t max_in_top = 0;
+
+  // Folded demographic evidence (FoldDemographicEvidence): an item is folded when its
+  // condition has only sex and age leaves and every item of its correlated group (if any)
+  // is folded too, so its truth, its group capping and its hypothesis' demographic weight
+  // depend on the (sex, age band) alone. Empty when nothing is folded.
+  // Sex slots: 0 unknown, 1 + i for demographic_sexes[i], then one for any other value.
+  std::vector<int32_t> demographic_sexes;
+  // Every bound of a folded age leaf, ascending: age band i + 1 is
+  // [demographic_age_bounds[i], demographic_age_bounds[i + 1]); band 0 below the first;
+  // one more slot for unknown age.
+  std::vector<double> demographic_age_bounds;
+  // Per (sex slot x age slot), an index into demographic_contexts (identical contexts are
+  // shared).
+  std::vector<int32_t> demographic_context_of;
+  std::vector<DemographicContext> demographic_contexts;
+  // The context of a patient's sex and age (age NaN when unknown); null when nothing is
+  // folded.
+  const DemographicContext* DemographicContextFor(int32_t sex, double age_days) const;
 };
+
+// Folds the demographic evidence of a compiled rule set (see
+// CompiledRuleSet::demographic_contexts)
+// and fills candidates_on_sex / candidates_on_age. Run by the compiler's index pass.
+// REQUIRES: the trigger index is built.
+void FoldDemographicEvidence(CompiledRuleSet* rs);
 
 }  // namespace cds::compiler

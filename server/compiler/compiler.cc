@@ -148,6 +148,7 @@ class Compilation {
         std::any_of(result.issues.begin(), result.issues.end(),
                     [](const Issue& i) { return i.severity == Issue::Severity::kError; });
     if (!has_error) {
+      FoldDemographicEvidence(out_.get());
       out_->digest = DigestFiles(source_.files);
       result.rule_set = std::move(out_);
     }

@@ -47,11 +47,13 @@ struct LabFact {
 };
 
 // One applied evidence item, for scoring and explanation.
-struct Applied {
-  int32_t evidence;
-  bool matched;  // condition TRUE (else FALSE)
-  double log_lr;
-  bool superseded = false;
+using Applied = compiler::AppliedEvidence;
+
+// Where a touched hypothesis' applied items are.
+enum class ItemSource : uint8_t {
+  kApplied,  // Scratch::applied: evaluated this call
+  kMerged,   // Scratch::merged: evaluated this call and folded, merged in evidence order
+  kContext,  // the demographic context's items: folded only
 };
 
 // The value of a test's result for the current differential.
@@ -92,6 +94,7 @@ struct Scratch {
     Grow(&weight, rs.hypotheses.size());
     Grow(&range_begin, rs.hypotheses.size());
     Grow(&range_end, rs.hypotheses.size());
+    Grow(&range_source, rs.hypotheses.size());
     Grow(&condition_stamp, rs.conditions.size());
     Grow(&condition_value, rs.conditions.size());
     Grow(&detail_stamp, rs.conditions.size());
@@ -107,6 +110,7 @@ struct Scratch {
     evidence_candidates.clear();
     action_candidates.clear();
     applied.clear();
+    merged.clear();
     touched.clear();
     ranked.clear();
     information_candidates.clear();
@@ -170,7 +174,10 @@ struct Scratch {
   std::vector<uint32_t> hypothesis_stamp;
   std::vector<double> weight;
   std::vector<uint32_t> range_begin, range_end;
-  std::vector<Applied> applied;
+  std::vector<ItemSource> range_source;
+  std::vector<Applied> applied, merged;
+  // The ranked uncapped hypotheses only folded evidence touched, and the merge buffer.
+  std::vector<int32_t> folded_ranked, merge_buffer;
   std::vector<std::pair<int32_t, size_t>> group_best;  // (group, applied index), one hypothesis
   std::vector<int32_t> touched, ranked;
   std::vector<RankKey> keyed;
@@ -222,9 +229,13 @@ struct Facts {
 // patient's findings rather than the size of the rule set.
 class Scores {
  public:
-  // The scratch's `touched` lists the touched hypotheses (with their `weight` set), in any
-  // order; `total` is 1 + the sum over them of (weight - pretest).
-  Scores(const CompiledRuleSet& rs, Scratch& scratch, double total)
+  // Every touched hypothesis has its `weight` and stamp set; the scratch's `touched` lists
+  // those to rank here, in any order, and `context` (may be null) ranks the others: the
+  // uncapped ones only folded evidence touched (range_source kContext). `total` is 1 + the
+  // sum over all touched hypotheses of (weight - pretest). On return `touched` lists every
+  // touched hypothesis in rank order.
+  Scores(const CompiledRuleSet& rs, Scratch& scratch, double total,
+         const compiler::DemographicContext* context)
       : rs_(rs), s_(scratch), total_(total) {
     // Sorted on keys computed once per hypothesis (posterior, then the id's rank).
     auto& keyed = s_.keyed;
@@ -235,6 +246,38 @@ class Scores {
       return a.id_rank < b.id_rank;
     });
     for (size_t i = 0; i < keyed.size(); ++i) s_.touched[i] = keyed[i].hypothesis;
+    if (context == nullptr || context->order.empty()) return;
+    // The compiler's order (weight descending, then id rank) is the posterior order but
+    // for weights that the division makes equal: re-sort each run of equal posteriors.
+    auto& folded = s_.folded_ranked;
+    folded.clear();
+    size_t run = 0;
+    double run_posterior = 0;
+    auto close_run = [&] {
+      auto by_id = [&](int32_t a, int32_t b) {
+        return rs_.hypotheses[a].id_rank < rs_.hypotheses[b].id_rank;
+      };
+      if (!std::is_sorted(folded.begin() + run, folded.end(), by_id)) {
+        std::sort(folded.begin() + run, folded.end(), by_id);
+      }
+    };
+    for (int32_t position : context->order) {
+      const int32_t h = context->hypotheses[position].hypothesis;
+      if (s_.range_source[h] != ItemSource::kContext) continue;  // ranked with `touched`
+      const double posterior = Posterior(h);
+      if (folded.empty() || posterior != run_posterior) {
+        if (folded.size() - run > 1) close_run();
+        run = folded.size();
+        run_posterior = posterior;
+      }
+      folded.push_back(h);
+    }
+    if (folded.size() - run > 1) close_run();
+    auto& out = s_.merge_buffer;
+    out.resize(s_.touched.size() + folded.size());
+    std::merge(s_.touched.begin(), s_.touched.end(), folded.begin(), folded.end(), out.begin(),
+               [&](int32_t a, int32_t b) { return Before(a, b); });
+    s_.touched.swap(out);
   }
 
   // Uncapped probability of `h` (the belief the value of tests is computed over).
@@ -914,8 +957,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   };
   for (int32_t concept_index : scratch.concepts_present) add(rs.rules_by_concept[concept_index]);
   for (int32_t lab : scratch.labs_present) add(rs.rules_by_lab[lab]);
-  if (facts.sex != cds::v1::UNKNOWN_SEX) add(rs.rules_on_sex);
-  if (!std::isnan(facts.age_days)) add(rs.rules_on_age);
+  // Evidence on sex and age alone is folded into the patient's demographic context.
+  if (facts.sex != cds::v1::UNKNOWN_SEX) add(rs.candidates_on_sex);
+  if (!std::isnan(facts.age_days)) add(rs.candidates_on_age);
+  const compiler::DemographicContext* context = rs.DemographicContextFor(facts.sex, facts.age_days);
   if (facts.family != nullptr) {
     add(rs.rules_on_family);
     if (facts.family->consanguinity() != cds::v1::FamilyHistory::CONSANGUINITY_UNSPECIFIED) {
@@ -935,7 +980,11 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     if (t == Tri::kUnknown) continue;
     const double lr = t == Tri::kTrue ? ev.lr_positive : ev.lr_negative;
     if (lr == 1.0) continue;
-    applied.push_back(Applied{e, t == Tri::kTrue, std::log(lr)});
+    Applied item;
+    item.evidence = e;
+    item.matched = t == Tri::kTrue;
+    item.log_lr = std::log(lr);
+    applied.push_back(item);
     if (ev.group >= 0) {
       // Candidates are in evidence order, so one hypothesis' items are contiguous.
       if (ev.hypothesis != group_hypothesis) {
@@ -958,28 +1007,84 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     }
   }
   // Applied items are already grouped by hypothesis: the compiler numbers evidence
-  // hypothesis by hypothesis, and the candidates were taken in evidence order.
+  // hypothesis by hypothesis, and the candidates were taken in evidence order. The folded
+  // items are too, so both walk in hypothesis order; a hypothesis with both gets them merged
+  // in evidence order, so that its weight and the total are summed in the same order as
+  // if every item had been evaluated here.
   double total = 1.0;  // none (1 - sum of pretests) + every hypothesis at its pretest
-  for (size_t i = 0; i < applied.size();) {
-    const int32_t h = rs.evidence[applied[i].evidence].hypothesis;
+  const compiler::DemographicHypothesis* folded =
+      context == nullptr ? nullptr : context->hypotheses.data();
+  const compiler::DemographicHypothesis* folded_end =
+      context == nullptr ? nullptr : folded + context->hypotheses.size();
+  std::vector<Applied>& merged = scratch.merged;
+  auto sum_of = [](const Applied* begin, const Applied* end) {
     double sum = 0;
+    for (const Applied* a = begin; a != end; ++a) {
+      if (!a->superseded) sum += a->log_lr;
+    }
+    return sum;
+  };
+  constexpr int32_t kNone = std::numeric_limits<int32_t>::max();
+  for (size_t i = 0; i < applied.size() || folded != folded_end;) {
+    const int32_t from_applied =
+        i < applied.size() ? rs.evidence[applied[i].evidence].hypothesis : kNone;
+    const int32_t from_folded = folded != folded_end ? folded->hypothesis : kNone;
+    const int32_t h = std::min(from_applied, from_folded);
     size_t j = i;
-    for (; j < applied.size() && rs.evidence[applied[j].evidence].hypothesis == h; ++j) {
-      if (!applied[j].superseded) sum += applied[j].log_lr;
+    if (from_applied == h) {
+      while (j < applied.size() && rs.evidence[applied[j].evidence].hypothesis == h) ++j;
     }
     const double prior = rs.hypotheses[h].pretest_probability;
-    const double w = prior * std::exp(sum);
+    double w;
+    bool rank_here = true;
+    if (from_folded != h) {
+      w = prior * std::exp(sum_of(applied.data() + i, applied.data() + j));
+      scratch.range_source[h] = ItemSource::kApplied;
+      scratch.range_begin[h] = static_cast<uint32_t>(i);
+      scratch.range_end[h] = static_cast<uint32_t>(j);
+    } else if (from_applied != h) {
+      w = folded->weight;
+      scratch.range_source[h] = ItemSource::kContext;
+      scratch.range_begin[h] = folded->begin;
+      scratch.range_end[h] = folded->end;
+      rank_here = rs.hypotheses[h].max_probability.has_value();  // else in context->order
+      ++folded;
+    } else {
+      const size_t begin = merged.size();
+      const Applied* a = applied.data() + i;
+      const Applied* a_end = applied.data() + j;
+      const Applied* f = context->items.data() + folded->begin;
+      const Applied* f_end = context->items.data() + folded->end;
+      while (a != a_end || f != f_end) {
+        if (f == f_end || (a != a_end && a->evidence < f->evidence)) {
+          merged.push_back(*a++);
+        } else {
+          merged.push_back(*f++);
+        }
+      }
+      w = prior * std::exp(sum_of(merged.data() + begin, merged.data() + merged.size()));
+      scratch.range_source[h] = ItemSource::kMerged;
+      scratch.range_begin[h] = static_cast<uint32_t>(begin);
+      scratch.range_end[h] = static_cast<uint32_t>(merged.size());
+      ++folded;
+    }
     scratch.hypothesis_stamp[h] = scratch.epoch;
     scratch.weight[h] = w;
-    scratch.range_begin[h] = static_cast<uint32_t>(i);
-    scratch.range_end[h] = static_cast<uint32_t>(j);
-    scratch.touched.push_back(h);
+    if (rank_here) scratch.touched.push_back(h);
     total += w - prior;
     i = j;
   }
+  auto items_of = [&](int32_t h) -> const Applied* {
+    switch (scratch.range_source[h]) {
+      case ItemSource::kApplied: return applied.data();
+      case ItemSource::kMerged: return merged.data();
+      case ItemSource::kContext: break;
+    }
+    return context->items.data();
+  };
 
   // 3. Posterior over the differential plus "none of these".
-  const Scores scores(rs, scratch, total);
+  const Scores scores(rs, scratch, total, context);
   facts.scores = &scores;
   scratch.NewMemo();  // probability leaves can now be decided
   // The leading hypotheses: whose tests are worth valuing.
@@ -1133,7 +1238,8 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     auto& items = scratch.items;
     items.clear();
     if (scores.Touched(h)) {
-      items.assign(applied.begin() + scratch.range_begin[h], applied.begin() + scratch.range_end[h]);
+      const Applied* base = items_of(h);
+      items.assign(base + scratch.range_begin[h], base + scratch.range_end[h]);
     }
     std::sort(items.begin(), items.end(), [&](const Applied& x, const Applied& y) {
       if (x.superseded != y.superseded) return !x.superseded;

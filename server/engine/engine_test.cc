@@ -1,8 +1,10 @@
 #include "server/engine/engine.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
@@ -666,6 +668,139 @@ TEST(DerivedLabTest, AbsoluteCountFromPercentageAndTotal) {
   bool warned = false;
   for (const auto& w : alone.warnings()) warned |= w.message().find("cannot give Eosinophils") != std::string::npos;
   EXPECT_TRUE(warned);
+}
+
+
+// Demographic folding: the compiler decides evidence on sex and age alone per (sex, age
+// band) ahead of time. A rule set evaluated with its folded contexts must answer exactly as
+// when every item is evaluated per call (the same rule set with folding undone).
+std::shared_ptr<const compiler::CompiledRuleSet> Unfolded(const compiler::CompiledRuleSet& rs) {
+  auto copy = std::make_shared<compiler::CompiledRuleSet>(rs);
+  copy->candidates_on_sex = copy->rules_on_sex;
+  copy->candidates_on_age = copy->rules_on_age;
+  copy->demographic_sexes.clear();
+  copy->demographic_age_bounds.clear();
+  copy->demographic_context_of.clear();
+  copy->demographic_contexts.clear();
+  return copy;
+}
+
+constexpr char kDemographicRules[] = R"pb(
+  hypotheses {
+    id: "male_group" title: "M" pretest_probability: 0.05 pretest_provenance { assumption: true note: "t" }
+    evidence { id: "male" when { sex: MALE } likelihood_ratios { positive: 4 negative: 0.2 } provenance { reference_ids: "SRC" } }
+    evidence { id: "infant" group: "age" when { age { to { days: 365.25 } } } likelihood_ratios { positive: 3 negative: 0.5 } provenance { reference_ids: "SRC" } }
+    evidence { id: "toddler" group: "age" when { age { from { days: 365.25 } to { days: 1095.75 } } } likelihood_ratios { positive: 2 negative: 0.25 } provenance { reference_ids: "SRC" } }
+    evidence { id: "d" when { finding { concept: "diarrhoea" } } likelihood_ratios { positive: 5 negative: 0.5 } provenance { reference_ids: "SRC" } }
+  }
+  hypotheses {
+    id: "mixed_group" title: "X" pretest_probability: 0.05 pretest_provenance { assumption: true note: "t" }
+    evidence { id: "old" group: "g" when { age { from { days: 365.25 } } } likelihood_ratios { positive: 6 negative: 0.5 } provenance { reference_ids: "SRC" } }
+    evidence { id: "e" group: "g" when { finding { concept: "eczema" } } likelihood_ratios { positive: 3 negative: 0.2 } provenance { reference_ids: "SRC" } }
+    evidence { id: "female_or_young" when { any { conditions { sex: FEMALE } conditions { age { to { days: 365.25 } } } } } likelihood_ratios { positive: 2 negative: 0.5 } provenance { reference_ids: "SRC" } }
+    evidence { id: "not_male" when { not { sex: MALE } } likelihood_ratios { positive: 1.5 negative: 0.8 } provenance { reference_ids: "SRC" } }
+  }
+  hypotheses {
+    id: "capped" title: "C" pretest_probability: 0.05 pretest_provenance { assumption: true note: "t" }
+    max_probability: 0.06 max_probability_provenance { assumption: true note: "t" }
+    evidence { id: "male" when { sex: MALE } likelihood_ratios { positive: 8 negative: 0.5 } provenance { reference_ids: "SRC" } }
+    evidence { id: "both" when { all { conditions { sex: FEMALE } conditions { age { from { days: 365.25 } } } } } likelihood_ratios { positive: 3 negative: 0.9 } provenance { reference_ids: "SRC" } }
+  }
+  hypotheses {
+    id: "tie_b" title: "B" pretest_probability: 0.03 pretest_provenance { assumption: true note: "t" }
+    evidence { id: "male" when { sex: MALE } likelihood_ratios { positive: 2 negative: 0.5 } provenance { reference_ids: "SRC" } }
+  }
+  hypotheses {
+    id: "tie_a" title: "A" pretest_probability: 0.03 pretest_provenance { assumption: true note: "t" }
+    evidence { id: "male" when { sex: MALE } likelihood_ratios { positive: 2 negative: 0.5 } provenance { reference_ids: "SRC" } }
+  }
+  hypotheses {
+    id: "at_least" title: "N" pretest_probability: 0.02 pretest_provenance { assumption: true note: "t" }
+    evidence { id: "both_of" when { at_least { count: 2 conditions { sex: MALE } conditions { age { to { days: 30 } } } } } likelihood_ratios { positive: 3 negative: 0.5 } provenance { reference_ids: "SRC" } }
+  }
+  hypotheses { id: "other" title: "O" pretest_probability: 0.04 pretest_provenance { assumption: true note: "t" } }
+)pb";
+
+TEST(DemographicFoldingTest, FoldedAnswersAsUnfoldedInEdgeCases) {
+  auto folded = Build(kDemographicRules);
+  ASSERT_NE(folded, nullptr);
+  ASSERT_FALSE(folded->demographic_contexts.empty());
+  auto unfolded = Unfolded(*folded);
+  const std::vector<std::string> sexes = {"UNKNOWN_SEX", "MALE", "FEMALE", "OTHER_SEX"};
+  // Unknown age; exactly at each band boundary and just below it; inside bands.
+  const std::vector<std::string> ages = {"",
+                                         "age { days: 0 }",
+                                         "age { days: 29.999 }",
+                                         "age { days: 30 }",
+                                         "age { days: 365.24 }",
+                                         "age { days: 365.25 }",
+                                         "age { days: 1095.75 }",
+                                         "age { days: 4000 }"};
+  const std::vector<std::string> findings = {
+      "",
+      R"pb(findings { term { system: "HPO" code: "HP:0002041" } status: PRESENT })pb",
+      R"pb(findings { term { system: "HPO" code: "HP:0000964" } status: PRESENT }
+           findings { term { system: "HPO" code: "HP:0002041" } status: EXCLUDED })pb",
+      R"pb(findings { term { system: "HPO" code: "HP:0000964" } status: EXCLUDED })pb"};
+  int compared = 0;
+  for (const auto& sex : sexes) {
+    for (const auto& age : ages) {
+      for (const auto& finding : findings) {
+        const std::string patient = absl::StrCat("sex: ", sex, " ", age, " ", finding);
+        for (int level = 0; level < 3; ++level) {
+          EvaluateOptions options;
+          options.explain = level > 0;
+          options.full_trace = level == 2;
+          const auto want = EvaluateText(*unfolded, patient, options);
+          const auto got = EvaluateText(*folded, patient, options);
+          EXPECT_EQ(got.SerializeAsString(), want.SerializeAsString())
+              << patient << " level " << level << "\nfolded:\n"
+              << got.DebugString() << "\nunfolded:\n"
+              << want.DebugString();
+          ++compared;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(compared, 4 * 8 * 4 * 3);
+}
+
+TEST(DemographicFoldingTest, FoldsOnlyItemsWhoseGroupIsDemographic) {
+  auto rs = Build(kDemographicRules);
+  ASSERT_NE(rs, nullptr);
+  auto on_age = [&](const std::vector<compiler::RuleRef>& refs, const std::string& id) {
+    return std::any_of(refs.begin(), refs.end(), [&](const compiler::RuleRef& r) {
+      return r.kind == compiler::RuleRef::Kind::kEvidence && rs->evidence[r.index].id == id;
+    });
+  };
+  // Still indexed (warnings about missing sex/age read these lists)...
+  EXPECT_TRUE(on_age(rs->rules_on_age, "male_group/infant"));
+  EXPECT_TRUE(on_age(rs->rules_on_age, "mixed_group/old"));
+  // ... but evaluated per call only when a non-demographic item shares its group.
+  EXPECT_FALSE(on_age(rs->candidates_on_age, "male_group/infant"));
+  EXPECT_FALSE(on_age(rs->candidates_on_age, "mixed_group/female_or_young"));
+  EXPECT_TRUE(on_age(rs->candidates_on_age, "mixed_group/old"));
+  EXPECT_FALSE(on_age(rs->candidates_on_sex, "capped/male"));
+  // A male infant's context: within the "age" group the toddler item's LR- (0.25) outweighs
+  // the infant item's LR+ (3); weights summed as the engine sums them.
+  const compiler::DemographicContext* context = rs->DemographicContextFor(cds::v1::MALE, 100);
+  ASSERT_NE(context, nullptr);
+  ASSERT_FALSE(context->hypotheses.empty());
+  const compiler::DemographicHypothesis& male_group = context->hypotheses[0];
+  EXPECT_EQ(rs->hypotheses[male_group.hypothesis].id, "male_group");
+  double sum = 0;
+  for (uint32_t i = male_group.begin; i < male_group.end; ++i) {
+    const auto& item = context->items[i];
+    if (rs->evidence[item.evidence].id == "male_group/infant") EXPECT_TRUE(item.superseded);
+    if (rs->evidence[item.evidence].id == "male_group/toddler") EXPECT_FALSE(item.matched);
+    if (!item.superseded) sum += item.log_lr;
+  }
+  EXPECT_EQ(male_group.end - male_group.begin, 3u);
+  EXPECT_EQ(sum, std::log(4.0) + std::log(0.25));
+  EXPECT_EQ(male_group.weight, 0.05 * std::exp(sum));
+  // The same context for every age inside a band; another one across a boundary.
+  EXPECT_EQ(context, rs->DemographicContextFor(cds::v1::MALE, 364));
+  EXPECT_NE(context, rs->DemographicContextFor(cds::v1::MALE, 365.25));
 }
 
 }  // namespace
