@@ -184,7 +184,7 @@ DemographicContext BuildContext(const CompiledRuleSet& rs, const std::vector<int
     AppliedEvidence item;
     item.evidence = e;
     item.matched = t == Truth::kTrue;
-    item.log_lr = std::log(lr);
+    item.log_lr = item.matched ? ev.log_lr_positive : ev.log_lr_negative;
     context.items.push_back(item);
     if (ev.group < 0) continue;
     if (ev.hypothesis != group_hypothesis) {

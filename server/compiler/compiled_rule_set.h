@@ -128,6 +128,8 @@ struct CompiledEvidence {
   ConditionId condition = -1;
   double lr_positive = 1;  // applied when the condition is TRUE
   double lr_negative = 1;  // applied when the condition is FALSE
+  double log_lr_positive = 0;  // std::log of each, computed once
+  double log_lr_negative = 0;
   int32_t hypothesis = -1;
   // Correlated-evidence group within the hypothesis, or -1.
   int32_t group = -1;

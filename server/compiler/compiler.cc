@@ -1371,7 +1371,9 @@ class Compilation {
                 return x.id < y.id;
               });
     for (CompiledEvidence& ev : out_->evidence) {
-      ev.strength = std::fabs(std::log(ev.lr_positive)) + std::fabs(std::log(ev.lr_negative));
+      ev.log_lr_positive = std::log(ev.lr_positive);
+      ev.log_lr_negative = std::log(ev.lr_negative);
+      ev.strength = std::fabs(ev.log_lr_positive) + std::fabs(ev.log_lr_negative);
     }
     out_->leaf_evidence_by_concept.assign(out_->concepts.size(), {});
     out_->leaf_evidence_by_lab.assign(out_->labs.size(), {});

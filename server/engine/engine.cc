@@ -83,11 +83,12 @@ struct Scratch {
     Grow(&concept_stamp, rs.concepts.size());
     Grow(&concept_head, rs.concepts.size());
     Grow(&concept_tail, rs.concepts.size());
+    Grow(&family_concept_stamp, rs.concepts.size());
     Grow(&lab_stamp, rs.labs.size());
     Grow(&lab_head, rs.labs.size());
     Grow(&lab_tail, rs.labs.size());
-    Grow(&evidence_stamp, rs.evidence.size());
-    Grow(&action_stamp, rs.actions.size());
+    Grow(&evidence_bits, (rs.evidence.size() + 63) / 64);
+    Grow(&action_bits, (rs.actions.size() + 63) / 64);
     Grow(&value_stamp, rs.actions.size());
     Grow(&values, rs.actions.size());
     Grow(&hypothesis_stamp, rs.hypotheses.size());
@@ -100,11 +101,13 @@ struct Scratch {
     Grow(&detail_stamp, rs.conditions.size());
     Grow(&detail, rs.conditions.size());
     Grow(&detail_truth, rs.conditions.size());
-    NextEpoch(&epoch, {&concept_stamp, &lab_stamp, &evidence_stamp, &action_stamp, &value_stamp,
+    NextEpoch(&epoch, {&concept_stamp, &family_concept_stamp, &lab_stamp, &value_stamp,
                        &hypothesis_stamp, &detail_stamp});
     NewMemo();
     finding_facts.clear();
     lab_facts.clear();
+    relative_hits.clear();
+    relative_hit_end.clear();
     concepts_present.clear();
     labs_present.clear();
     evidence_candidates.clear();
@@ -149,6 +152,22 @@ struct Scratch {
     lab_tail[l] = i;
   }
 
+  static void SetBit(std::vector<uint64_t>& bits, int32_t i) {
+    bits[static_cast<size_t>(i) >> 6] |= uint64_t{1} << (i & 63);
+  }
+  // Appends the set bits' indices in ascending order to `out` and clears them.
+  static void TakeBits(std::vector<uint64_t>& bits, size_t count, std::vector<int32_t>* out) {
+    for (size_t w = 0; w < (count + 63) / 64; ++w) {
+      uint64_t word = bits[w];
+      if (word == 0) continue;
+      bits[w] = 0;
+      while (word != 0) {
+        out->push_back(static_cast<int32_t>(w * 64 + static_cast<size_t>(__builtin_ctzll(word))));
+        word &= word - 1;
+      }
+    }
+  }
+
   template <typename T>
   static void Grow(std::vector<T>* v, size_t n) {
     if (v->size() < n) v->resize(n, T{});
@@ -168,7 +187,15 @@ struct Scratch {
   std::vector<FindingFact> finding_facts;
   std::vector<LabFact> lab_facts;
   std::vector<int32_t> concepts_present, labs_present;  // in order of first fact
-  std::vector<uint32_t> evidence_stamp, action_stamp;
+  // Family history: per relative (in order), the concept lists its condition codes match,
+  // relative_hits[relative_hit_end[r - 1], relative_hit_end[r]); and which concepts any
+  // relative has. Looked up once per call rather than once per family condition.
+  std::vector<const std::vector<int32_t>*> relative_hits;
+  std::vector<uint32_t> relative_hit_end;
+  std::vector<uint32_t> family_concept_stamp;
+  // Candidate evidence and actions as bit sets: adding is idempotent, and reading them out
+  // (TakeBits) lists them in ascending order without sorting, and clears them.
+  std::vector<uint64_t> evidence_bits, action_bits;
   std::vector<int32_t> evidence_candidates, action_candidates;
   // Per hypothesis touched by evidence: its weight and its applied items [begin, end).
   std::vector<uint32_t> hypothesis_stamp;
@@ -629,7 +656,12 @@ class Evaluator {
   Tri EvalFamily(const CompiledCondition& c) const {
     if (facts_.family == nullptr) return Tri::kUnknown;
     int count = 0;
-    for (const Relative& relative : facts_.family->relatives()) {
+    if (!c.family_or_died_in_infancy &&
+        (c.ref < 0 || s_.family_concept_stamp[c.ref] != s_.epoch)) {
+      return count >= c.count ? Tri::kTrue : Tri::kFalse;  // no relative can count
+    }
+    for (int r = 0; r < facts_.family->relatives_size(); ++r) {
+      const Relative& relative = facts_.family->relatives(r);
       if (c.family_line == cds::v1::FamilyHistoryCondition::MATERNAL_X_LINE &&
           !OnMaternalXLine(relative.relationship())) {
         continue;
@@ -639,11 +671,10 @@ class Evaluator {
       }
       bool affected = c.family_or_died_in_infancy && relative.died_in_infancy();
       if (!affected && c.ref >= 0) {
-        for (const cds::v1::Code& code : relative.conditions()) {
-          auto hit = rs_.concepts_by_code.find(
-              compiler::CodeKey(compiler::NormalizeSystem(code.system(), code.code()), code.code()));
-          if (hit != rs_.concepts_by_code.end() &&
-              std::find(hit->second.begin(), hit->second.end(), c.ref) != hit->second.end()) {
+        const uint32_t begin = r == 0 ? 0 : s_.relative_hit_end[r - 1];
+        for (uint32_t i = begin; i < s_.relative_hit_end[r]; ++i) {
+          const std::vector<int32_t>& hit = *s_.relative_hits[i];
+          if (std::find(hit.begin(), hit.end(), c.ref) != hit.end()) {
             affected = true;
             break;
           }
@@ -676,7 +707,19 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
   facts.sex = patient.sex() == cds::v1::OTHER_SEX ? cds::v1::OTHER_SEX : patient.sex();
   const compiler::AgeDays age = compiler::ToDays(patient.age());
   if (age.set) facts.age_days = age.days;
-  if (patient.has_family_history()) facts.family = &patient.family_history();
+  if (patient.has_family_history()) {
+    facts.family = &patient.family_history();
+    for (const Relative& relative : facts.family->relatives()) {
+      for (const cds::v1::Code& code : relative.conditions()) {
+        auto hit = rs.concepts_by_code.find(
+            compiler::CodeKey(compiler::NormalizeSystem(code.system(), code.code()), code.code()));
+        if (hit == rs.concepts_by_code.end()) continue;
+        scratch.relative_hits.push_back(&hit->second);
+        for (int32_t c : hit->second) scratch.family_concept_stamp[c] = scratch.epoch;
+      }
+      scratch.relative_hit_end.push_back(static_cast<uint32_t>(scratch.relative_hits.size()));
+    }
+  }
 
   for (int i = 0; i < patient.findings_size(); ++i) {
     const Finding& f = patient.findings(i);
@@ -940,18 +983,13 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   // (stamped), then in ascending order.
   std::vector<int32_t>& evidence_candidates = scratch.evidence_candidates;
   std::vector<int32_t>& action_candidates = scratch.action_candidates;
-  auto add_action = [&](int32_t a) {
-    if (scratch.action_stamp[a] == scratch.epoch) return;
-    scratch.action_stamp[a] = scratch.epoch;
-    action_candidates.push_back(a);
-  };
+  auto add_action = [&](int32_t a) { Scratch::SetBit(scratch.action_bits, a); };
   auto add = [&](const std::vector<RuleRef>& refs) {
     for (const RuleRef& r : refs) {
       if (r.kind == RuleRef::Kind::kAction) {
         add_action(r.index);
-      } else if (scratch.evidence_stamp[r.index] != scratch.epoch) {
-        scratch.evidence_stamp[r.index] = scratch.epoch;
-        evidence_candidates.push_back(r.index);
+      } else {
+        Scratch::SetBit(scratch.evidence_bits, r.index);
       }
     }
   };
@@ -970,7 +1008,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
 
   // 2. Score: sum of log likelihood ratios per hypothesis; within a correlated group only
   // the strongest item counts.
-  std::sort(evidence_candidates.begin(), evidence_candidates.end());  // deterministic
+  Scratch::TakeBits(scratch.evidence_bits, rs.evidence.size(), &evidence_candidates);
   std::vector<Applied>& applied = scratch.applied;
   auto& group_best = scratch.group_best;  // of the current hypothesis
   int32_t group_hypothesis = -1;
@@ -983,7 +1021,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     Applied item;
     item.evidence = e;
     item.matched = t == Tri::kTrue;
-    item.log_lr = std::log(lr);
+    item.log_lr = t == Tri::kTrue ? ev.log_lr_positive : ev.log_lr_negative;
     applied.push_back(item);
     if (ev.group >= 0) {
       // Candidates are in evidence order, so one hypothesis' items are contiguous.
@@ -1119,7 +1157,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       add_action(a);
     }
   }
-  std::sort(action_candidates.begin(), action_candidates.end());
+  Scratch::TakeBits(scratch.action_bits, rs.actions.size(), &action_candidates);
   std::vector<int32_t>& fired = scratch.fired;
   for (int32_t a : action_candidates) {
     const compiler::CompiledAction& action = rs.actions[a];

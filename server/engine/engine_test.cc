@@ -791,8 +791,13 @@ TEST(DemographicFoldingTest, FoldsOnlyItemsWhoseGroupIsDemographic) {
   double sum = 0;
   for (uint32_t i = male_group.begin; i < male_group.end; ++i) {
     const auto& item = context->items[i];
-    if (rs->evidence[item.evidence].id == "male_group/infant") EXPECT_TRUE(item.superseded);
-    if (rs->evidence[item.evidence].id == "male_group/toddler") EXPECT_FALSE(item.matched);
+    const std::string& id = rs->evidence[item.evidence].id;
+    if (id == "male_group/infant") {
+      EXPECT_TRUE(item.superseded);
+    }
+    if (id == "male_group/toddler") {
+      EXPECT_FALSE(item.matched);
+    }
     if (!item.superseded) sum += item.log_lr;
   }
   EXPECT_EQ(male_group.end - male_group.begin, 3u);
