@@ -348,8 +348,8 @@ void FoldDemographicEvidence(CompiledRuleSet* rs) {
     }
     return kept;
   };
-  rs->candidates_on_sex = unfolded(rs->rules_on_sex);
-  rs->candidates_on_age = unfolded(rs->rules_on_age);
+  rs->candidates_on_sex = unfolded(rs->candidates_on_sex);
+  rs->candidates_on_age = unfolded(rs->candidates_on_age);
   if (folded.empty()) return;
 
   for (int32_t e : folded) {

@@ -260,10 +260,14 @@ struct CompiledRuleSet {
   std::vector<std::vector<RuleRef>> actions_by_hypothesis;  // per hypothesis (probability leaves)
   std::vector<RuleRef> rules_on_sex;
   std::vector<RuleRef> rules_on_age;
-  // What the engine evaluates when sex / age is known: rules_on_sex / rules_on_age without
-  // the folded demographic evidence (see `demographics`).
+  // What the engine evaluates when sex / age / family history / consanguinity is known:
+  // the lists above (which say what the rule set weighs) without the folded demographic
+  // evidence (see demographic_contexts) and without the actions that cannot be TRUE
+  // unless some other fact is known (those are listed under that fact only).
   std::vector<RuleRef> candidates_on_sex;
   std::vector<RuleRef> candidates_on_age;
+  std::vector<RuleRef> candidates_on_family;
+  std::vector<RuleRef> candidates_on_consanguinity;
   std::vector<RuleRef> rules_on_family;         // family history taken
   std::vector<RuleRef> rules_on_consanguinity;  // consanguinity recorded
   // Labs some evidence item weighs, ascending (warned about when the patient has none).
@@ -313,8 +317,8 @@ struct CompiledRuleSet {
 };
 
 // Folds the demographic evidence of a compiled rule set (see
-// CompiledRuleSet::demographic_contexts)
-// and fills candidates_on_sex / candidates_on_age. Run by the compiler's index pass.
+// CompiledRuleSet::demographic_contexts) and takes it out of candidates_on_sex and
+// candidates_on_age. Run by the compiler once the rule set has no errors.
 // REQUIRES: the trigger index is built.
 void FoldDemographicEvidence(CompiledRuleSet* rs);
 

@@ -1335,10 +1335,47 @@ class Compilation {
     for (size_t i = 0; i < out_->evidence.size(); ++i) {
       IndexRule(out_->evidence[i].condition, RuleRef{RuleRef::Kind::kEvidence, static_cast<int32_t>(i)});
     }
+    // Per action with a support set, which of sex, age, family and consanguinity is in it
+    // (bits 3-6, as TriggerKey kinds); -1 for an action listed under all its leaves.
+    std::vector<int> support_kinds(out_->actions.size(), -1);
     for (size_t i = 0; i < out_->actions.size(); ++i) {
       if (out_->actions[i].condition < 0) continue;
-      IndexRule(out_->actions[i].condition, RuleRef{RuleRef::Kind::kAction, static_cast<int32_t>(i)});
+      const RuleRef ref{RuleRef::Kind::kAction, static_cast<int32_t>(i)};
+      // An action fires only when its condition is TRUE: it needs evaluating only when one
+      // of the facts without which it cannot be is known (e.g. the findings of "infant and
+      // any of these findings", not the age every patient has). rules_on_sex and the like
+      // still list it, since they also say what the rule set weighs.
+      std::vector<TriggerKey> support;
+      if (!Support(out_->actions[i].condition, /*want_true=*/true, &support)) {
+        IndexRule(out_->actions[i].condition, ref);
+        continue;
+      }
+      IndexRule(out_->actions[i].condition, ref, /*patient_level_only=*/true);
+      support_kinds[i] = 0;
+      for (const TriggerKey& key : support) {
+        if (key.first >= 3) {
+          support_kinds[i] |= 1 << key.first;
+        } else if (std::vector<RuleRef>* list = TriggerList(key); list != nullptr) {
+          list->push_back(ref);
+        }
+      }
     }
+    // What the engine evaluates when the patient-level fact is known.
+    auto candidates = [&](const std::vector<RuleRef>& refs, int kind) {
+      std::vector<RuleRef> kept;
+      for (const RuleRef& r : refs) {
+        if (r.kind == RuleRef::Kind::kAction && support_kinds[r.index] >= 0 &&
+            (support_kinds[r.index] & (1 << kind)) == 0) {
+          continue;
+        }
+        kept.push_back(r);
+      }
+      return kept;
+    };
+    out_->candidates_on_sex = candidates(out_->rules_on_sex, 3);
+    out_->candidates_on_age = candidates(out_->rules_on_age, 4);
+    out_->candidates_on_family = candidates(out_->rules_on_family, 5);
+    out_->candidates_on_consanguinity = candidates(out_->rules_on_consanguinity, 6);
     out_->labs_weighed_by_evidence.clear();
     for (size_t lab = 0; lab < out_->labs.size(); ++lab) {
       const auto& refs = out_->rules_by_lab[lab];
@@ -1407,7 +1444,76 @@ class Compilation {
     for (auto& list : out_->information_actions_by_hypothesis) std::sort(list.begin(), list.end());
   }
 
-  void IndexRule(ConditionId root, RuleRef ref) {
+  // A fact the trigger index lists rules under: (kind, index) as in IndexRule.
+  using TriggerKey = std::pair<int, int32_t>;
+
+  std::vector<RuleRef>* TriggerList(const TriggerKey& key) {
+    switch (key.first) {
+      case 0: return &out_->rules_by_concept[key.second];
+      case 1: return &out_->rules_by_lab[key.second];
+      case 3: return &out_->rules_on_sex;
+      case 4: return &out_->rules_on_age;
+      case 5: return &out_->rules_on_family;
+      case 6: return &out_->rules_on_consanguinity;
+    }
+    return nullptr;
+  }
+
+  // The facts at least one of which must be known for condition `id` to be TRUE (or, with
+  // !want_true, FALSE), as a sorted set in `out`; false when there is no such set (a
+  // probability leaf needs no fact). Sound, not minimal: `all` takes one child's set.
+  bool Support(ConditionId id, bool want_true, std::vector<TriggerKey>* out) {
+    const CompiledCondition& c = out_->conditions[id];
+    using K = CompiledCondition::Kind;
+    out->clear();
+    switch (c.kind) {
+      case K::kFinding: out->push_back({0, c.ref}); return true;
+      case K::kLab: out->push_back({1, c.ref}); return true;
+      case K::kSex: out->push_back({3, 0}); return true;
+      case K::kAge: out->push_back({4, 0}); return true;
+      case K::kFamily: out->push_back({5, 0}); return true;
+      case K::kConsanguinity: out->push_back({6, 0}); return true;
+      case K::kProbability: return false;
+      case K::kNot: return Support(c.children[0], !want_true, out);
+      case K::kAll:
+      case K::kAny:
+      case K::kAtLeast:
+        break;
+    }
+    // Every child must have the value (all TRUE, any FALSE): one child's set will do,
+    // preferably one without sex, age or family, which most patients have.
+    const bool every_child = (c.kind == K::kAll) == want_true && c.kind != K::kAtLeast;
+    std::vector<TriggerKey> child;
+    if (every_child) {
+      bool found = false;
+      int best_cost = 0;
+      for (ConditionId id_child : c.children) {
+        if (!Support(id_child, want_true, &child)) continue;
+        int cost = static_cast<int>(child.size());
+        for (const TriggerKey& key : child) {
+          if (key.first >= 3) cost += 1000;
+        }
+        if (!found || cost < best_cost) {
+          found = true;
+          best_cost = cost;
+          *out = child;
+        }
+      }
+      return found;
+    }
+    // Some child must have the value (at_least: a TRUE child, or for FALSE a FALSE one).
+    for (ConditionId id_child : c.children) {
+      if (!Support(id_child, want_true, &child)) return false;
+      out->insert(out->end(), child.begin(), child.end());
+    }
+    std::sort(out->begin(), out->end());
+    out->erase(std::unique(out->begin(), out->end()), out->end());
+    return true;
+  }
+
+  // With `patient_level_only`, lists the rule only under sex, age, family history and
+  // consanguinity.
+  void IndexRule(ConditionId root, RuleRef ref, bool patient_level_only = false) {
     // Each list gets the rule at most once.
     absl::flat_hash_set<std::pair<int, int32_t>> seen;
     std::vector<ConditionId> stack = {root};
@@ -1432,6 +1538,7 @@ class Compilation {
           stack.insert(stack.end(), c.children.begin(), c.children.end());
           break;
       }
+      if (patient_level_only && key.first < 3) continue;
       if (list != nullptr && seen.insert(key).second) list->push_back(ref);
     }
   }

@@ -1000,9 +1000,9 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   if (!std::isnan(facts.age_days)) add(rs.candidates_on_age);
   const compiler::DemographicContext* context = rs.DemographicContextFor(facts.sex, facts.age_days);
   if (facts.family != nullptr) {
-    add(rs.rules_on_family);
+    add(rs.candidates_on_family);
     if (facts.family->consanguinity() != cds::v1::FamilyHistory::CONSANGUINITY_UNSPECIFIED) {
-      add(rs.rules_on_consanguinity);
+      add(rs.candidates_on_consanguinity);
     }
   }
 

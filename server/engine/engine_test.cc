@@ -672,12 +672,15 @@ TEST(DerivedLabTest, AbsoluteCountFromPercentageAndTotal) {
 
 
 // Demographic folding: the compiler decides evidence on sex and age alone per (sex, age
-// band) ahead of time. A rule set evaluated with its folded contexts must answer exactly as
-// when every item is evaluated per call (the same rule set with folding undone).
+// band) ahead of time, and evaluates an action on sex, age or family only when its
+// condition can be TRUE. A rule set evaluated so must answer exactly as when every rule on
+// those facts is evaluated per call (the same rule set with both undone).
 std::shared_ptr<const compiler::CompiledRuleSet> Unfolded(const compiler::CompiledRuleSet& rs) {
   auto copy = std::make_shared<compiler::CompiledRuleSet>(rs);
   copy->candidates_on_sex = copy->rules_on_sex;
   copy->candidates_on_age = copy->rules_on_age;
+  copy->candidates_on_family = copy->rules_on_family;
+  copy->candidates_on_consanguinity = copy->rules_on_consanguinity;
   copy->demographic_sexes.clear();
   copy->demographic_age_bounds.clear();
   copy->demographic_context_of.clear();
@@ -719,6 +722,16 @@ constexpr char kDemographicRules[] = R"pb(
     evidence { id: "both_of" when { at_least { count: 2 conditions { sex: MALE } conditions { age { to { days: 30 } } } } } likelihood_ratios { positive: 3 negative: 0.5 } provenance { reference_ids: "SRC" } }
   }
   hypotheses { id: "other" title: "O" pretest_probability: 0.04 pretest_provenance { assumption: true note: "t" } }
+  actions { id: "infant_gut" kind: TREATMENT title: "T" urgency: WARNING priority: 1
+            when { all { conditions { age { to { days: 365.25 } } }
+                         conditions { any { conditions { finding { concept: "diarrhoea" } }
+                                            conditions { not { finding { concept: "eczema" } } } } } } } }
+  actions { id: "boy" kind: REFERRAL title: "R" urgency: INFO when { sex: MALE } }
+  actions { id: "not_boy_or_skin" kind: REFERRAL title: "R" urgency: INFO
+            when { not { all { conditions { sex: MALE } conditions { finding { concept: "eczema" } } } } } }
+  actions { id: "likely_toddler" kind: TEST title: "T" urgency: WARNING
+            when { all { conditions { probability { hypothesis: "male_group" at_least: 0.05 } }
+                         conditions { age { from { days: 30 } } } } } }
 )pb";
 
 TEST(DemographicFoldingTest, FoldedAnswersAsUnfoldedInEdgeCases) {
