@@ -142,6 +142,9 @@ struct CompiledEvidence {
   // |log LR+| + |log LR-|: how much the item's result moves the odds, either way (the
   // value of a test takes each hypothesis' strongest item on a fact).
   double strength = 0;
+  // Position of `id` among the evidence ids in ascending order (explanations break ties
+  // on it without comparing strings).
+  int32_t id_rank = 0;
 };
 
 // A fact a test's result makes known.

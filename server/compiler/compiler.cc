@@ -1407,6 +1407,14 @@ class Compilation {
                 }
                 return x.id < y.id;
               });
+    {
+      std::vector<int32_t> by_id(out_->evidence.size());
+      for (size_t e = 0; e < by_id.size(); ++e) by_id[e] = static_cast<int32_t>(e);
+      std::sort(by_id.begin(), by_id.end(), [&](int32_t a, int32_t b) {
+        return out_->evidence[a].id < out_->evidence[b].id;
+      });
+      for (size_t r = 0; r < by_id.size(); ++r) out_->evidence[by_id[r]].id_rank = static_cast<int32_t>(r);
+    }
     for (CompiledEvidence& ev : out_->evidence) {
       ev.log_lr_positive = std::log(ev.lr_positive);
       ev.log_lr_negative = std::log(ev.lr_negative);

@@ -218,6 +218,11 @@ struct Scratch {
   std::vector<int32_t> information_candidates, fired;
   std::vector<uint32_t> value_stamp;
   std::vector<InformationValue> values;
+  // ValueOfTest's working arrays.
+  std::vector<int32_t> value_classes;
+  std::vector<std::pair<int32_t, double>> value_pairs;
+  std::vector<size_t> value_fact_end;
+  std::vector<double> value_q, value_p_positive, value_belief, value_post;
   // Explanations.
   std::vector<const std::string*> reasons;
   std::vector<int> finding_indices;
@@ -865,15 +870,22 @@ bool FactKnown(const Facts& facts, const compiler::FactKey& key) {
 std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Facts& facts,
                                             const Scores& scores, int32_t lead,
                                             const compiler::CompiledAction& action) {
+  // Working arrays live in the scratch (no allocation per test once grown).
+  Scratch& s = *facts.scratch;
   // Classes: the hypotheses some fact moves, then the lumped rest. (Small: linear search.)
-  std::vector<int32_t> classes;
+  std::vector<int32_t>& classes = s.value_classes;
+  classes.clear();
   auto class_of = [&classes](int32_t h) -> size_t {
     return static_cast<size_t>(std::find(classes.begin(), classes.end(), h) - classes.begin());
   };
-  // Per informative unknown fact: P(positive | class), the rest's last.
-  std::vector<std::vector<double>> p_positive;
-  std::vector<std::vector<std::pair<int32_t, double>>> per_fact;  // (hypothesis, p)
-  std::vector<double> q_of_fact;
+  // Per informative unknown fact f: its (hypothesis, p) pairs are
+  // value_pairs[value_fact_end[f - 1], value_fact_end[f]), and q its comparison frequency.
+  auto& pairs = s.value_pairs;
+  auto& fact_end = s.value_fact_end;
+  auto& q_of_fact = s.value_q;
+  pairs.clear();
+  fact_end.clear();
+  q_of_fact.clear();
   for (const compiler::FactKey& key : action.reveals) {
     if (FactKnown(facts, key)) continue;
     const std::vector<int32_t>* items = &rs.LeafEvidenceOn(key);
@@ -882,7 +894,7 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
     // order, so each hypothesis' items are contiguous.
     auto strength = [&](int32_t e) { return rs.evidence[e].strength; };
     double q_sum = 0;
-    std::vector<std::pair<int32_t, double>> ps;
+    const size_t first = pairs.size();
     for (size_t i = 0; i < items->size();) {
       const int32_t h = rs.evidence[(*items)[i]].hypothesis;
       int32_t best = (*items)[i];
@@ -891,22 +903,28 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
         if (strength((*items)[j]) > strength(best)) best = (*items)[j];
       }
       q_sum += rs.evidence[best].p_comparison;
-      ps.emplace_back(h, rs.evidence[best].p_hypothesis);
+      pairs.emplace_back(h, rs.evidence[best].p_hypothesis);
       if (class_of(h) == classes.size()) classes.push_back(h);
       i = j;
     }
-    q_of_fact.push_back(q_sum / static_cast<double>(ps.size()));
-    per_fact.push_back(std::move(ps));
+    q_of_fact.push_back(q_sum / static_cast<double>(pairs.size() - first));
+    fact_end.push_back(pairs.size());
   }
-  if (per_fact.empty()) return std::nullopt;
-  const size_t k = per_fact.size();
+  if (fact_end.empty()) return std::nullopt;
+  const size_t k = fact_end.size();
   const size_t m = classes.size() + 1;  // + the lumped rest
-  p_positive.assign(k, {});
+  // P(positive | class) of fact f at p_positive[f * m + class], the rest's last.
+  auto& p_positive = s.value_p_positive;
+  p_positive.assign(k * m, 0);
   for (size_t f = 0; f < k; ++f) {
-    p_positive[f].assign(m, q_of_fact[f]);
-    for (const auto& [h, p] : per_fact[f]) p_positive[f][class_of(h)] = p;
+    std::fill(p_positive.begin() + static_cast<ptrdiff_t>(f * m),
+              p_positive.begin() + static_cast<ptrdiff_t>((f + 1) * m), q_of_fact[f]);
+    for (size_t i = f == 0 ? 0 : fact_end[f - 1]; i < fact_end[f]; ++i) {
+      p_positive[f * m + class_of(pairs[i].first)] = pairs[i].second;
+    }
   }
-  std::vector<double> belief(m);
+  auto& belief = s.value_belief;
+  belief.assign(m, 0);
   double involved = 0;
   for (size_t c = 0; c + 1 < m; ++c) {
     belief[c] = scores.Belief(classes[c]);
@@ -919,13 +937,15 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
   value.lead = lead;
   value.lead_now = scores.Belief(lead);
   double expected_posterior_entropy = 0;
-  std::vector<double> post(m);
+  auto& post = s.value_post;
+  post.assign(m, 0);
   for (uint32_t mask = 0; mask < (1u << k); ++mask) {
     double p_outcome = 0;
     for (size_t c = 0; c < m; ++c) {
       double like = 1;
       for (size_t f = 0; f < k; ++f) {
-        like *= (mask >> f & 1) ? p_positive[f][c] : 1 - p_positive[f][c];
+        const double p = p_positive[f * m + c];
+        like *= (mask >> f & 1) ? p : 1 - p;
       }
       post[c] = belief[c] * like;
       p_outcome += post[c];
@@ -1282,7 +1302,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     std::sort(items.begin(), items.end(), [&](const Applied& x, const Applied& y) {
       if (x.superseded != y.superseded) return !x.superseded;
       if (std::fabs(x.log_lr) != std::fabs(y.log_lr)) return std::fabs(x.log_lr) > std::fabs(y.log_lr);
-      return rs.evidence[x.evidence].id < rs.evidence[y.evidence].id;
+      return rs.evidence[x.evidence].id_rank < rs.evidence[y.evidence].id_rank;
     });
     for (const Applied& item : items) {
       const compiler::CompiledEvidence& ev = rs.evidence[item.evidence];
