@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <optional>
@@ -13,6 +14,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
 #include "server/engine/patient_check.h"
 
 namespace cds::engine {
@@ -694,6 +696,48 @@ class Evaluator {
   const Facts& facts_;
   Scratch& s_;
 };
+// A patient code's lookup key (CodeKey of its normalised system), built without allocating
+// in the usual case: the system is already canonical and the key fits the buffer.
+class CodeKeyBuffer {
+ public:
+  CodeKeyBuffer(const std::string& system, const std::string& code) {
+    if (IsCanonical(system)) {
+      system_ = system;
+    } else {
+      normalized_ = compiler::NormalizeSystem(system, code);
+      system_ = normalized_;
+    }
+    const size_t size = system_.size() + 1 + code.size();
+    if (size <= sizeof(buffer_)) {
+      std::memcpy(buffer_, system_.data(), system_.size());
+      buffer_[system_.size()] = '|';
+      std::memcpy(buffer_ + system_.size() + 1, code.data(), code.size());
+      key_ = absl::string_view(buffer_, size);
+    } else {
+      long_key_ = compiler::CodeKey(std::string(system_), code);
+      key_ = long_key_;
+    }
+  }
+  CodeKeyBuffer(const CodeKeyBuffer&) = delete;
+  CodeKeyBuffer& operator=(const CodeKeyBuffer&) = delete;
+
+  absl::string_view key() const { return key_; }
+  absl::string_view system() const { return system_; }
+
+ private:
+  // The names NormalizeSystem returns unchanged.
+  static bool IsCanonical(const std::string& s) {
+    return s == "HPO" || s == "LOINC" || s == "OMIM" || s == "ORPHA" || s == "SNOMEDCT" ||
+           s == "ICD10" || s == "HGNC" || s == "LOCAL";
+  }
+
+  char buffer_[96];
+  std::string normalized_;
+  std::string long_key_;
+  absl::string_view system_;
+  absl::string_view key_;
+};
+
 void AddWarning(cds::v1::EvaluateResponse* response, cds::v1::Warning::Kind kind,
                 std::string field, std::string message) {
   auto* w = response->add_warnings();
@@ -716,8 +760,8 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
     facts.family = &patient.family_history();
     for (const Relative& relative : facts.family->relatives()) {
       for (const cds::v1::Code& code : relative.conditions()) {
-        auto hit = rs.concepts_by_code.find(
-            compiler::CodeKey(compiler::NormalizeSystem(code.system(), code.code()), code.code()));
+        const CodeKeyBuffer key(code.system(), code.code());
+        auto hit = rs.concepts_by_code.find(key.key());
         if (hit == rs.concepts_by_code.end()) continue;
         scratch.relative_hits.push_back(&hit->second);
         for (int32_t c : hit->second) scratch.family_concept_stamp[c] = scratch.epoch;
@@ -729,12 +773,12 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
   for (int i = 0; i < patient.findings_size(); ++i) {
     const Finding& f = patient.findings(i);
     if (f.status() == Finding::UNKNOWN) continue;
-    const std::string system = compiler::NormalizeSystem(f.term().system(), f.term().code());
-    const std::string key = compiler::CodeKey(system, f.term().code());
+    const CodeKeyBuffer code_key(f.term().system(), f.term().code());
+    const absl::string_view key = code_key.key();
     const auto& index =
         f.status() == Finding::EXCLUDED ? rs.concepts_by_excluded_code : rs.concepts_by_code;
     auto it = index.find(key);
-    if (rs.ontology != nullptr && system == "HPO") {
+    if (rs.ontology != nullptr && code_key.system() == "HPO") {
       // With an ontology, only ids it does not know are worth a warning: a known term that
       // no rule uses is simply not evidence for this differential.
       if (!rs.ontology->Knows(f.term().code())) {
@@ -759,9 +803,8 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
 
   for (int i = 0; i < patient.measurements_size(); ++i) {
     const cds::v1::Measurement& m = patient.measurements(i);
-    const std::string key = compiler::CodeKey(
-        compiler::NormalizeSystem(m.assay().system(), m.assay().code()), m.assay().code());
-    auto it = rs.labs_by_code.find(key);
+    const CodeKeyBuffer key(m.assay().system(), m.assay().code());
+    auto it = rs.labs_by_code.find(key.key());
     if (it == rs.labs_by_code.end()) {
       AddWarning(response, cds::v1::Warning::UNUSED_MEASUREMENT,
                  FieldPath("measurements", i, ".assay"),
@@ -770,7 +813,18 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
       continue;
     }
     const compiler::CompiledLab& lab = rs.labs[it->second];
-    auto factor = lab.unit_factors.find(absl::AsciiStrToLower(m.unit()));
+    // Lower-cased on the stack when short (units are).
+    char lower[32];
+    std::string long_lower;
+    absl::string_view unit;
+    if (m.unit().size() <= sizeof(lower)) {
+      for (size_t c = 0; c < m.unit().size(); ++c) lower[c] = absl::ascii_tolower(m.unit()[c]);
+      unit = absl::string_view(lower, m.unit().size());
+    } else {
+      long_lower = absl::AsciiStrToLower(m.unit());
+      unit = long_lower;
+    }
+    auto factor = lab.unit_factors.find(unit);
     if (factor == lab.unit_factors.end()) {
       AddWarning(response, cds::v1::Warning::UNCONVERTIBLE_UNIT,
                  FieldPath("measurements", i, ".unit"),
