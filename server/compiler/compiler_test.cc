@@ -1,5 +1,6 @@
 #include "server/compiler/compiler.h"
 
+#include <cmath>
 #include <set>
 #include <string>
 
@@ -112,6 +113,44 @@ TEST(CompilerTest, CompilesValidRuleSet) {
   EXPECT_EQ(rs.actions_by_hypothesis[0].size(), 1u);
 }
 
+// Actions fire only when TRUE, so the index lists them under the facts they cannot be TRUE
+// without; the lists on sex, age and family still name every rule that weighs them.
+TEST(CompilerTest, ActionsAreCandidatesOnlyUnderWhatTheyNeed) {
+  const CompileResult result = CompileText(std::string(kMetadata) + kValidBody + R"pb(
+    actions {
+      id: "infant_gut" kind: TREATMENT title: "T" urgency: WARNING
+      when { all { conditions { age { to { days: 365.25 } } } conditions { finding { concept: "diarrhoea" } } } }
+    }
+    actions {
+      id: "boy_or_gut" kind: REFERRAL title: "R" urgency: INFO
+      when { any { conditions { sex: MALE } conditions { finding { concept: "diarrhoea" } } } }
+    }
+    actions {
+      id: "likely_infant" kind: TEST title: "T" urgency: INFO
+      when { all { conditions { probability { hypothesis: "ipex" at_least: 0.2 } } conditions { age { to { days: 365.25 } } } } }
+    }
+  )pb");
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  const CompiledRuleSet& rs = *result.rule_set;
+  auto names = [&](const std::vector<RuleRef>& refs) {
+    std::set<std::string> ids;
+    for (const RuleRef& r : refs) {
+      ids.insert(r.kind == RuleRef::Kind::kAction ? rs.actions[r.index].id : rs.evidence[r.index].id);
+    }
+    return ids;
+  };
+  // "infant and diarrhoea" needs diarrhoea; "likely and infant" needs the age (the
+  // probability leaf needs no fact).
+  EXPECT_EQ(names(rs.rules_on_age), (std::set<std::string>{"infant_gut", "likely_infant"}));
+  EXPECT_EQ(names(rs.candidates_on_age), (std::set<std::string>{"likely_infant"}));
+  EXPECT_EQ(names(rs.candidates_on_sex), (std::set<std::string>{"boy_or_gut"}));
+  EXPECT_EQ(names(rs.rules_by_concept[0]),
+            (std::set<std::string>{"ipex/diarrhoea", "infant_gut", "boy_or_gut"}));
+  // Nothing on sex or age alone among the evidence: nothing folded.
+  EXPECT_TRUE(rs.demographic_contexts.empty());
+  EXPECT_EQ(rs.DemographicContextFor(cds::v1::MALE, 10), nullptr);
+}
+
 TEST(CompilerTest, IdenticalConditionsShareOneIdAndIdsHaveRanks) {
   const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
     concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
@@ -137,6 +176,26 @@ TEST(CompilerTest, IdenticalConditionsShareOneIdAndIdsHaveRanks) {
   EXPECT_EQ(rs.hypotheses[0].id, "b");
   EXPECT_EQ(rs.hypotheses[0].id_rank, 1);
   EXPECT_EQ(rs.hypotheses[1].id_rank, 0);
+  // Evidence ids too: a/female, a/male, b/c, b/male.
+  EXPECT_EQ(rs.evidence[0].id_rank, 3);
+  EXPECT_EQ(rs.evidence[1].id_rank, 2);
+  EXPECT_EQ(rs.evidence[2].id_rank, 1);
+  EXPECT_EQ(rs.evidence[3].id_rank, 0);
+  // The evidence on sex alone is folded: one context per sex slot and (no age leaf) the
+  // two age slots; the all{male, finding} item stays a candidate.
+  EXPECT_EQ(rs.demographic_sexes, (std::vector<int32_t>{cds::v1::FEMALE, cds::v1::MALE}));
+  EXPECT_TRUE(rs.demographic_age_bounds.empty());
+  EXPECT_EQ(rs.demographic_context_of.size(), 4u * 2u);
+  ASSERT_EQ(rs.candidates_on_sex.size(), 1u);
+  EXPECT_EQ(rs.candidates_on_sex[0].index, 1);
+  const DemographicContext* male = rs.DemographicContextFor(cds::v1::MALE, std::nan(""));
+  ASSERT_NE(male, nullptr);
+  ASSERT_EQ(male->hypotheses.size(), 2u);  // b (male), a (male; female is FALSE, LR- 1)
+  EXPECT_EQ(male->items.size(), 2u);
+  // Higher weight first: a (0.1 x 4) before b (0.1 x 2).
+  ASSERT_EQ(male->order.size(), 2u);
+  EXPECT_EQ(male->hypotheses[male->order[0]].hypothesis, 1);
+  EXPECT_EQ(rs.DemographicContextFor(cds::v1::UNKNOWN_SEX, 30)->items.size(), 0u);
 }
 
 TEST(CompilerTest, EvidenceIsNumberedHypothesisByHypothesis) {
