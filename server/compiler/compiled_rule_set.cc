@@ -69,9 +69,6 @@ bool ParseIsoDuration(const std::string& text, double* days) {
   return true;
 }
 
-// Three-valued truth of a demographic condition, as the engine's evaluator decides it.
-enum class Truth : uint8_t { kFalse, kTrue, kUnknown };
-
 // Mirrors the engine's evaluation of sex, age and connective conditions, for a patient of
 // sex `sex` (UNKNOWN_SEX: unknown) and age `age_days` (NaN: unknown).
 // REQUIRES: `id` is demographic (IsDemographic).
@@ -85,43 +82,9 @@ Truth EvalDemographic(const CompiledRuleSet& rs, ConditionId id, int32_t sex, do
     case K::kAge:
       if (std::isnan(age_days)) return Truth::kUnknown;
       return c.ages.Contains(age_days) ? Truth::kTrue : Truth::kFalse;
-    case K::kAll: {
-      bool unknown = false;
-      for (ConditionId child : c.children) {
-        const Truth t = EvalDemographic(rs, child, sex, age_days);
-        if (t == Truth::kFalse) return Truth::kFalse;
-        if (t == Truth::kUnknown) unknown = true;
-      }
-      return unknown ? Truth::kUnknown : Truth::kTrue;
-    }
-    case K::kAny: {
-      bool unknown = false;
-      for (ConditionId child : c.children) {
-        const Truth t = EvalDemographic(rs, child, sex, age_days);
-        if (t == Truth::kTrue) return Truth::kTrue;
-        if (t == Truth::kUnknown) unknown = true;
-      }
-      return unknown ? Truth::kUnknown : Truth::kFalse;
-    }
-    case K::kNot: {
-      const Truth t = EvalDemographic(rs, c.children[0], sex, age_days);
-      if (t == Truth::kUnknown) return t;
-      return t == Truth::kTrue ? Truth::kFalse : Truth::kTrue;
-    }
-    case K::kAtLeast: {
-      int trues = 0;
-      int unknowns = 0;
-      for (ConditionId child : c.children) {
-        const Truth t = EvalDemographic(rs, child, sex, age_days);
-        if (t == Truth::kTrue) ++trues;
-        if (t == Truth::kUnknown) ++unknowns;
-      }
-      if (trues >= c.count) return Truth::kTrue;
-      if (trues + unknowns < c.count) return Truth::kFalse;
-      return Truth::kUnknown;
-    }
     default:
-      return Truth::kUnknown;
+      return CombineChildren(
+          c, [&](ConditionId child) { return EvalDemographic(rs, child, sex, age_days); });
   }
 }
 

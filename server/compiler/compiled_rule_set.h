@@ -90,6 +90,56 @@ struct CompiledCondition {
   std::string description;
 };
 
+// Three-valued (Kleene) truth of a condition.
+enum class Truth : uint8_t { kFalse, kTrue, kUnknown };
+
+// The truth of a connective (kAll, kAny, kNot, kAtLeast) from its children's, which
+// `child_truth(ConditionId)` gives. The engine and the compiler's folding of demographic
+// evidence both decide connectives here, so they cannot disagree. Other kinds: kUnknown.
+template <typename ChildTruth>
+Truth CombineChildren(const CompiledCondition& c, ChildTruth child_truth) {
+  using K = CompiledCondition::Kind;
+  switch (c.kind) {
+    case K::kAll: {
+      bool unknown = false;
+      for (ConditionId child : c.children) {
+        const Truth t = child_truth(child);
+        if (t == Truth::kFalse) return Truth::kFalse;
+        if (t == Truth::kUnknown) unknown = true;
+      }
+      return unknown ? Truth::kUnknown : Truth::kTrue;
+    }
+    case K::kAny: {
+      bool unknown = false;
+      for (ConditionId child : c.children) {
+        const Truth t = child_truth(child);
+        if (t == Truth::kTrue) return Truth::kTrue;
+        if (t == Truth::kUnknown) unknown = true;
+      }
+      return unknown ? Truth::kUnknown : Truth::kFalse;
+    }
+    case K::kNot: {
+      const Truth t = child_truth(c.children[0]);
+      if (t == Truth::kUnknown) return t;
+      return t == Truth::kTrue ? Truth::kFalse : Truth::kTrue;
+    }
+    case K::kAtLeast: {
+      int trues = 0;
+      int unknowns = 0;
+      for (ConditionId child : c.children) {
+        const Truth t = child_truth(child);
+        if (t == Truth::kTrue) ++trues;
+        if (t == Truth::kUnknown) ++unknowns;
+      }
+      if (trues >= c.count) return Truth::kTrue;
+      if (trues + unknowns < c.count) return Truth::kFalse;
+      return Truth::kUnknown;
+    }
+    default:
+      return Truth::kUnknown;
+  }
+}
+
 struct CompiledConcept {
   std::string id;
   std::string label;

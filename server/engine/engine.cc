@@ -30,7 +30,7 @@ using cds::v1::Relative;
 constexpr double kNan = std::numeric_limits<double>::quiet_NaN();
 
 // Three-valued (Kleene) truth.
-enum class Tri : uint8_t { kFalse, kTrue, kUnknown };
+using Tri = compiler::Truth;
 
 struct FindingFact {
   Finding::Status status;
@@ -532,41 +532,11 @@ class Evaluator {
         const bool consanguineous = value == cds::v1::FamilyHistory::CONSANGUINEOUS;
         return consanguineous == (c.count == 1) ? Tri::kTrue : Tri::kFalse;
       }
-      case K::kAll: {
-        bool unknown = false;
-        for (ConditionId child : c.children) {
-          const Tri t = Eval(child);
-          if (t == Tri::kFalse) return Tri::kFalse;
-          if (t == Tri::kUnknown) unknown = true;
-        }
-        return unknown ? Tri::kUnknown : Tri::kTrue;
-      }
-      case K::kAny: {
-        bool unknown = false;
-        for (ConditionId child : c.children) {
-          const Tri t = Eval(child);
-          if (t == Tri::kTrue) return Tri::kTrue;
-          if (t == Tri::kUnknown) unknown = true;
-        }
-        return unknown ? Tri::kUnknown : Tri::kFalse;
-      }
-      case K::kNot: {
-        const Tri t = Eval(c.children[0]);
-        if (t == Tri::kUnknown) return t;
-        return t == Tri::kTrue ? Tri::kFalse : Tri::kTrue;
-      }
-      case K::kAtLeast: {
-        int trues = 0;
-        int unknowns = 0;
-        for (ConditionId child : c.children) {
-          const Tri t = Eval(child);
-          if (t == Tri::kTrue) ++trues;
-          if (t == Tri::kUnknown) ++unknowns;
-        }
-        if (trues >= c.count) return Tri::kTrue;
-        if (trues + unknowns < c.count) return Tri::kFalse;
-        return Tri::kUnknown;
-      }
+      case K::kAll:
+      case K::kAny:
+      case K::kNot:
+      case K::kAtLeast:
+        return compiler::CombineChildren(c, [this](ConditionId child) { return Eval(child); });
       case K::kProbability: {
         if (facts_.scores == nullptr) return Tri::kUnknown;
         const bool high_enough = facts_.scores->Posterior(c.ref) >= c.value;
