@@ -1107,12 +1107,65 @@ class Compilation {
             CompileCondition(a.when(), Child(at, a, "when"), a.id(), /*allow_probability=*/true);
         if (compiled.condition < 0) continue;
       }
+      CheckActionProvenance(a, at);
       if (!compiled.reveals.empty()) {
         out_->information_actions.push_back(static_cast<int32_t>(out_->actions.size()));
       }
       action_locations_.push_back(at);
       out_->actions.push_back(std::move(compiled));
     }
+  }
+
+  // An action decided on numbers (a probability threshold, an age, a lab limit, a count, a
+  // minimum gain) needs them sourced like every other number. Only a warning when missing:
+  // versions published before ActionRule.provenance existed must still load.
+  void CheckActionProvenance(const cds::v1::ActionRule& a, const Src& at) {
+    const bool has_numbers = (a.has_when() && ConditionHasNumbers(a.when())) ||
+                             (a.has_information() && a.information().min_gain_bits() != 0);
+    if (a.has_provenance()) {
+      CheckProvenance(a.provenance(), true, Child(at, a, "provenance"), a.id(),
+                      "the action's set of thresholds");
+    } else if (has_numbers) {
+      Warn(kRuleSetFile, at, a.id(),
+           "the numbers this action is decided on need a provenance: cite reference_ids or "
+           "mark it assumption: true");
+    }
+  }
+
+  static bool AgeRangeSet(const cds::v1::AgeRange& range) {
+    return range.has_from() || range.has_to();
+  }
+
+  static bool ConditionHasNumbers(const cds::v1::Condition& cond) {
+    using C = cds::v1::Condition;
+    auto any_child = [](const auto& conditions) {
+      return std::any_of(conditions.begin(), conditions.end(), ConditionHasNumbers);
+    };
+    switch (cond.kind_case()) {
+      case C::kFinding:
+        return AgeRangeSet(cond.finding().onset());
+      case C::kLab:
+        return true;  // every lab condition has a threshold
+      case C::kAge:
+        return AgeRangeSet(cond.age());
+      case C::kFamily:
+        return cond.family().min_count() > 1;
+      case C::kAll:
+        return any_child(cond.all().conditions());
+      case C::kAny:
+        return any_child(cond.any().conditions());
+      case C::kNot:
+        return ConditionHasNumbers(cond.not_());
+      case C::kAtLeast:
+        return true;  // the count
+      case C::kProbability:
+        return true;  // the threshold
+      case C::kSex:
+      case C::kConsanguinity:
+      case C::KIND_NOT_SET:
+        return false;
+    }
+    return false;
   }
 
   bool CompileInformation(const cds::v1::ActionRule& a, const Src& at, CompiledAction* out) {

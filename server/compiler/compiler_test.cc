@@ -67,6 +67,7 @@ constexpr char kValidBody[] = R"pb(
     title: "Refer"
     urgency: WARNING
     when { probability { hypothesis: "ipex" at_least: 0.2 } }
+    provenance { assumption: true note: "demo threshold" }
   }
 )pb";
 
@@ -585,6 +586,50 @@ TEST(CompilerTest, ActionsThatCanNeverFireAreWarnings) {
   }
   EXPECT_EQ(never, (std::set<std::string>{"above_cap", "too_deep", "two_sexes", "no_age",
                                           "any_dead", "unweighed"}));
+}
+
+// An action's thresholds are numbers like any other: without a provenance they are a warning
+// (not an error: versions published before the field existed must load); with one, it is
+// checked like every provenance.
+TEST(CompilerTest, ActionThresholdsNeedAProvenance) {
+  const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    labs {
+      id: "ige" codes { system: "LOINC" code: "19113-0" } canonical_unit: "[IU]/mL"
+      limits { upper: 13 provenance { reference_ids: "SRC" } }
+    }
+    hypotheses {
+      id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      evidence { id: "e" when { finding { concept: "c" } } frequencies { in_hypothesis: 0.5 in_comparison: 0.1 } provenance { reference_ids: "SRC" } }
+      evidence { id: "l" when { lab { lab: "ige" above: 100 } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } }
+    }
+    actions { id: "on_probability" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "h" at_least: 0.3 } } }
+    actions { id: "on_onset" kind: TEST title: "A" urgency: INFO when { not { finding { concept: "c" onset { to { days: 183 } } } } } }
+    actions { id: "on_lab" kind: TEST title: "A" urgency: INFO when { any { conditions { sex: MALE } conditions { lab { lab: "ige" above: 500 } } } } }
+    actions { id: "on_count" kind: TEST title: "A" urgency: INFO when { at_least { count: 1 conditions { finding { concept: "c" } } } } }
+    actions { id: "on_gain" kind: TEST title: "A" urgency: INFO information { concepts: "c" min_gain_bits: 0.1 } }
+    actions { id: "no_numbers" kind: TEST title: "A" urgency: INFO when { all { conditions { sex: MALE } conditions { finding { concept: "c" } } } } }
+    actions { id: "sourced" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "h" at_least: 0.3 } } provenance { reference_ids: "SRC" } }
+    actions { id: "assumed" kind: TEST title: "A" urgency: INFO when { age { to { days: 365.25 } } } provenance { assumption: true note: "first year" } }
+  )pb");
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  std::set<std::string> warned;
+  for (const Issue& issue : result.issues) {
+    if (issue.message.find("need a provenance") != std::string::npos) {
+      EXPECT_EQ(issue.severity, Issue::Severity::kWarning);
+      warned.insert(issue.rule_id);
+    }
+  }
+  EXPECT_EQ(warned, (std::set<std::string>{"on_probability", "on_onset", "on_lab", "on_count",
+                                           "on_gain"}));
+
+  const auto errors = Errors(CompileText(std::string(kMetadata) + R"pb(
+    hypotheses { id: "h" title: "H" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" } }
+    actions { id: "bad_ref" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "h" at_least: 0.3 } } provenance { reference_ids: "NOPE" } }
+    actions { id: "empty" kind: TEST title: "A" urgency: INFO when { probability { hypothesis: "h" at_least: 0.3 } } provenance {} }
+  )pb"));
+  EXPECT_THAT(errors, Contains(HasSubstr("unknown reference id 'NOPE'")));
+  EXPECT_THAT(errors, Contains(HasSubstr("the action's set of thresholds needs a provenance")));
 }
 
 TEST(CompilerTest, ImplausibleLikelihoodRatioIsAWarning) {
