@@ -145,7 +145,7 @@ TEST_F(AuditTest, EveryCallAnsweredOkBeforeSigkillIsInTheDatabase) {
   const std::vector<std::string> rule_sets =
       Query(db, "SELECT DISTINCT rule_set || ' ' || substr(digest, 1, 7) FROM audit");
   ASSERT_EQ(rule_sets.size(), 1u);
-  EXPECT_EQ(rule_sets[0], "ipex@1.1.0 sha256:");
+  EXPECT_EQ(rule_sets[0], "ipex@1.1.1 sha256:");
 
   // Restarted on the same database, the server goes on appending.
   ServerProcess again;
@@ -404,7 +404,7 @@ TEST_F(AuditTest, QueryAuditFiltersAndPagesWithoutKeepingTheRawReference) {
     for (const auto& e : response.entries()) {
       pseudonyms.push_back(e.pseudonym());
       EXPECT_EQ(e.method(), "/cds.v1.DecisionSupport/Evaluate");
-      EXPECT_EQ(e.rule_set(), "ipex@1.1.0");
+      EXPECT_EQ(e.rule_set(), "ipex@1.1.1");
       EXPECT_EQ(e.status_code(), 0);
       EXPECT_FALSE(e.evaluation_id().empty());
     }

@@ -334,9 +334,9 @@ TEST_F(AuthzTest, AdminsQueryTheAuditTrailThroughTheServerWithCdsctl) {
   EXPECT_TRUE(absl::StrContains(r.out, "\"method\":\"/cds.v1.DecisionSupport/Evaluate\"")) << r.out;
   EXPECT_TRUE(absl::StrContains(r.out, "\"method\":\"/cds.v1.RuleSetAdmin/RetireRuleSet\""))
       << r.out;
-  r = cdsctl("adm", {"--since", "1h", "--rule-set", "ipex@1.1.0"});
+  r = cdsctl("adm", {"--since", "1h", "--rule-set", "ipex@1.1.1"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_TRUE(absl::StrContains(r.out, "clin  /cds.v1.DecisionSupport/Evaluate  ipex@1.1.0"))
+  EXPECT_TRUE(absl::StrContains(r.out, "clin  /cds.v1.DecisionSupport/Evaluate  ipex@1.1.1"))
       << r.out;
   // Only admins: a clinician is refused (exit code 5, PERMISSION_DENIED).
   r = cdsctl("clin", {});

@@ -61,7 +61,7 @@ TEST_F(CliTest, EvaluatePrintsARankedTableWithReasons) {
   EXPECT_TRUE(absl::StrContains(r.out, "(LR ")) << r.out;
   EXPECT_TRUE(absl::StrContains(r.out, "%")) << r.out;
   // The default version (the highest available: no "stable" label on this server).
-  EXPECT_TRUE(absl::StrContains(r.out, "Rule set: ipex@1.1.0 (sha256:")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "Rule set: ipex@1.1.1 (sha256:")) << r.out;
   EXPECT_TRUE(r.err.empty()) << r.err;
 }
 

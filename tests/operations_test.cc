@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -139,12 +141,16 @@ TEST_F(OperationsTest, ScrapeCountsCallsByMethodAndStatusAndEvaluationsByVersion
                         "grpc_server_handled_total{grpc_service=\"cds.v1.DecisionSupport\","
                         "grpc_method=\"ListRuleSets\",grpc_code=\"OK\"}"),
             1);
-  // The default version (1.1.0) ranks IPEX first for the triad boy.
-  EXPECT_EQ(SeriesValue(scrape, "cds_evaluations_total{rule_set=\"ipex\",version=\"1.1.0\","
+  // The default version (1.1.1) ranks IPEX first for the triad boy.
+  EXPECT_EQ(SeriesValue(scrape, "cds_evaluations_total{rule_set=\"ipex\",version=\"1.1.1\","
                                 "top_diagnosis=\"ipex\"}"),
             2)
       << scrape;
-  EXPECT_EQ(SeriesValue(scrape, "cds_rule_set_versions{rule_set=\"ipex\",state=\"AVAILABLE\"}"), 2);
+  // Every bundled ipex version is available.
+  const auto bundled = std::distance(std::filesystem::directory_iterator(kSourceDir + "/rules/ipex"),
+                                     std::filesystem::directory_iterator());
+  EXPECT_EQ(SeriesValue(scrape, "cds_rule_set_versions{rule_set=\"ipex\",state=\"AVAILABLE\"}"),
+            static_cast<double>(bundled));
   EXPECT_EQ(SeriesValue(scrape, "cds_audit_queue_depth"), 0);
   EXPECT_GT(SeriesValue(scrape, "process_resident_memory_bytes"), 1 << 20);
   EXPECT_GT(SeriesValue(scrape, "process_open_fds"), 2);

@@ -178,7 +178,7 @@ TEST_F(ServerIntegrationTest, TriadBoyGetsIpexFirstWithFoxp3SequencingAndReasons
     EXPECT_FALSE(s.evidence().empty()) << "suggestion " << s.rule_id() << " says no why";
   }
   EXPECT_EQ(response.rule_set().name(), "ipex");
-  EXPECT_EQ(response.rule_set().version(), "1.1.0");  // the default: highest available
+  EXPECT_EQ(response.rule_set().version(), "1.1.1");  // the default: highest available
   EXPECT_TRUE(absl::StartsWith(response.rule_set().digest(), "sha256:"));
   EXPECT_EQ(response.rule_set().digest().size(), 7u + 64u);
   EXPECT_TRUE(IsUuidV4(response.evaluation_id())) << response.evaluation_id();
@@ -231,7 +231,7 @@ TEST_F(ServerIntegrationTest, ListAndGetRuleSets) {
   ASSERT_NE(ipex, nullptr) << list.DebugString();
   EXPECT_EQ(ipex->state(), cds::v1::RuleSetInfo::AVAILABLE);
   // The default is the highest available version (no "stable" label on this server).
-  EXPECT_EQ(ipex->ref().version(), "1.1.0");
+  EXPECT_EQ(ipex->ref().version(), "1.1.1");
   EXPECT_EQ(ipex->signer(), "1c3fd966ea0b8a0a");  // the project release key
   EXPECT_TRUE(absl::StartsWith(ipex->ref().digest(), "sha256:"));
   EXPECT_GT(ipex->hypothesis_count(), 4);  // IPEX, IPEX-like and at least three others

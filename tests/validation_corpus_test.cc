@@ -34,6 +34,7 @@ const std::map<std::string, Floors>& FloorsByVersion() {
   static const auto* floors = new std::map<std::string, Floors>{
       {"1.0.0", {0.25, 0.55, 0.80, 1.0}},
       {"1.1.0", {0.80, 0.90, 0.85, 0.05}},
+      {"1.1.1", {0.80, 0.90, 0.85, 0.05}},  // 1.1.0 with provenance added: same rules
   };
   return *floors;
 }

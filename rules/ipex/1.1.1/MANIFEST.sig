@@ -1,0 +1,1 @@
+u3/v1IZ/Zlmpd2IpgmXQ7PHCk1KayjczdqAj0tbNDeELysnS5FM8izosNf9xNlFphJUn588jjz72c/5ftsWnDg==
