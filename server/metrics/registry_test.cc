@@ -13,6 +13,7 @@ namespace cds::metrics {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 TEST(RegistryTest, RendersCountersWithEscapedLabels) {
   Registry registry;
@@ -77,6 +78,40 @@ TEST(ServerMetricsTest, UnknownMethodsShareOneLabelSoCallersCannotGrowTheSeries)
   EXPECT_EQ(LabelsForMethod("/cds.v1.DecisionSupport/Nope").method, "unknown");
   EXPECT_EQ(LabelsForMethod("/PATIENT-12345/x").service, "unknown");
   EXPECT_EQ(LabelsForMethod("garbage").service, "unknown");
+}
+
+// The interceptor's per-method cache counts exactly what the label lookups did, from many
+// threads at once, and keeps no entry for a method the server does not define.
+TEST(ServerMetricsTest, CachedMethodSeriesCountLikeTheLabelLookups) {
+  Registry registry;
+  ServerMetrics metrics(registry);
+  const std::string evaluate = "/cds.v1.DecisionSupport/Evaluate";
+  EXPECT_EQ(metrics.SeriesFor(evaluate), metrics.SeriesFor(evaluate));
+  EXPECT_NE(metrics.SeriesFor("/PATIENT-1/x"), metrics.SeriesFor("/PATIENT-1/x"));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 1000; ++i) {
+        auto series = metrics.SeriesFor(evaluate);
+        metrics.CallFinished(*series, i % 2 ? grpc::StatusCode::OK
+                                            : grpc::StatusCode::INVALID_ARGUMENT, 1e-4);
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  metrics.CallFinished("/PATIENT-1/x", static_cast<grpc::StatusCode>(99), 1e-4);
+  metrics.CallDenied(evaluate, grpc::StatusCode::PERMISSION_DENIED);
+  const std::string text = registry.Render();
+  const std::string labels =
+      "grpc_service=\"cds.v1.DecisionSupport\",grpc_method=\"Evaluate\",grpc_code=";
+  EXPECT_THAT(text, HasSubstr("grpc_server_handled_total{" + labels + "\"OK\"} 2000\n"));
+  EXPECT_THAT(text,
+              HasSubstr("grpc_server_handled_total{" + labels + "\"INVALID_ARGUMENT\"} 2000\n"));
+  EXPECT_THAT(text, HasSubstr("grpc_server_handling_seconds_count{" + labels + "\"OK\"} 2000\n"));
+  EXPECT_THAT(text, HasSubstr("grpc_server_handled_total{grpc_service=\"unknown\","
+                              "grpc_method=\"unknown\",grpc_code=\"UNKNOWN\"} 1\n"));
+  EXPECT_THAT(text, HasSubstr("cds_denied_calls_total{" + labels + "\"PERMISSION_DENIED\"} 1\n"));
+  EXPECT_THAT(text, Not(HasSubstr("PATIENT")));
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 #include <dirent.h>
 #include <unistd.h>
 
+#include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <map>
@@ -53,28 +55,57 @@ void CountEvaluation(const cds::v1::EvaluateResponse& response, Family<Counter>&
   evaluations.With({response.rule_set().name(), response.rule_set().version(), top}).Increment();
 }
 
+// gRPC's status codes are 0..16; anything else is counted as UNKNOWN.
+constexpr int kStatusCodes = 17;
+int CodeIndex(grpc::StatusCode code) {
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < kStatusCodes ? i : static_cast<int>(grpc::StatusCode::UNKNOWN);
+}
+
+}  // namespace
+
+struct ServerMetrics::MethodSeries {
+  std::string full_method;
+  MethodLabels labels;
+  std::array<std::atomic<Counter*>, kStatusCodes> handled{};
+  std::array<std::atomic<Histogram*>, kStatusCodes> seconds{};
+  std::array<std::atomic<Counter*>, kStatusCodes> denied{};
+
+  // The series of `family` for this method and `code`, looked up once. Two threads may
+  // both look it up the first time: Family::With gives them the same series.
+  template <typename Metric>
+  Metric& Resolve(std::atomic<Metric*>& slot, Family<Metric>& family, grpc::StatusCode code) {
+    Metric* metric = slot.load(std::memory_order_acquire);
+    if (metric == nullptr) {
+      metric = &family.With({labels.service, labels.method, CodeName(code)});
+      slot.store(metric, std::memory_order_release);
+    }
+    return *metric;
+  }
+};
+
+namespace {
+
 class MetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
-  MetricsInterceptor(ServerMetrics& metrics, const char* method)
-      : metrics_(metrics),
-        method_(method == nullptr ? "" : method),
-        start_(std::chrono::steady_clock::now()) {}
+  MetricsInterceptor(ServerMetrics& metrics, std::shared_ptr<ServerMetrics::MethodSeries> series)
+      : metrics_(metrics), series_(std::move(series)), start_(std::chrono::steady_clock::now()) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_MESSAGE)) {
-      metrics_.ResponseSent(method_, methods->GetSendMessage());
+      metrics_.ResponseSent(series_->full_method, methods->GetSendMessage());
     }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start_;
-      metrics_.CallFinished(method_, methods->GetSendStatus().error_code(), elapsed.count());
+      metrics_.CallFinished(*series_, methods->GetSendStatus().error_code(), elapsed.count());
     }
     methods->Proceed();
   }
 
  private:
   ServerMetrics& metrics_;
-  const std::string method_;
+  const std::shared_ptr<ServerMetrics::MethodSeries> series_;
   const std::chrono::steady_clock::time_point start_;
 };
 
@@ -84,7 +115,8 @@ class MetricsInterceptorFactory final
   explicit MetricsInterceptorFactory(ServerMetrics& metrics) : metrics_(metrics) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    return new MetricsInterceptor(metrics_, info->method());
+    return new MetricsInterceptor(metrics_,
+                                  metrics_.SeriesFor(info->method() == nullptr ? "" : info->method()));
   }
 
  private:
@@ -129,17 +161,33 @@ ServerMetrics::NewInterceptorFactory() {
   return std::make_unique<MetricsInterceptorFactory>(*this);
 }
 
+std::shared_ptr<ServerMetrics::MethodSeries> ServerMetrics::SeriesFor(const std::string& method) {
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (auto it = by_method_.find(method); it != by_method_.end()) return it->second;
+  }
+  auto series = std::make_shared<MethodSeries>();
+  series->full_method = method;
+  series->labels = LabelsForMethod(method);
+  if (series->labels.method == "unknown") return series;  // not cached: see the header
+  absl::MutexLock lock(&mu_);
+  return by_method_.try_emplace(method, std::move(series)).first->second;
+}
+
 void ServerMetrics::CallDenied(const std::string& method, grpc::StatusCode code) {
-  const MethodLabels labels = LabelsForMethod(method);
-  denied_.With({labels.service, labels.method, CodeName(code)}).Increment();
+  MethodSeries& series = *SeriesFor(method);
+  series.Resolve(series.denied[CodeIndex(code)], denied_, code).Increment();
 }
 
 void ServerMetrics::CallFinished(const std::string& method, grpc::StatusCode code,
                                  double seconds) {
-  const MethodLabels labels = LabelsForMethod(method);
-  const LabelValues values = {labels.service, labels.method, CodeName(code)};
-  handled_.With(values).Increment();
-  handling_seconds_.With(values).Observe(seconds);
+  CallFinished(*SeriesFor(method), code, seconds);
+}
+
+void ServerMetrics::CallFinished(MethodSeries& series, grpc::StatusCode code, double seconds) {
+  const int i = CodeIndex(code);
+  series.Resolve(series.handled[i], handled_, code).Increment();
+  series.Resolve(series.seconds[i], handling_seconds_, code).Observe(seconds);
 }
 
 void ServerMetrics::ResponseSent(const std::string& method, const void* message) {
