@@ -9,6 +9,7 @@
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
 #include "server/engine/case_runner.h"
+#include "server/engine/engine.h"
 
 namespace cds {
 namespace {
@@ -43,6 +44,28 @@ TEST_P(BundledRuleSetTest, CompilesAndPassesItsCases) {
     std::string failures;
     for (const std::string& f : c.failures) failures += "\n  " + f;
     EXPECT_TRUE(c.passed) << failures;
+  }
+}
+
+// RunCases evaluates without explanations (they are most of a case's time, and no
+// expectation reads them): the suggestions must be those of a fully explained call.
+TEST_P(BundledRuleSetTest, CasesRankTheSameWithoutExplanations) {
+  absl::StatusOr<compiler::RuleSetSource> source = compiler::LoadRuleSetDir(GetParam());
+  ASSERT_TRUE(source.ok()) << source.status();
+  const compiler::CompileResult result = compiler::Compile(*source);
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  for (const cds::v1::RuleSetTestCase& tc : result.rule_set->tests.cases()) {
+    SCOPED_TRACE("case " + tc.name());
+    cds::v1::EvaluateResponse explained, unexplained;
+    ASSERT_TRUE(engine::Evaluate(*result.rule_set, tc.patient(), {}, &explained).ok());
+    engine::EvaluateOptions options;
+    options.explain = false;
+    ASSERT_TRUE(engine::Evaluate(*result.rule_set, tc.patient(), options, &unexplained).ok());
+    for (cds::v1::Suggestion& s : *explained.mutable_suggestions()) {
+      s.clear_evidence();
+      s.clear_references();
+    }
+    EXPECT_EQ(unexplained.SerializeAsString(), explained.SerializeAsString());
   }
 }
 
