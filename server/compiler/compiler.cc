@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <regex>
 #include <utility>
 
 #include "absl/base/casts.h"
@@ -17,6 +16,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 
@@ -75,15 +76,37 @@ class IssueCollector : public google::protobuf::io::ErrorCollector {
   std::vector<Issue>* issues_;
 };
 
-bool IsIdentifier(const std::string& id) {
-  static const std::regex* const kId = new std::regex("^[a-z][a-z0-9_]*$");
-  return std::regex_match(id, *kId);
+// The forms below are checked by hand, not with std::regex: a compile checks thousands of
+// ids and codes, and each std::regex_match allocated its own matcher state.
+
+// [a-z][a-z0-9_]* (ASCII only).
+bool IsIdentifier(absl::string_view id) {
+  if (id.empty() || !absl::ascii_islower(static_cast<unsigned char>(id[0]))) return false;
+  return std::all_of(id.begin() + 1, id.end(), [](char c) {
+    const auto u = static_cast<unsigned char>(c);
+    return absl::ascii_islower(u) || absl::ascii_isdigit(u) || c == '_';
+  });
 }
 
-bool IsSemver(const std::string& version) {
-  static const std::regex* const kSemver =
-      new std::regex("^(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)\\.(0|[1-9][0-9]*)$");
-  return std::regex_match(version, *kSemver);
+// 0|[1-9][0-9]*
+bool IsVersionNumber(absl::string_view part) {
+  if (part.empty() || (part.size() > 1 && part[0] == '0')) return false;
+  return std::all_of(part.begin(), part.end(),
+                     [](char c) { return absl::ascii_isdigit(static_cast<unsigned char>(c)); });
+}
+
+// MAJOR.MINOR.PATCH, each a version number.
+bool IsSemver(absl::string_view version) {
+  const std::vector<absl::string_view> parts = absl::StrSplit(version, '.');
+  return parts.size() == 3 && std::all_of(parts.begin(), parts.end(), IsVersionNumber);
+}
+
+// HP:[0-9]{7}
+bool IsHpoCode(absl::string_view code) {
+  return code.size() == 10 && absl::StartsWith(code, "HP:") &&
+         std::all_of(code.begin() + 3, code.end(), [](char c) {
+           return absl::ascii_isdigit(static_cast<unsigned char>(c));
+         });
 }
 
 bool IsProbability(double p) { return std::isfinite(p) && p > 0 && p < 1; }
@@ -428,8 +451,7 @@ class Compilation {
       Error(kRuleSetFile, at, rule_id, absl::StrCat("code ", code.code(), " has no system"));
       return false;
     }
-    static const std::regex* const kHpo = new std::regex("^HP:[0-9]{7}$");
-    if (system == "HPO" && !std::regex_match(code.code(), *kHpo)) {
+    if (system == "HPO" && !IsHpoCode(code.code())) {
       Error(kRuleSetFile, at, rule_id,
             absl::StrCat("HPO code '", code.code(), "' is not of the form HP:0000000"));
       return false;

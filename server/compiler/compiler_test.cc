@@ -4,6 +4,8 @@
 #include <set>
 #include <string>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -326,6 +328,40 @@ TEST(CompilerTest, ErrorsCarryLineAndRuleId) {
     }
   }
   EXPECT_TRUE(found) << result.IssuesToString();
+}
+
+// The exact forms of names, versions and HPO codes, at their edges.
+TEST(CompilerTest, NameVersionAndHpoCodeForms) {
+  auto errors_for = [](const std::string& name, const std::string& version,
+                       const std::string& hpo) {
+    RuleSetSource source;  // no expected name or version: only the forms are checked
+    source.files.push_back(
+        {kRuleSetFile,
+         absl::StrCat("metadata { name: \"", name, "\" version: \"", version,
+                      "\" status: ACTIVE title: \"T\" disclaimer: \"D\" }\n",
+                      "concepts { id: \"c\" codes { system: \"HPO\" code: \"", hpo, "\" } }\n")});
+    return absl::StrJoin(Errors(Compile(source)), "\n");
+  };
+  for (const char* name : {"a", "a_1", "abc_def9", "z"}) {
+    EXPECT_THAT(errors_for(name, "1.0.0", "HP:0000001"), Not(HasSubstr("identifier"))) << name;
+  }
+  for (const char* name : {"", "A", "1a", "_a", "a-b", "aB", "a b", "a.b", "\xc3\xa9"}) {
+    EXPECT_THAT(errors_for(name, "1.0.0", "HP:0000001"), HasSubstr("identifier")) << name;
+  }
+  for (const char* version : {"0.0.0", "1.2.3", "10.20.30", "0.10.0"}) {
+    EXPECT_THAT(errors_for("a", version, "HP:0000001"), Not(HasSubstr("semantic version")))
+        << version;
+  }
+  for (const char* version : {"", "1", "1.0", "1.0.0.0", "01.0.0", "1.00.0", "1.0.01", "1..0",
+                              "1.0.0-rc1", "1.0.x", "v1.0.0", " 1.0.0", "1.0.0 ", ".1.0"}) {
+    EXPECT_THAT(errors_for("a", version, "HP:0000001"), HasSubstr("semantic version"))
+        << version;
+  }
+  EXPECT_THAT(errors_for("a", "1.0.0", "HP:1234567"), Not(HasSubstr("not of the form")));
+  for (const char* code : {"HP:123456", "HP:12345678", "hp:1234567", "HP:123456a", "HP1234567",
+                           "HP:\xd9\xa1234567"}) {
+    EXPECT_THAT(errors_for("a", "1.0.0", code), HasSubstr("not of the form")) << code;
+  }
 }
 
 TEST(CompilerTest, CodeErrors) {
