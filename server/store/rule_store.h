@@ -182,15 +182,17 @@ class RuleStore {
     std::optional<bundle::Rejection> rejection;
     bundle::VerifiedBundle verified;
     bool signature_checked = false;  // the rejection (if any) came after the signature
-    std::string manifest_bytes;   // exactly as received, persisted as is
-    std::string signature_bytes;
     // Where the gate's time went (logged for publishes).
     absl::Duration verify_time, compile_time, cases_time;
   };
 
+  // `on_verified`, when set, is called once the signature and hashes checked out, before
+  // the compile.
   Candidate Gate(const cds::v1::Bundle& bundle, const bundle::VerifyOptions& verify,
                  const std::string& origin, const std::string& source_dir,
-                 const std::string& ontology_dir) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+                 const std::string& ontology_dir,
+                 const std::function<void()>& on_verified = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
   // Compiles and tests already verified files into `candidate`.
   void CompileAndTest(const compiler::RuleSetSource& source, Candidate* candidate) const;
   // Adds a gated candidate. Never replaces an AVAILABLE or RETIRED version: the same
@@ -205,7 +207,13 @@ class RuleStore {
   absl::Status PersistState(const cds::v1::ServerState& state)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
   cds::v1::ServerState CurrentState() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
-  absl::Status PersistBundle(const Candidate& candidate) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  // Persisting a published bundle, in two steps: StageBundle writes a verified bundle's
+  // files (exactly as received, so it re-verifies) under tmp/ and makes them durable;
+  // CommitBundle renames the staged directory to bundles/<name>/<version>/ durably.
+  // StageBundle touches no member: PublishLocked runs it beside the gate's compile.
+  absl::StatusOr<std::string> StageBundle(const cds::v1::Bundle& bundle) const;
+  absl::Status CommitBundle(const std::string& staging, const Candidate& candidate)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
   // Applies the retention policy (Options::keep_versions); returns how many versions it
   // unloaded. The compiled rule sets are released after mu_ is dropped.
   int ApplyRetention() ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_) ABSL_LOCKS_EXCLUDED(mu_);
@@ -228,6 +236,10 @@ class RuleStore {
   // writer_mu_ before mu_.
   absl::Mutex writer_mu_ ABSL_ACQUIRED_BEFORE(mu_);
   bundle::TrustedKeys keys_ ABSL_GUARDED_BY(writer_mu_);
+  // The trusted-keys directory as keys_ was last loaded from it, and whether that was long
+  // enough after its last change to be trusted until the fingerprint changes (ReloadKeys).
+  std::string keys_fingerprint_ ABSL_GUARDED_BY(writer_mu_);
+  bool keys_settled_ ABSL_GUARDED_BY(writer_mu_) = false;
   std::string rules_root_ ABSL_GUARDED_BY(writer_mu_);
   // Rules-dir bundle directory -> fingerprint (names, sizes, mtimes) last gated.
   std::map<std::string, std::string> scanned_ ABSL_GUARDED_BY(writer_mu_);

@@ -542,6 +542,46 @@ TEST_F(LifecycleTest, ARestartRestoresVersionsLabelsAndRetirements) {
   EXPECT_EQ(distrustful.RestoreState().value(), 0);
 }
 
+// The gate stages a verified bundle under tmp/ while it compiles: whatever fails the rest
+// of the gate (or is already there) leaves nothing behind, and only what passed is committed.
+TEST_F(LifecycleTest, OnlyBundlesThatPassTheGateArePersisted) {
+  ASSERT_EQ(PublishReason(Signed(Good("1.0.0"), "1.0.0")), "OK");
+  Spec failing;
+  failing.version = "1.1.0";
+  failing.top = "other";
+  Spec changed;
+  changed.version = "1.0.0";
+  changed.extra = "references { id: \"r\" citation: \"changed content\" }";
+  EXPECT_EQ(PublishReason(Signed(Broken("1.1.0"), "1.1.0")), "COMPILE_ERROR");
+  EXPECT_EQ(PublishReason(Signed(Source(failing), "1.1.0")), "FAILING_TEST");
+  EXPECT_EQ(PublishReason(Signed(Source(changed), "1.0.0")), "VERSION_CONFLICT");
+  EXPECT_EQ(PublishReason(Signed(Good("1.0.0"), "1.0.0")), "OK");  // the same content again
+  EXPECT_TRUE(std::filesystem::is_empty(root_.path() + "/state/tmp"));
+  std::vector<std::string> persisted;
+  for (const auto& entry :
+       std::filesystem::directory_iterator(root_.path() + "/state/bundles/demo")) {
+    persisted.push_back(entry.path().filename().string());
+  }
+  EXPECT_EQ(persisted, std::vector<std::string>{"1.0.0"});
+  EXPECT_TRUE(std::filesystem::exists(root_.path() + "/state/bundles/demo/1.0.0/MANIFEST.sig"));
+}
+
+// Keys are parsed again only when the directory changes, and every change is seen by the
+// next publish: a key added, one replaced in place (same name and size), one removed.
+TEST_F(LifecycleTest, TrustedKeyChangesApplyToTheNextPublish) {
+  const bundle::PrivateKey other = bundle::PrivateKey::Generate().value();
+  ASSERT_EQ(PublishReason(Signed(Good("1.0.0"), "1.0.0")), "OK");
+  EXPECT_EQ(PublishReason(Signed(Good("1.0.1"), "1.0.1", &other)), "UNKNOWN_KEY");
+  root_.Write("keys/other.pub", other.public_key().ToPem());
+  EXPECT_EQ(PublishReason(Signed(Good("1.0.1"), "1.0.1", &other)), "OK");
+  std::filesystem::remove(root_.path() + "/keys/author.pub");
+  EXPECT_EQ(PublishReason(Signed(Good("1.0.2"), "1.0.2")), "UNKNOWN_KEY");
+  // other.pub now holds the first key instead (PEM Ed25519 keys all have the same size).
+  root_.Write("keys/other.pub", key_.public_key().ToPem());
+  EXPECT_EQ(PublishReason(Signed(Good("1.0.2"), "1.0.2")), "OK");
+  EXPECT_EQ(PublishReason(Signed(Good("1.0.3"), "1.0.3", &other)), "UNKNOWN_KEY");
+}
+
 // ---- retention (Options::keep_versions) -----------------------------------------------------
 
 class RetentionTest : public LifecycleTest {
