@@ -923,8 +923,10 @@ absl::StatusOr<PublishResult> RuleStore::PublishLocked(const cds::v1::Bundle& bu
   if (std::optional<bundle::Rejection> r = Insert(std::move(c), &created); r.has_value()) {
     return bundle::RejectionStatus(*r);
   }
-  log::Info("published ", name, "@", version, ": ", timings);
+  const absl::Time retention_start = absl::Now();
   ApplyRetention();
+  log::Info("published ", name, "@", version, ": ", timings, ", retention ",
+            ms(absl::Now() - retention_start));
   absl::ReaderMutexLock lock(&mu_);
   const VersionEntry& entry = entries_[name][version];
   return PublishResult{InfoLocked(entry), created};
