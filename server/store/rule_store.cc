@@ -914,7 +914,9 @@ absl::StatusOr<PublishResult> RuleStore::PublishLocked(const cds::v1::Bundle& bu
   }
   const absl::Duration commit_time = absl::Now() - commit_start;
   const std::string name = c.entry.name, version = c.entry.version;
-  auto ms = [](absl::Duration d) { return absl::StrFormat("%.1f ms", absl::ToDoubleMilliseconds(d)); };
+  auto ms = [](absl::Duration d) {
+    return absl::StrFormat("%.1f ms", absl::ToDoubleMilliseconds(d));
+  };
   const std::string timings = absl::StrCat(
       "verify ", ms(c.verify_time), ", compile ", ms(c.compile_time), ", cases ",
       ms(c.cases_time), ", stage ", ms(stage_time), " (beside the compile; waited ",
