@@ -3,9 +3,9 @@
 // each: publish and label-move latency without gRPC, audit or load, to compare two builds.
 // The store's log lines (stderr) give each publish's steps.
 //
-// Run: build/bench/publish_loop <rules dir> <versions> <scratch dir> 2> publish.log
-// (the scratch dir is emptied first; the rule set published is <rules dir>/ipex/1.1.0,
-// re-versioned 1.1.101, 1.1.102, ...).
+// Run: build/bench/publish_loop rules/ipex/1.1.1 <versions> <scratch dir> 2> publish.log
+// (the scratch dir is emptied first; the version is re-versioned MAJOR.MINOR.101, .102, ...;
+// the ontology comes from the rules directory two levels up).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -38,10 +38,13 @@ void Report(const char* what, std::vector<double> ms) {
 
 int main(int argc, char** argv) {
   if (argc != 4 || std::atoi(argv[2]) < 1) {
-    std::fprintf(stderr, "usage: publish_loop <rules dir> <versions> <scratch dir>\n");
+    std::fprintf(stderr, "usage: publish_loop <rule-set version dir> <versions> <scratch dir>\n");
     return 2;
   }
-  const std::string rules = argv[1];
+  const std::filesystem::path source_dir = std::filesystem::path(argv[1]).lexically_normal();
+  const std::string name = source_dir.parent_path().filename().string();
+  const std::string source_version = source_dir.filename().string();
+  const std::string prefix = source_version.substr(0, source_version.rfind('.') + 1);
   const int versions = std::atoi(argv[2]);
   const std::string scratch = argv[3];
   std::filesystem::remove_all(scratch);
@@ -52,27 +55,28 @@ int main(int argc, char** argv) {
   cds::store::RuleStore::Options options;
   options.trusted_keys_dir = scratch + "/keys";
   options.state_dir = scratch + "/state";
-  options.ontology_dir = rules + "/ontology";
+  options.ontology_dir = (source_dir.parent_path().parent_path() / "ontology").string();
   options.keep_versions = 10;
   cds::store::RuleStore store(options);
   if (!store.RestoreState().ok()) return 1;
   absl::StatusOr<cds::compiler::RuleSetSource> source =
-      cds::compiler::LoadRuleSetDir(rules + "/ipex/1.1.0");
+      cds::compiler::LoadRuleSetDir(source_dir.string());
   if (!source.ok()) {
     std::fprintf(stderr, "%s\n", source.status().ToString().c_str());
     return 1;
   }
   std::vector<double> publish_ms, label_ms;
   for (int i = 1; i <= versions; ++i) {
-    const std::string version = absl::StrCat("1.1.", 100 + i);
+    const std::string version = absl::StrCat(prefix, 100 + i);
     std::vector<cds::compiler::SourceFile> files = source->files;
     for (cds::compiler::SourceFile& file : files) {
       if (file.path != "ruleset.textproto") continue;
       file.content = absl::StrReplaceAll(
-          file.content, {{"version: \"1.1.0\"", absl::StrCat("version: \"", version, "\"")}});
+          file.content, {{absl::StrCat("version: \"", source_version, "\""),
+                          absl::StrCat("version: \"", version, "\"")}});
     }
     std::string bytes;
-    cds::bundle::SignFiles("ipex", version, files, "publish_loop", key, absl::Now())
+    cds::bundle::SignFiles(name, version, files, "publish_loop", key, absl::Now())
         .value()
         .SerializeToString(&bytes);
     const Clock::time_point start = Clock::now();
@@ -83,7 +87,7 @@ int main(int argc, char** argv) {
                    published.status().ToString().c_str());
       return 1;
     }
-    const absl::StatusOr<std::string> labelled = store.SetLabel("ipex", "stable", version);
+    const absl::StatusOr<std::string> labelled = store.SetLabel(name, "stable", version);
     if (!labelled.ok()) {
       std::fprintf(stderr, "label %s: %s\n", version.c_str(),
                    labelled.status().ToString().c_str());
