@@ -359,7 +359,7 @@ TEST(CompilerTest, NameVersionAndHpoCodeForms) {
   }
   EXPECT_THAT(errors_for("a", "1.0.0", "HP:1234567"), Not(HasSubstr("not of the form")));
   for (const char* code : {"HP:123456", "HP:12345678", "hp:1234567", "HP:123456a", "HP1234567",
-                           "HP:\xd9\xa1234567"}) {
+                           "HP:\xd9\xa1" "23456"}) {
     EXPECT_THAT(errors_for("a", "1.0.0", code), HasSubstr("not of the form")) << code;
   }
 }
