@@ -5,6 +5,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
@@ -67,6 +69,47 @@ TEST_P(BundledRuleSetTest, CasesRankTheSameWithoutExplanations) {
     }
     EXPECT_EQ(unexplained.SerializeAsString(), explained.SerializeAsString());
   }
+}
+
+// Every evidence item's and action's `source` line is where the parser's location tree puts
+// it (Compile takes those lines from a scan of the file when it has nothing to report, as for
+// a clean rule set like ipex 1.1.1, and from the tree otherwise).
+TEST_P(BundledRuleSetTest, SourceLinesAreTheParsersLocations) {
+  absl::StatusOr<compiler::RuleSetSource> source = compiler::LoadRuleSetDir(GetParam());
+  ASSERT_TRUE(source.ok()) << source.status();
+  const compiler::CompileResult result = compiler::Compile(*source);
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  std::string text;
+  for (const compiler::SourceFile& file : source->files) {
+    if (file.path == compiler::kRuleSetFile) text = file.content;
+  }
+  cds::v1::RuleSet rs;
+  google::protobuf::TextFormat::ParseInfoTree tree;
+  google::protobuf::TextFormat::Parser parser;
+  parser.WriteLocationsTo(&tree);
+  ASSERT_TRUE(parser.ParseFromString(text, &rs));
+  const auto* descriptor = cds::v1::RuleSet::descriptor();
+  const auto* hypotheses = descriptor->FindFieldByName("hypotheses");
+  const auto* evidence = cds::v1::Hypothesis::descriptor()->FindFieldByName("evidence");
+  const auto* actions = descriptor->FindFieldByName("actions");
+  std::vector<std::string> want_evidence, want_actions;
+  for (int h = 0; h < rs.hypotheses_size(); ++h) {
+    const auto* nested = tree.GetTreeForNested(hypotheses, h);
+    ASSERT_NE(nested, nullptr);
+    for (int e = 0; e < rs.hypotheses(h).evidence_size(); ++e) {
+      want_evidence.push_back(
+          absl::StrCat(compiler::kRuleSetFile, ":", nested->GetLocation(evidence, e).line + 1));
+    }
+  }
+  for (int a = 0; a < rs.actions_size(); ++a) {
+    want_actions.push_back(
+        absl::StrCat(compiler::kRuleSetFile, ":", tree.GetLocation(actions, a).line + 1));
+  }
+  std::vector<std::string> got_evidence, got_actions;
+  for (const auto& ev : result.rule_set->evidence) got_evidence.push_back(ev.source);
+  for (const auto& action : result.rule_set->actions) got_actions.push_back(action.source);
+  EXPECT_EQ(got_evidence, want_evidence);
+  EXPECT_EQ(got_actions, want_actions);
 }
 
 std::string DirName(const ::testing::TestParamInfo<std::string>& info) {

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <utility>
 
 #include "absl/base/casts.h"
@@ -74,6 +75,146 @@ class IssueCollector : public google::protobuf::io::ErrorCollector {
  private:
   std::string file_;
   std::vector<Issue>* issues_;
+};
+
+// The lines a compiled rule set keeps from ruleset.textproto: the `source` of each evidence
+// item and action (1-based, where the field's name starts, as the parser's location tree
+// records it).
+struct SourceLines {
+  std::vector<int> actions;                // per top-level `actions` entry
+  std::vector<std::vector<int>> evidence;  // per top-level `hypotheses` entry, per `evidence`
+};
+
+// Finds SourceLines in text-format `text` without parsing it into messages, for the plain
+// syntax rule sets are written in: `name: value` and `name { ... }` (':' optional), `#`
+// comments, quoted strings (adjacent ones too), an optional ';' or ',' after a field.
+// Anything else (list syntax, extensions, `<...>` messages, nesting deeper than the
+// parser's limit, a token out of place) gives nullopt: the caller then uses the tree.
+class SourceLineScanner {
+ public:
+  explicit SourceLineScanner(absl::string_view text) : text_(text) {}
+
+  std::optional<SourceLines> Scan() {
+    if (!Body(0, Scope::kTop)) return std::nullopt;
+    return std::move(lines_);
+  }
+
+ private:
+  enum class Scope { kTop, kHypothesis, kOther };
+  static constexpr int kMaxDepth = 100;  // TextFormat::Parser's default recursion limit
+
+  bool AtEnd() const { return pos_ >= text_.size(); }
+  bool Peek(char c) const { return !AtEnd() && text_[pos_] == c; }
+
+  // Whitespace (as the tokenizer counts it) and comments; counts lines.
+  void Skip() {
+    while (!AtEnd()) {
+      const char c = text_[pos_];
+      if (c == '\n') {
+        ++line_;
+        ++pos_;
+      } else if (c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f') {
+        ++pos_;
+      } else if (c == '#') {
+        while (!AtEnd() && text_[pos_] != '\n') ++pos_;
+      } else {
+        return;
+      }
+    }
+  }
+
+  static bool IsIdentifierStart(char c) {
+    return absl::ascii_isalpha(static_cast<unsigned char>(c)) || c == '_';
+  }
+  static bool IsIdentifierChar(char c) {
+    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_';
+  }
+
+  // One quoted string; false when it does not end on its line.
+  bool String() {
+    const char quote = text_[pos_++];
+    while (!AtEnd()) {
+      const char c = text_[pos_++];
+      if (c == '\n') return false;
+      if (c == quote) return true;
+      if (c == '\\') {
+        if (AtEnd() || text_[pos_] == '\n') return false;
+        ++pos_;
+      }
+    }
+    return false;
+  }
+
+  // A scalar: one or more adjacent strings, or an optionally negative number or identifier.
+  bool Value() {
+    if (Peek('"') || Peek('\'')) {
+      while (Peek('"') || Peek('\'')) {
+        if (!String()) return false;
+        Skip();
+      }
+      return true;
+    }
+    if (Peek('-')) {
+      ++pos_;
+      Skip();
+    }
+    const size_t start = pos_;
+    while (!AtEnd()) {
+      const char c = text_[pos_];
+      const bool exponent_sign = (c == '+' || c == '-') && pos_ > start &&
+                                 (text_[pos_ - 1] == 'e' || text_[pos_ - 1] == 'E');
+      if (!IsIdentifierChar(c) && c != '.' && !exponent_sign) break;
+      ++pos_;
+    }
+    return pos_ > start;
+  }
+
+  // The fields of one message, up to its closing '}' (or the end of the text at depth 0).
+  bool Body(int depth, Scope scope) {
+    if (depth > kMaxDepth) return false;
+    while (true) {
+      Skip();
+      if (AtEnd()) return depth == 0;
+      if (Peek('}')) {
+        if (depth == 0) return false;
+        ++pos_;
+        return true;
+      }
+      if (!IsIdentifierStart(text_[pos_])) return false;
+      const int name_line = line_ + 1;
+      const size_t name_start = pos_;
+      while (!AtEnd() && IsIdentifierChar(text_[pos_])) ++pos_;
+      const absl::string_view name = text_.substr(name_start, pos_ - name_start);
+      Skip();
+      const bool colon = Peek(':');
+      if (colon) {
+        ++pos_;
+        Skip();
+      }
+      if (Peek('{')) {
+        ++pos_;
+        Scope inner = Scope::kOther;
+        if (scope == Scope::kTop && name == "actions") lines_.actions.push_back(name_line);
+        if (scope == Scope::kTop && name == "hypotheses") {
+          lines_.evidence.emplace_back();
+          inner = Scope::kHypothesis;
+        }
+        if (scope == Scope::kHypothesis && name == "evidence") {
+          lines_.evidence.back().push_back(name_line);
+        }
+        if (!Body(depth + 1, inner)) return false;
+      } else if (!colon || !Value()) {
+        return false;
+      }
+      Skip();
+      if (Peek(';') || Peek(',')) ++pos_;
+    }
+  }
+
+  absl::string_view text_;
+  size_t pos_ = 0;
+  int line_ = 0;  // 0-based, as the tokenizer counts
+  SourceLines lines_;
 };
 
 // The forms below are checked by hand, not with std::regex: a compile checks thousands of
@@ -146,31 +287,39 @@ std::string SexName(cds::v1::Sex sex) {
 // `issues_` and fill `out_`.
 class Compilation {
  public:
-  explicit Compilation(const RuleSetSource& source) : source_(source) {}
+  // Without `locations`, the files are parsed without the parser's location tree, the
+  // kept source lines come from SourceLineScanner, and the compilation gives up (complete()
+  // false) at the first issue, whose location it could not give.
+  Compilation(const RuleSetSource& source, bool locations)
+      : source_(source), locations_(locations) {}
+
+  // False when a compilation without locations gave up: compile again with them.
+  bool complete() const { return complete_; }
 
   CompileResult Run() {
     out_ = std::make_shared<CompiledRuleSet>();
     ParseFiles();
-    if (parsed_rule_set_) {
-      CheckMetadata();
-      IndexReferences();
-      CompileConcepts();
-      CompileLabs();
-      CompileDerivations();
-      CompileHypotheses();
-      CompileActions();
-      CheckScreening();
-      CheckTests();
-      LintUnusedConcepts();
-      BuildTriggerIndex();
-      LintActionsThatCannotFire();
+    if (!locations_ && (!parsed_rule_set_ || !source_lines_.has_value())) complete_ = false;
+    if (parsed_rule_set_ && complete_) {
+      using Pass = void (Compilation::*)();
+      for (Pass pass : {&Compilation::CheckMetadata, &Compilation::IndexReferences,
+                        &Compilation::CompileConcepts, &Compilation::CompileLabs,
+                        &Compilation::CompileDerivations, &Compilation::CompileHypotheses,
+                        &Compilation::CompileActions, &Compilation::CheckScreening,
+                        &Compilation::CheckTests, &Compilation::LintUnusedConcepts,
+                        &Compilation::BuildTriggerIndex,
+                        &Compilation::LintActionsThatCannotFire}) {
+        if (!locations_ && !issues_.empty()) break;
+        (this->*pass)();
+      }
     }
+    if (!locations_ && !issues_.empty()) complete_ = false;
     CompileResult result;
     result.issues = std::move(issues_);
     const bool has_error =
         std::any_of(result.issues.begin(), result.issues.end(),
                     [](const Issue& i) { return i.severity == Issue::Severity::kError; });
-    if (!has_error) {
+    if (!has_error && complete_) {
       FoldDemographicEvidence(out_.get());
       out_->digest = DigestFiles(source_.files);
       result.rule_set = std::move(out_);
@@ -208,6 +357,7 @@ class Compilation {
       return;
     }
     if (Parse(*rules_file, &out_->definition, &rules_tree_)) parsed_rule_set_ = true;
+    if (parsed_rule_set_ && !locations_) ScanSourceLines(rules_file->content);
     if (tests_file != nullptr && Parse(*tests_file, &out_->tests, &tests_tree_)) {
       parsed_tests_ = true;
     }
@@ -217,11 +367,27 @@ class Compilation {
     IssueCollector collector(file.path, &issues_);
     TextFormat::Parser parser;
     parser.RecordErrorsTo(&collector);
-    parser.WriteLocationsTo(tree);
+    if (locations_) parser.WriteLocationsTo(tree);
     // Unknown fields and extensions are errors (the parser's default); say so explicitly.
     parser.AllowUnknownField(false);
     parser.AllowUnknownExtension(false);
     return parser.ParseFromString(file.content, message);
+  }
+
+  // Sets source_lines_ when the scan follows the text and finds every entry parsed.
+  void ScanSourceLines(absl::string_view text) {
+    std::optional<SourceLines> lines = SourceLineScanner(text).Scan();
+    const cds::v1::RuleSet& rs = out_->definition;
+    if (!lines.has_value() || lines->actions.size() != static_cast<size_t>(rs.actions_size()) ||
+        lines->evidence.size() != static_cast<size_t>(rs.hypotheses_size())) {
+      return;
+    }
+    for (int i = 0; i < rs.hypotheses_size(); ++i) {
+      if (lines->evidence[i].size() != static_cast<size_t>(rs.hypotheses(i).evidence_size())) {
+        return;
+      }
+    }
+    source_lines_ = std::move(lines);
   }
 
   // ---- pass: metadata -----------------------------------------------------------------
@@ -987,7 +1153,9 @@ class Compilation {
         CompiledEvidence compiled_ev;
         compiled_ev.id = rule_id;
         compiled_ev.hypothesis = static_cast<int32_t>(hi);
-        compiled_ev.source = absl::StrCat(kRuleSetFile, ":", ev_at.line);
+        compiled_ev.source = absl::StrCat(
+            kRuleSetFile, ":",
+            locations_ ? ev_at.line : source_lines_->evidence[hypothesis_sources_[hi]][e]);
         if (!ev.has_when()) {
           Error(kRuleSetFile, ev_at, rule_id, "evidence has no 'when' condition");
           continue;
@@ -1116,7 +1284,8 @@ class Compilation {
       compiled.detail = a.detail();
       compiled.urgency = a.urgency();
       compiled.priority = a.priority();
-      compiled.source = absl::StrCat(kRuleSetFile, ":", at.line);
+      compiled.source =
+          absl::StrCat(kRuleSetFile, ":", locations_ ? at.line : source_lines_->actions[i]);
       compiled.references = ResolveReferences(a.reference_ids(), at, a, "reference_ids", a.id());
       if (a.has_information() && !CompileInformation(a, at, &compiled)) continue;
       if (!a.has_when()) {
@@ -1633,6 +1802,9 @@ class Compilation {
   };
 
   const RuleSetSource& source_;
+  const bool locations_;
+  bool complete_ = true;
+  std::optional<SourceLines> source_lines_;  // without locations only
   std::shared_ptr<CompiledRuleSet> out_;
   std::vector<Issue> issues_;
   TextFormat::ParseInfoTree rules_tree_;
@@ -1669,7 +1841,17 @@ std::string CompileResult::IssuesToString() const {
   return absl::StrJoin(lines, "\n");
 }
 
-CompileResult Compile(const RuleSetSource& source) { return Compilation(source).Run(); }
+CompileResult Compile(const RuleSetSource& source) {
+  // A compile that finds nothing to report (every publish of a clean rule set) goes without
+  // the parser's location tree: recording every field's location was a third of the parse,
+  // and freeing the tree as much again. The two kinds of lines it keeps come from a scan of
+  // the file. At the first issue (its location unknown), or on syntax the scan does not
+  // follow, the rule set is compiled again with the tree: the same result either way.
+  Compilation fast(source, /*locations=*/false);
+  CompileResult result = fast.Run();
+  if (fast.complete()) return result;
+  return Compilation(source, /*locations=*/true).Run();
+}
 
 std::string DigestFiles(const std::vector<SourceFile>& files) {
   std::vector<const SourceFile*> sorted;

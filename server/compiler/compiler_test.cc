@@ -6,6 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "google/protobuf/text_format.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -328,6 +330,73 @@ TEST(CompilerTest, ErrorsCarryLineAndRuleId) {
     }
   }
   EXPECT_TRUE(found) << result.IssuesToString();
+}
+
+// The `source` lines of evidence and actions as the parser's location tree gives them (a
+// field's own location, else its parent's, as the compiler's Child does).
+void SourcesFromTree(const std::string& text, std::vector<std::string>* evidence,
+                     std::vector<std::string>* actions) {
+  cds::v1::RuleSet rs;
+  google::protobuf::TextFormat::ParseInfoTree tree;
+  google::protobuf::TextFormat::Parser parser;
+  parser.WriteLocationsTo(&tree);
+  ASSERT_TRUE(parser.ParseFromString(text, &rs));
+  const auto* hypotheses = cds::v1::RuleSet::descriptor()->FindFieldByName("hypotheses");
+  const auto* evidence_field = cds::v1::Hypothesis::descriptor()->FindFieldByName("evidence");
+  const auto* actions_field = cds::v1::RuleSet::descriptor()->FindFieldByName("actions");
+  auto line = [](int location, int parent) { return location >= 0 ? location + 1 : parent; };
+  for (int h = 0; h < rs.hypotheses_size(); ++h) {
+    const int h_line = line(tree.GetLocation(hypotheses, h).line, 1);
+    const auto* nested = tree.GetTreeForNested(hypotheses, h);
+    for (int e = 0; e < rs.hypotheses(h).evidence_size(); ++e) {
+      evidence->push_back(absl::StrCat(
+          kRuleSetFile, ":", line(nested->GetLocation(evidence_field, e).line, h_line)));
+    }
+  }
+  for (int a = 0; a < rs.actions_size(); ++a) {
+    actions->push_back(
+        absl::StrCat(kRuleSetFile, ":", line(tree.GetLocation(actions_field, a).line, 1)));
+  }
+}
+
+// A rule set with nothing to report compiles without the parser's location tree and scans
+// the file for the lines it keeps: they must be the tree's, whatever the layout. Syntax the
+// scan does not follow (list syntax here) falls back to the tree.
+TEST(CompilerTest, SourceLinesMatchTheParserWhateverTheLayout) {
+  const std::string plain = std::string(kMetadata) + kValidBody;
+  const std::string odd = absl::StrReplaceAll(
+      plain,
+      {{"metadata {", "# a comment with { braces }, \"quotes' and evidence {\nmetadata: {"},
+       {"title: \"Demo\"", "title: \"Demo # not a comment }\""},
+       {"citation: \"A source.\"", "citation: 'A \\'source\\' {'\n \" and more\";"},
+       {"hypotheses {", "hypotheses\n\n{"},
+       {"    evidence {\n      id: \"ige\"", "    evidence # here\n    {  id: \"ige\","},
+       {"in_comparison: 0.3", "in_comparison: 3e-1"},
+       {"  actions {", "  actions: {"}});
+  const std::string list = absl::StrReplaceAll(
+      plain, {{"    evidence {\n      id: \"diarrhoea\"",
+               "    evidence: [{\n      id: \"diarrhoea\""},
+              {"      provenance { reference_ids: \"SRC\" }\n    }\n    evidence {",
+               "      provenance { reference_ids: \"SRC\" }\n    },\n    {"},
+              {"likelihood_ratios { positive: 3 negative: 0.5 }\n      provenance { reference_ids: "
+               "\"SRC\" }\n    }",
+               "likelihood_ratios { positive: 3 negative: 0.5 }\n      provenance { reference_ids: "
+               "\"SRC\" }\n    }]"}});
+  ASSERT_NE(odd, plain);
+  ASSERT_NE(list, plain);
+  for (const std::string& text : {plain, odd, list}) {
+    SCOPED_TRACE(text);
+    const CompileResult result = CompileText(text);
+    ASSERT_TRUE(result.ok()) << result.IssuesToString();
+    EXPECT_THAT(result.issues, IsEmpty()) << result.IssuesToString();
+    std::vector<std::string> want_evidence, want_actions, got_evidence, got_actions;
+    SourcesFromTree(text, &want_evidence, &want_actions);
+    for (const auto& ev : result.rule_set->evidence) got_evidence.push_back(ev.source);
+    for (const auto& action : result.rule_set->actions) got_actions.push_back(action.source);
+    EXPECT_EQ(got_evidence, want_evidence);
+    EXPECT_EQ(got_actions, want_actions);
+    EXPECT_EQ(got_evidence.size(), 2u);
+  }
 }
 
 // The exact forms of names, versions and HPO codes, at their edges.
