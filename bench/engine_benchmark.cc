@@ -19,6 +19,7 @@
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
 #include "server/engine/engine.h"
+#include "server/engine/testing/scaled_rule_set.h"
 
 namespace cds {
 namespace {
@@ -72,99 +73,6 @@ std::string Shape(const cds::v1::EvaluateResponse& response) {
                       response.warnings_size(), " warnings, ", response.ByteSizeLong(), " B");
 }
 
-// Renames every id a condition refers to with `suffix`.
-void Rename(cds::v1::Condition* c, const std::string& suffix) {
-  switch (c->kind_case()) {
-    case cds::v1::Condition::kFinding:
-      c->mutable_finding()->set_concept(c->finding().concept() + suffix);
-      break;
-    case cds::v1::Condition::kLab:
-      c->mutable_lab()->set_lab(c->lab().lab() + suffix);
-      break;
-    case cds::v1::Condition::kFamily:
-      if (!c->family().affected_concept().empty()) {
-        c->mutable_family()->set_affected_concept(c->family().affected_concept() + suffix);
-      }
-      break;
-    case cds::v1::Condition::kProbability:
-      c->mutable_probability()->set_hypothesis(c->probability().hypothesis() + suffix);
-      break;
-    case cds::v1::Condition::kAll:
-      for (auto& child : *c->mutable_all()->mutable_conditions()) Rename(&child, suffix);
-      break;
-    case cds::v1::Condition::kAny:
-      for (auto& child : *c->mutable_any()->mutable_conditions()) Rename(&child, suffix);
-      break;
-    case cds::v1::Condition::kNot:
-      Rename(c->mutable_not_(), suffix);
-      break;
-    case cds::v1::Condition::kAtLeast:
-      for (auto& child : *c->mutable_at_least()->mutable_conditions()) Rename(&child, suffix);
-      break;
-    default:
-      break;
-  }
-}
-
-// The rule set plus `copies - 1` renamed copies of its concepts, labs, hypotheses and
-// actions whose codes no patient carries (system LOCAL): `copies` times the rules, of which
-// the typical patient touches only the original ones.
-compiler::RuleSetSource Scaled(int copies) {
-  cds::v1::RuleSet rs;
-  const auto& files = Source().files;
-  auto it = std::find_if(files.begin(), files.end(),
-                         [](const auto& f) { return f.path == compiler::kRuleSetFile; });
-  if (!google::protobuf::TextFormat::ParseFromString(it->content, &rs)) std::abort();
-  const cds::v1::RuleSet original = rs;
-  for (auto& h : *rs.mutable_hypotheses()) h.set_pretest_probability(h.pretest_probability() / copies);
-  for (int k = 1; k < copies; ++k) {
-    const std::string suffix = absl::StrCat("_x", k);
-    for (auto c : original.concepts()) {
-      c.set_id(c.id() + suffix);
-      for (auto& code : *c.mutable_codes()) {
-        code.set_system("LOCAL");
-        code.set_code(code.code() + suffix);
-      }
-      *rs.add_concepts() = c;
-    }
-    for (auto l : original.labs()) {
-      l.set_id(l.id() + suffix);
-      for (auto& code : *l.mutable_codes()) {
-        code.set_system("LOCAL");
-        code.set_code(code.code() + suffix);
-      }
-      if (l.has_derived_from()) {
-        l.mutable_derived_from()->set_percent_lab(l.derived_from().percent_lab() + suffix);
-        l.mutable_derived_from()->set_total_lab(l.derived_from().total_lab() + suffix);
-      }
-      *rs.add_labs() = l;
-    }
-    for (auto h : original.hypotheses()) {
-      h.set_id(h.id() + suffix);
-      h.set_pretest_probability(h.pretest_probability() / copies);
-      for (auto& e : *h.mutable_evidence()) Rename(e.mutable_when(), suffix);
-      *rs.add_hypotheses() = h;
-    }
-    for (auto a : original.actions()) {
-      a.set_id(a.id() + suffix);
-      if (a.has_when()) Rename(a.mutable_when(), suffix);
-      if (a.has_information()) {
-        auto* info = a.mutable_information();
-        for (auto& lab : *info->mutable_labs()) lab += suffix;
-        for (auto& concept_id : *info->mutable_concepts()) concept_id += suffix;
-      }
-      *rs.add_actions() = a;
-    }
-  }
-  rs.mutable_metadata()->clear_screening();
-  compiler::RuleSetSource source = Source();
-  source.files.clear();
-  std::string text;
-  google::protobuf::TextFormat::PrintToString(rs, &text);
-  source.files.push_back({compiler::kRuleSetFile, text});
-  return source;
-}
-
 // Explanation levels, as the request's Explanation enum.
 constexpr int kFull = 2;
 constexpr int kCompact = 1;
@@ -216,7 +124,7 @@ BENCHMARK(BM_EvaluateTypicalPatient)
 // range(0): copies of the rule set; range(1): explanation level; range(2): 1 = response on
 // an arena (as in the server), 0 = on the heap.
 void BM_EvaluateScaledRuleSet(benchmark::State& state) {
-  const auto rs = CompileOrDie(Scaled(static_cast<int>(state.range(0))));
+  const auto rs = CompileOrDie(engine::testing::Scaled(Source(), static_cast<int>(state.range(0))));
   const engine::EvaluateOptions options = Options(static_cast<int>(state.range(1)));
   const bool arena = state.range(2) != 0;
   for (auto _ : state) {

@@ -15,6 +15,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "cds/v1/rules.pb.h"
+#include "server/compiler/wire_fragments.h"
 #include "server/ontology/ontology.h"
 
 namespace cds::compiler {
@@ -367,6 +368,10 @@ struct CompiledRuleSet {
   // The context of a patient's sex and age (age NaN when unknown); null when nothing is
   // folded.
   const DemographicContext* DemographicContextFor(int32_t sex, double age_days) const;
+
+  // The constant parts of responses in wire format (BuildWireFragments), for the engine's
+  // wire renderer.
+  WireFragments wire;
 };
 
 // Folds the demographic evidence of a compiled rule set (see

@@ -322,6 +322,7 @@ class Compilation {
     if (!has_error && complete_) {
       FoldDemographicEvidence(out_.get());
       out_->digest = DigestFiles(source_.files);
+      BuildWireFragments(out_.get());
       result.rule_set = std::move(out_);
     }
     return result;

@@ -15,9 +15,84 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
+#include "server/common/status_macros.h"
 #include "server/engine/patient_check.h"
 
 namespace cds::engine {
+
+// Writes an Evaluation (evaluation.h) as the evaluation proceeds: the engine's side of it.
+class EvaluationBuilder {
+ public:
+  using Item = Evaluation::Item;
+  using Entry = Evaluation::Entry;
+  using Description = Evaluation::Description;
+
+  explicit EvaluationBuilder(Evaluation* out) : e_(*out) {}
+
+  void Reset(const compiler::CompiledRuleSet& rs, const cds::v1::Patient& patient) {
+    e_.Reset(rs, patient);
+  }
+
+  // Appends to the evaluation's text; returns where the appended text begins.
+  template <typename... Args>
+  uint32_t Append(const Args&... args) {
+    const uint32_t begin = static_cast<uint32_t>(e_.text_.size());
+    absl::StrAppend(&e_.text_, args...);
+    return begin;
+  }
+  std::string* text() { return &e_.text_; }
+  uint32_t text_size() const { return static_cast<uint32_t>(e_.text_.size()); }
+
+  // A warning whose field is the text from `field_begin` to `message_begin`, and whose
+  // message is the rest.
+  void AddWarning(cds::v1::Warning::Kind kind, uint32_t field_begin, uint32_t message_begin) {
+    e_.warnings_.push_back(
+        {kind, field_begin, message_begin, message_begin, text_size(), 0});
+  }
+
+  Entry& AddEntry() {
+    Entry& entry = e_.entries_.emplace_back();
+    entry.items_begin = entry.items_end = static_cast<uint32_t>(e_.items_.size());
+    return entry;
+  }
+  Entry& entry() { return e_.entries_.back(); }
+  // An item of the last entry.
+  Item& AddItem() {
+    Item& item = e_.items_.emplace_back();
+    item.pieces_begin = item.pieces_end = static_cast<uint32_t>(e_.pieces_.size());
+    item.codes_begin = item.codes_end = static_cast<uint32_t>(e_.codes_.size());
+    e_.entries_.back().items_end = static_cast<uint32_t>(e_.items_.size());
+    return item;
+  }
+  size_t items_of_entry() const {
+    const Entry& entry = e_.entries_.back();
+    return entry.items_end - entry.items_begin;
+  }
+  Item& first_item_of_entry() { return e_.items_[e_.entries_.back().items_begin]; }
+  // A piece of the last item's description: a string of the rule set (kept by reference)
+  // or one that lives only as long as this call's scratch (copied).
+  void AddPiece(const std::string* piece, bool rule_set_string) {
+    Evaluation::Piece p;
+    if (rule_set_string) {
+      p.rule_set_string = piece;
+    } else {
+      p.begin = Append(*piece);
+      p.end = text_size();
+    }
+    e_.pieces_.push_back(p);
+    e_.items_.back().pieces_end = static_cast<uint32_t>(e_.pieces_.size());
+  }
+  // Patient finding indices matched by `item` (sorted, unique).
+  void SetCodes(Item& item, const std::vector<int>& finding_indices) {
+    item.codes_begin = static_cast<uint32_t>(e_.codes_.size());
+    e_.codes_.insert(e_.codes_.end(), finding_indices.begin(), finding_indices.end());
+    item.codes_end = static_cast<uint32_t>(e_.codes_.size());
+  }
+
+ private:
+  Evaluation& e_;
+};
+
 namespace {
 
 using compiler::CompiledCondition;
@@ -376,9 +451,6 @@ class Scores {
 };
 std::string Fmt(double v) { return absl::StrFormat("%.3g", v); }
 
-std::string FieldPath(const char* repeated, int index, const char* rest = "") {
-  return absl::StrCat("patient.", repeated, "[", index, "]", rest);
-}
 
 // Relationships that share the patient's maternal X chromosome lineage.
 bool OnMaternalXLine(Relative::Relationship r) {
@@ -708,18 +780,11 @@ class CodeKeyBuffer {
   absl::string_view key_;
 };
 
-void AddWarning(cds::v1::EvaluateResponse* response, cds::v1::Warning::Kind kind,
-                std::string field, std::string message) {
-  auto* w = response->add_warnings();
-  w->set_kind(kind);
-  w->set_field(std::move(field));
-  w->set_message(std::move(message));
-}
 
 // Resolves the patient's record against the rule set, adding warnings for what it
 // cannot use.
 Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scratch& scratch,
-                 cds::v1::EvaluateResponse* response) {
+                 EvaluationBuilder& out) {
   Facts facts;
   facts.patient = &patient;
   facts.scratch = &scratch;
@@ -752,16 +817,18 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
       // With an ontology, only ids it does not know are worth a warning: a known term that
       // no rule uses is simply not evidence for this differential.
       if (!rs.ontology->Knows(f.term().code())) {
-        AddWarning(response, cds::v1::Warning::UNKNOWN_CODE, FieldPath("findings", i, ".term"),
-                   absl::StrCat("code ", f.term().code(), " is not in ontology release ",
-                                rs.ontology->release(), "; it did not affect the result"));
+        const uint32_t field = out.Append("patient.findings[", i, "].term");
+        const uint32_t message = out.Append("code ", f.term().code(), " is not in ontology release ",
+                                            rs.ontology->release(), "; it did not affect the result");
+        out.AddWarning(cds::v1::Warning::UNKNOWN_CODE, field, message);
       }
       if (it == index.end()) continue;
     } else if (it == index.end()) {
       if (f.status() == Finding::PRESENT || !rs.concepts_by_code.contains(key)) {
-        AddWarning(response, cds::v1::Warning::UNKNOWN_CODE, FieldPath("findings", i, ".term"),
-                   absl::StrCat("code ", f.term().code(), " is not known to rule set ", rs.name,
-                                " ", rs.version, "; it did not affect the result"));
+        const uint32_t field = out.Append("patient.findings[", i, "].term");
+        const uint32_t message = out.Append("code ", f.term().code(), " is not known to rule set ",
+                                            rs.name, " ", rs.version, "; it did not affect the result");
+        out.AddWarning(cds::v1::Warning::UNKNOWN_CODE, field, message);
       }
       continue;
     }
@@ -776,10 +843,10 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
     const CodeKeyBuffer key(m.assay().system(), m.assay().code());
     auto it = rs.labs_by_code.find(key.key());
     if (it == rs.labs_by_code.end()) {
-      AddWarning(response, cds::v1::Warning::UNUSED_MEASUREMENT,
-                 FieldPath("measurements", i, ".assay"),
-                 absl::StrCat("assay ", m.assay().code(), " is not used by rule set ", rs.name,
-                              " ", rs.version));
+      const uint32_t field = out.Append("patient.measurements[", i, "].assay");
+      const uint32_t message = out.Append("assay ", m.assay().code(), " is not used by rule set ",
+                                          rs.name, " ", rs.version);
+      out.AddWarning(cds::v1::Warning::UNUSED_MEASUREMENT, field, message);
       continue;
     }
     const compiler::CompiledLab& lab = rs.labs[it->second];
@@ -796,10 +863,11 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
     }
     auto factor = lab.unit_factors.find(unit);
     if (factor == lab.unit_factors.end()) {
-      AddWarning(response, cds::v1::Warning::UNCONVERTIBLE_UNIT,
-                 FieldPath("measurements", i, ".unit"),
-                 absl::StrCat("unit '", m.unit(), "' cannot be converted to ", lab.canonical_unit,
-                              " for ", lab.label, "; the measurement was ignored"));
+      const uint32_t field = out.Append("patient.measurements[", i, "].unit");
+      const uint32_t message = out.Append("unit '", m.unit(), "' cannot be converted to ",
+                                          lab.canonical_unit, " for ", lab.label,
+                                          "; the measurement was ignored");
+      out.AddWarning(cds::v1::Warning::UNCONVERTIBLE_UNIT, field, message);
       continue;
     }
     const compiler::AgeDays at = compiler::ToDays(m.age());
@@ -831,9 +899,10 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
         }
       }
       if (!used) {
-        AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.measurements",
-                   absl::StrCat(rs.labs[lab].label, " without a ", rs.labs[d.total_lab].label,
-                                " taken with it cannot give ", rs.labs[d.target].label));
+        const uint32_t field = out.Append("patient.measurements");
+        const uint32_t message = out.Append(rs.labs[lab].label, " without a ", rs.labs[d.total_lab].label,
+                                            " taken with it cannot give ", rs.labs[d.target].label);
+        out.AddWarning(cds::v1::Warning::MISSING_KEY_DATA, field, message);
       }
     }
   }
@@ -842,25 +911,23 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
 }
 
 // Warns about missing data that the rule set's evidence would use.
-void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts,
-                        cds::v1::EvaluateResponse* response) {
+void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts, EvaluationBuilder& out) {
+  auto warn = [&out](absl::string_view field, absl::string_view message) {
+    const uint32_t field_begin = out.Append(field);
+    out.AddWarning(cds::v1::Warning::MISSING_KEY_DATA, field_begin, out.Append(message));
+  };
   if (facts.sex == cds::v1::UNKNOWN_SEX && !rs.rules_on_sex.empty()) {
-    AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.sex",
-               "sex is not known; the rule set weighs it");
+    warn("patient.sex", "sex is not known; the rule set weighs it");
   }
   if (std::isnan(facts.age_days) && !rs.rules_on_age.empty()) {
-    AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.age",
-               "age is not known; the rule set weighs it");
+    warn("patient.age", "age is not known; the rule set weighs it");
   }
   if (facts.family == nullptr && !rs.rules_on_family.empty()) {
-    AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.family_history",
-               "no family history was recorded; affected relatives would change the suggestions");
+    warn("patient.family_history",
+         "no family history was recorded; affected relatives would change the suggestions");
   }
   for (int32_t lab : rs.labs_weighed_by_evidence) {
-    if (!facts.HasLabs(lab)) {
-      AddWarning(response, cds::v1::Warning::MISSING_KEY_DATA, "patient.measurements",
-                 rs.labs[lab].missing_warning);
-    }
+    if (!facts.HasLabs(lab)) warn("patient.measurements", rs.labs[lab].missing_warning);
   }
 }
 
@@ -988,9 +1055,10 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
   return value;
 }
 
-// Sets the suggestion's code only when the rule has one (no empty "code": {} in JSON).
-void FillCode(const cds::v1::Code& code, cds::v1::Suggestion* out) {
-  if (!code.code().empty()) *out->mutable_code() = code;
+// The description of a test's item when the family history is what it would reveal.
+const std::string& NoFamilyHistoryRecorded() {
+  static const std::string* const text = new std::string("No family history recorded");
+  return *text;
 }
 
 }  // namespace
@@ -1005,22 +1073,25 @@ absl::Status ValidatePatient(const cds::v1::Patient& patient) {
 
 absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
                       const EvaluateOptions& options, cds::v1::EvaluateResponse* response) {
+  thread_local Evaluation evaluation;
+  CDS_RETURN_IF_ERROR(Evaluate(rs, patient, options, &evaluation));
+  evaluation.ToProto(response);
+  return absl::OkStatus();
+}
+
+absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient,
+                      const EvaluateOptions& options, Evaluation* evaluation) {
   if (options.validate) {
     absl::Status valid = ValidatePatient(patient);
     if (!valid.ok()) return valid;
   }
 
-  auto* ref = response->mutable_rule_set();
-  ref->set_name(rs.name);
-  ref->set_version(rs.version);
-  ref->set_digest(rs.digest);
-  if (rs.ontology != nullptr) ref->set_ontology(rs.ontology->release());
-  response->set_disclaimer(rs.disclaimer);
-
+  EvaluationBuilder out(evaluation);
+  out.Reset(rs, patient);
   Scratch& scratch = ThreadScratch();
   scratch.Begin(rs);
-  Facts facts = BuildFacts(rs, patient, scratch, response);
-  WarnMissingKeyData(rs, facts, response);
+  Facts facts = BuildFacts(rs, patient, scratch, out);
+  WarnMissingKeyData(rs, facts, out);
   const Evaluator evaluator(rs, facts);
 
   // 1. Candidate rules: those listed under a fact the patient record makes known, each once
@@ -1224,59 +1295,57 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   std::sort(fired.begin(), fired.end(), action_less);
 
   // 5. Suggestions in rank order: alerts, diagnoses, then the other actions.
+  // Lab descriptions live in the scratch until the next call: copied into the evaluation.
+  const std::string* const details_begin = scratch.detail.data();
+  const std::string* const details_end = details_begin + scratch.detail.size();
+  auto add_piece = [&](const std::string* piece) {
+    out.AddPiece(piece, piece < details_begin || piece >= details_end);
+  };
   auto emit_action = [&](int32_t a) {
     const compiler::CompiledAction& action = rs.actions[a];
-    auto* s = response->add_suggestions();
-    s->set_kind(action.kind);
-    s->set_rule_id(action.id);
-    FillCode(action.code, s);
-    s->set_title(action.title);
-    s->set_detail(action.detail);
-    s->set_urgency(action.urgency);
+    EvaluationBuilder::Entry& entry = out.AddEntry();
+    entry.action = a;
     if (const InformationValue* value = test_value(a); value != nullptr) {
       const InformationValue& v = *value;
-      s->set_expected_information_gain(v.gain_bits);
-      absl::StrAppend(
-          s->mutable_detail(), s->detail().empty() ? "" : " ",
-          absl::StrFormat("Its result is expected to be worth %.2f bits over the differential "
-                          "(computed from this rule set's frequencies): P(%s) is %.2f now, "
-                          "%.2f if positive, %.2f if negative.",
-                          v.gain_bits, rs.hypotheses[v.lead].title, v.lead_now,
-                          v.lead_if_positive, v.lead_if_negative));
+      entry.has_gain = true;
+      entry.gain = v.gain_bits;
+      entry.detail_begin = out.text_size();
+      absl::StrAppendFormat(
+          out.text(),
+          "Its result is expected to be worth %.2f bits over the differential "
+          "(computed from this rule set's frequencies): P(%s) is %.2f now, "
+          "%.2f if positive, %.2f if negative.",
+          v.gain_bits, rs.hypotheses[v.lead].title, v.lead_now, v.lead_if_positive,
+          v.lead_if_negative);
+      out.entry().detail_end = out.text_size();
     }
     if (options.explain && !action.reveals.empty()) {
       for (const compiler::FactKey& key : action.reveals) {
         if (FactKnown(facts, key)) continue;
-        auto* e = s->add_evidence();
-        e->set_rule_id(action.id);
-        e->set_effect(cds::v1::Evidence::MATCHED);
-        e->set_source(action.source);
+        EvaluationBuilder::Item& item = out.AddItem();
+        item.description = EvaluationBuilder::Description::kPieces;
         switch (key.kind) {
           case compiler::FactKey::Kind::kConcept:
-            e->set_description(rs.concepts[key.index].not_recorded);
+            out.AddPiece(&rs.concepts[key.index].not_recorded, true);
             break;
           case compiler::FactKey::Kind::kLab:
-            e->set_description(rs.labs[key.index].no_result);
+            out.AddPiece(&rs.labs[key.index].no_result, true);
             break;
           case compiler::FactKey::Kind::kFamily:
-            e->set_description("No family history recorded");
+            out.AddPiece(&NoFamilyHistoryRecorded(), true);
             break;
         }
       }
     }
     if (!options.explain || action.condition < 0) return;
+    out.entry().references = true;
     auto& reasons = scratch.reasons;
     auto& finding_indices = scratch.finding_indices;
     reasons.clear();
     finding_indices.clear();
     evaluator.CollectReasons(action.condition, &reasons, &finding_indices);
-    if (!options.full_trace) {
-      // Compact: the rule, where it is written and the codes it matched, in one item.
-      auto* e = s->add_evidence();
-      e->set_rule_id(action.id);
-      e->set_effect(cds::v1::Evidence::MATCHED);
-      e->set_source(action.source);
-    }
+    // Compact: the rule, where it is written and the codes it matched, in one item.
+    if (!options.full_trace) out.AddItem();
     // A leaf reached through several branches is one reason.
     for (size_t r = 0; options.full_trace && r < reasons.size(); ++r) {
       const std::string& reason = *reasons[r];
@@ -1284,19 +1353,15 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
                       [&](const std::string* earlier) { return *earlier == reason; })) {
         continue;
       }
-      auto* e = s->add_evidence();
-      e->set_rule_id(action.id);
-      e->set_description(reason);
-      e->set_effect(cds::v1::Evidence::MATCHED);
-      e->set_source(action.source);
+      out.AddItem().description = EvaluationBuilder::Description::kPieces;
+      add_piece(reasons[r]);
     }
-    if (!finding_indices.empty() && s->evidence_size() > 0) {
+    if (!finding_indices.empty() && out.items_of_entry() > 0) {
       std::sort(finding_indices.begin(), finding_indices.end());
       finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
                             finding_indices.end());
-      for (int i : finding_indices) *s->mutable_evidence(0)->add_matched_codes() = patient.findings(i).term();
+      out.SetCodes(out.first_item_of_entry(), finding_indices);
     }
-    for (const auto& r : action.references) *s->add_references() = r;
   };
   for (int32_t a : fired) {
     if (rs.actions[a].kind == cds::v1::ALERT) emit_action(a);
@@ -1306,17 +1371,11 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     const int32_t h = scores.Top(r + 1)[r];
     const double posterior = scores.Posterior(h);
     if (r >= kAlwaysShownDiagnoses && posterior < rs.min_probability_to_show) break;
-    const compiler::CompiledHypothesis& hyp = rs.hypotheses[h];
-    auto* s = response->add_suggestions();
-    s->set_kind(cds::v1::DIAGNOSIS);
-    s->set_rule_id(hyp.id);
-    FillCode(hyp.code, s);
-    s->set_title(hyp.title);
-    s->set_detail(hyp.detail);
-    s->set_urgency(cds::v1::INFO);
-    s->set_probability(posterior);
-    s->set_pretest_probability(hyp.pretest_probability);
+    EvaluationBuilder::Entry& entry = out.AddEntry();
+    entry.hypothesis = h;
+    entry.probability = posterior;
     if (!options.explain) continue;
+    entry.references = true;
     auto& items = scratch.items;
     items.clear();
     if (scores.Touched(h)) {
@@ -1328,39 +1387,33 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       if (std::fabs(x.log_lr) != std::fabs(y.log_lr)) return std::fabs(x.log_lr) > std::fabs(y.log_lr);
       return rs.evidence[x.evidence].id_rank < rs.evidence[y.evidence].id_rank;
     });
-    for (const Applied& item : items) {
-      const compiler::CompiledEvidence& ev = rs.evidence[item.evidence];
-      auto* e = s->add_evidence();
-      e->set_rule_id(ev.id);
+    for (const Applied& applied_item : items) {
+      const compiler::CompiledEvidence& ev = rs.evidence[applied_item.evidence];
+      EvaluationBuilder::Item& item = out.AddItem();
+      item.evidence = applied_item.evidence;
+      item.effect = applied_item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED;
+      item.has_likelihood_ratio = true;
+      item.likelihood_ratio = applied_item.superseded ? 1.0 : std::exp(applied_item.log_lr);
+      item.superseded = applied_item.superseded;
       if (options.full_trace) {
+        item.description = EvaluationBuilder::Description::kLabs;
         auto& lab_details = scratch.reasons;
         lab_details.clear();
         evaluator.CollectLabDetails(ev.condition, &lab_details);
-        std::string* description = e->mutable_description();
-        *description = ev.description;
-        for (size_t d = 0; d < lab_details.size(); ++d) {
-          absl::StrAppend(description, d == 0 ? ": " : "; ", *lab_details[d]);
-        }
+        out.AddPiece(&ev.description, true);
+        for (const std::string* detail : lab_details) add_piece(detail);
       }
-      e->set_effect(item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED);
-      e->set_likelihood_ratio(item.superseded ? 1.0 : std::exp(item.log_lr));
-      e->set_superseded(item.superseded);
-      e->set_source(ev.source);
       auto& finding_indices = scratch.finding_indices;
       finding_indices.clear();
       evaluator.CollectFindingCodes(ev.condition, &finding_indices);
       std::sort(finding_indices.begin(), finding_indices.end());
       finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
                             finding_indices.end());
-      for (int i : finding_indices) *e->add_matched_codes() = patient.findings(i).term();
+      out.SetCodes(item, finding_indices);
     }
-    for (const auto& r : hyp.references) *s->add_references() = r;
   }
   for (int32_t a : fired) {
     if (rs.actions[a].kind != cds::v1::ALERT) emit_action(a);
-  }
-  for (int i = 0; i < response->suggestions_size(); ++i) {
-    response->mutable_suggestions(i)->set_rank(i + 1);
   }
   return absl::OkStatus();
 }

@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "cds/v1/service.pb.h"
 #include "server/compiler/compiled_rule_set.h"
+#include "server/engine/evaluation.h"
 
 namespace cds::engine {
 
@@ -44,6 +45,13 @@ struct EvaluateOptions {
 // disclaimer); the caller sets evaluation_id and evaluated_at.
 absl::Status Evaluate(const compiler::CompiledRuleSet& rule_set, const cds::v1::Patient& patient,
                       const EvaluateOptions& options, cds::v1::EvaluateResponse* response);
+
+// The same evaluation into `evaluation` (reused between calls: nothing is allocated once its
+// arrays have grown), for a caller that renders it itself, e.g. straight to wire format
+// (Evaluation::WireSize / WriteWire). `evaluation->ToProto` gives the response above.
+// `rule_set` and `patient` must outlive the use of `evaluation`.
+absl::Status Evaluate(const compiler::CompiledRuleSet& rule_set, const cds::v1::Patient& patient,
+                      const EvaluateOptions& options, Evaluation* evaluation);
 
 // Checks a patient for malformed input without evaluating it: the rules of
 // patient_check.h (CheckPatient), reported as INVALID_ARGUMENT "<field> <description>" for
