@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string>
 
@@ -89,8 +90,10 @@ const char* ExplanationName(int explanation) {
   return explanation == kFull ? "full trace" : explanation == kCompact ? "compact" : "no explanation";
 }
 
-// range(0): explanation level; range(1): 1 = response on a protobuf arena, as the server's
-// per-call arenas place it; 0 = on the heap.
+// The protobuf path (engine::Evaluate building a cds.v1.EvaluateResponse, as the tools and
+// EvaluateStream use it; unary Evaluate in the server takes the wire path below).
+// range(0): explanation level; range(1): 1 = response on a protobuf arena, as
+// EvaluateStream places it; 0 = on the heap.
 void BM_EvaluateTypicalPatient(benchmark::State& state) {
   const auto rs = CompileOrDie(Source());
   const engine::EvaluateOptions options = Options(static_cast<int>(state.range(0)));
@@ -111,7 +114,7 @@ void BM_EvaluateTypicalPatient(benchmark::State& state) {
   if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
   state.SetLabel(absl::StrCat(rs->name, "@", rs->version, " ",
                               ExplanationName(static_cast<int>(state.range(0))),
-                              arena ? ", arena" : ", heap", "; ", Shape(response)));
+                              arena ? ", protobuf, arena" : ", protobuf, heap", "; ", Shape(response)));
 }
 BENCHMARK(BM_EvaluateTypicalPatient)
     ->Args({kFull, 0})
@@ -121,8 +124,8 @@ BENCHMARK(BM_EvaluateTypicalPatient)
     ->Args({kCompact, 1})
     ->Args({kNone, 1});
 
-// range(0): copies of the rule set; range(1): explanation level; range(2): 1 = response on
-// an arena (as in the server), 0 = on the heap.
+// range(0): copies of the rule set; range(1): explanation level; range(2): 1 = protobuf
+// response on an arena, 0 = on the heap.
 void BM_EvaluateScaledRuleSet(benchmark::State& state) {
   const auto rs = CompileOrDie(engine::testing::Scaled(Source(), static_cast<int>(state.range(0))));
   const engine::EvaluateOptions options = Options(static_cast<int>(state.range(1)));
@@ -143,7 +146,7 @@ void BM_EvaluateScaledRuleSet(benchmark::State& state) {
   if (!engine::Evaluate(*rs, TypicalPatient(), options, &response).ok()) std::abort();
   state.SetLabel(absl::StrCat(rs->hypotheses.size(), " hypotheses, ", rs->evidence.size(),
                               " evidence, ", rs->actions.size(), " actions; ", ExplanationName(static_cast<int>(state.range(1))),
-                              arena ? ", arena; " : ", heap; ", Shape(response)));
+                              arena ? ", protobuf, arena; " : ", protobuf, heap; ", Shape(response)));
 }
 BENCHMARK(BM_EvaluateScaledRuleSet)
     ->Args({1, kFull, 0})
@@ -152,6 +155,53 @@ BENCHMARK(BM_EvaluateScaledRuleSet)
     ->Args({1, kCompact, 1})
     ->Args({10, kCompact, 1})
     ->Args({100, kCompact, 1});
+
+// The server's path: the evaluation into a reused engine::Evaluation, rendered straight to
+// wire format from the rule set's precompiled fragments into a buffer allocated per call
+// (the server writes into a gRPC slice it allocates per call). The same bytes as the
+// protobuf response above serialized.
+void EvaluateToWire(benchmark::State& state, const compiler::CompiledRuleSet& rs,
+                    const engine::EvaluateOptions& options) {
+  engine::Evaluation evaluation;
+  engine::WireExtras extras;  // as the service adds them
+  extras.evaluation_id = "1b4e28ba-2fa1-4d3b-a3f5-ef19b5a7633b";
+  extras.has_evaluated_at = true;
+  extras.evaluated_at_seconds = 1795000000;
+  extras.evaluated_at_nanos = 123456789;
+  size_t bytes = 0;
+  for (auto _ : state) {
+    if (!engine::Evaluate(rs, TypicalPatient(), options, &evaluation).ok()) std::abort();
+    bytes = evaluation.WireSize(extras);
+    std::unique_ptr<char[]> buffer(new char[bytes]);
+    evaluation.WriteWire(extras, buffer.get());
+    benchmark::DoNotOptimize(buffer.get());
+    benchmark::ClobberMemory();
+  }
+  state.counters["bytes"] = static_cast<double>(bytes);
+}
+
+// range(0): explanation level.
+void BM_EvaluateTypicalPatientWire(benchmark::State& state) {
+  const auto rs = CompileOrDie(Source());
+  EvaluateToWire(state, *rs, Options(static_cast<int>(state.range(0))));
+  state.SetLabel(absl::StrCat(rs->name, "@", rs->version, " ",
+                              ExplanationName(static_cast<int>(state.range(0))), ", wire"));
+}
+BENCHMARK(BM_EvaluateTypicalPatientWire)->Arg(kFull)->Arg(kCompact)->Arg(kNone);
+
+// range(0): copies of the rule set; range(1): explanation level.
+void BM_EvaluateScaledRuleSetWire(benchmark::State& state) {
+  const auto rs =
+      CompileOrDie(engine::testing::Scaled(Source(), static_cast<int>(state.range(0))));
+  EvaluateToWire(state, *rs, Options(static_cast<int>(state.range(1))));
+  state.SetLabel(absl::StrCat(rs->hypotheses.size(), " hypotheses, ", rs->evidence.size(),
+                              " evidence, ", rs->actions.size(), " actions; ",
+                              ExplanationName(static_cast<int>(state.range(1))), ", wire"));
+}
+BENCHMARK(BM_EvaluateScaledRuleSetWire)
+    ->Args({1, kCompact})
+    ->Args({10, kCompact})
+    ->Args({100, kCompact});
 
 void BM_CompileRuleSet(benchmark::State& state) {
   for (auto _ : state) {

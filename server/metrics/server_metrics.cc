@@ -13,9 +13,15 @@
 #include "absl/strings/str_split.h"
 #include "cds/v1/service.pb.h"
 #include "google/protobuf/descriptor.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/wire_format_lite.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "grpcpp/support/proto_buffer_reader.h"
 
 namespace cds::metrics {
 namespace {
+
+constexpr char kEvaluateMethod[] = "/cds.v1.DecisionSupport/Evaluate";
 
 // Latency buckets from 50 µs to about 6.5 s.
 std::vector<double> LatencyBuckets() { return ExponentialBuckets(50e-6, 2, 18); }
@@ -86,6 +92,59 @@ struct ServerMetrics::MethodSeries {
 
 namespace {
 
+// The same count from a serialized EvaluateResponse, reading only what it needs: the
+// rule_set's name and version, and the suggestions up to the first diagnosis (alerts come
+// first, so that is usually the first or second). False when the bytes do not parse.
+bool CountSerializedEvaluation(grpc::ByteBuffer* serialized, Family<Counter>& evaluations) {
+  using google::protobuf::internal::WireFormatLite;
+  constexpr uint32_t kRuleSet = 2, kSuggestions = 3;        // EvaluateResponse
+  constexpr uint32_t kName = 1, kVersion = 2;                // RuleSetRef
+  constexpr uint32_t kKind = 2, kRuleId = 3;                 // Suggestion
+  grpc::ProtoBufferReader reader(serialized);
+  if (!reader.status().ok()) return false;
+  google::protobuf::io::CodedInputStream in(&reader);
+  std::string name, version, top = "none";
+  auto nested = [&in](auto&& field) {  // calls field(tag) for each field of a message
+    uint32_t size;
+    if (!in.ReadVarint32(&size)) return false;
+    const auto limit = in.PushLimit(static_cast<int>(size));
+    while (const uint32_t tag = in.ReadTag()) {
+      if (!field(tag)) return false;
+    }
+    const bool whole = in.ConsumedEntireMessage();
+    in.PopLimit(limit);
+    return whole;
+  };
+  const uint32_t length_delimited = WireFormatLite::WIRETYPE_LENGTH_DELIMITED;
+  while (const uint32_t tag = in.ReadTag()) {
+    bool ok;
+    if (tag == (kRuleSet << 3 | length_delimited)) {
+      ok = nested([&](uint32_t t) {
+        if (t == (kName << 3 | length_delimited)) return WireFormatLite::ReadString(&in, &name);
+        if (t == (kVersion << 3 | length_delimited)) return WireFormatLite::ReadString(&in, &version);
+        return WireFormatLite::SkipField(&in, t);
+      });
+    } else if (tag == (kSuggestions << 3 | length_delimited)) {
+      uint32_t kind = 0;
+      std::string rule_id;
+      ok = nested([&](uint32_t t) {
+        if (t == (kKind << 3 | WireFormatLite::WIRETYPE_VARINT)) return in.ReadVarint32(&kind);
+        if (t == (kRuleId << 3 | length_delimited)) return WireFormatLite::ReadString(&in, &rule_id);
+        return WireFormatLite::SkipField(&in, t);
+      });
+      if (ok && kind == cds::v1::DIAGNOSIS) {
+        top = std::move(rule_id);
+        break;  // the rule set came before the suggestions
+      }
+    } else {
+      ok = WireFormatLite::SkipField(&in, tag);
+    }
+    if (!ok) return false;
+  }
+  evaluations.With({name, version, top}).Increment();
+  return true;
+}
+
 class MetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
   MetricsInterceptor(ServerMetrics& metrics, std::shared_ptr<ServerMetrics::MethodSeries> series)
@@ -94,7 +153,13 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_MESSAGE)) {
-      metrics_.ResponseSent(series_->full_method, methods->GetSendMessage());
+      if (series_->full_method == kEvaluateMethod) {
+        // Evaluate sends raw bytes (the service renders them itself): read them, as they
+        // are (serializing first, should a handler ever send a message instead).
+        metrics_.EvaluateResponseSent(methods->GetSerializedSendMessage());
+      } else {
+        metrics_.ResponseSent(series_->full_method, methods->GetSendMessage());
+      }
     }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start_;
@@ -190,9 +255,13 @@ void ServerMetrics::CallFinished(MethodSeries& series, grpc::StatusCode code, do
   series.Resolve(series.seconds[i], handling_seconds_, code).Observe(seconds);
 }
 
+void ServerMetrics::EvaluateResponseSent(grpc::ByteBuffer* serialized) {
+  if (serialized != nullptr) CountSerializedEvaluation(serialized, evaluations_);
+}
+
 void ServerMetrics::ResponseSent(const std::string& method, const void* message) {
   if (message == nullptr) return;
-  if (method == "/cds.v1.DecisionSupport/Evaluate") {
+  if (method == kEvaluateMethod) {
     CountEvaluation(*static_cast<const cds::v1::EvaluateResponse*>(message), evaluations_);
   } else if (method == "/cds.v1.DecisionSupport/EvaluateStream") {
     const auto& streamed = *static_cast<const cds::v1::StreamEvaluateResponse*>(message);

@@ -14,6 +14,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/server_interceptor.h"
 #include "grpcpp/support/status.h"
 #include "server/metrics/registry.h"
@@ -33,7 +34,10 @@ class ServerMetrics {
 
   // Called by the interceptor; public for tests.
   void CallFinished(const std::string& method, grpc::StatusCode code, double seconds);
+  // `message` is the response message of a protobuf handler (any method but Evaluate).
   void ResponseSent(const std::string& method, const void* message);
+  // Evaluate's response as sent: serialized bytes (its handler sends raw bytes).
+  void EvaluateResponseSent(grpc::ByteBuffer* serialized);
 
   // One method's series, resolved once: its labels and, per status code, its counters and
   // histogram (each created on first use). A call then costs a few atomic updates instead

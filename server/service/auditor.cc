@@ -3,14 +3,13 @@
 #include <string>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/security/authz.h"
 
 namespace cds::service {
 namespace {
-
-constexpr int kTopSuggestions = 3;
 
 std::string CallerOf(const grpc::ServerContextBase& context) {
   const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
@@ -23,22 +22,40 @@ std::string CallerOf(const grpc::ServerContextBase& context) {
 
 }  // namespace
 
+Auditor::EvaluationSummary Auditor::Summarize(const cds::v1::EvaluateResponse& response) {
+  EvaluationSummary summary;
+  summary.rule_set_name = response.rule_set().name();
+  summary.rule_set_version = response.rule_set().version();
+  summary.digest = response.rule_set().digest();
+  summary.evaluation_id = response.evaluation_id();
+  for (int i = 0; i < response.suggestions_size() && i < kTopSuggestions; ++i) {
+    summary.top_suggestions[i] = response.suggestions(i).rule_id();
+    summary.top_suggestion_count = i + 1;
+  }
+  return summary;
+}
+
 audit::AuditRecord Auditor::EvaluationRecord(const cds::v1::EvaluateRequest& request,
                                              const cds::v1::EvaluateResponse& response,
+                                             const grpc::Status& status,
+                                             const char* method) const {
+  return EvaluationRecord(request, Summarize(response), status, method);
+}
+
+audit::AuditRecord Auditor::EvaluationRecord(const cds::v1::EvaluateRequest& request,
+                                             const EvaluationSummary& response,
                                              const grpc::Status& status,
                                              const char* method) const {
   audit::AuditRecord record;
   record.method = method;
   record.pseudonym = pseudonymizer_.Of(request.patient().reference());
   if (status.ok()) {
-    const cds::v1::RuleSetRef& ref = response.rule_set();
-    record.rule_set.reserve(ref.name().size() + 1 + ref.version().size());
-    record.rule_set.append(ref.name()).append("@").append(ref.version());
-    record.digest = ref.digest();
-    record.evaluation_id = response.evaluation_id();
-    for (int i = 0; i < response.suggestions_size() && i < kTopSuggestions; ++i) {
+    absl::StrAppend(&record.rule_set, response.rule_set_name, "@", response.rule_set_version);
+    record.digest = std::string(response.digest);
+    record.evaluation_id = std::string(response.evaluation_id);
+    for (int i = 0; i < response.top_suggestion_count; ++i) {
       if (i > 0) record.top_suggestions.push_back(',');
-      record.top_suggestions.append(response.suggestions(i).rule_id());
+      absl::StrAppend(&record.top_suggestions, response.top_suggestions[i]);
     }
   } else {
     record.rule_set = request.rule_set();
@@ -49,6 +66,14 @@ audit::AuditRecord Auditor::EvaluationRecord(const cds::v1::EvaluateRequest& req
 void Auditor::EvaluatedAsync(const grpc::ServerContextBase& context, absl::Time start,
                              const cds::v1::EvaluateRequest& request,
                              const cds::v1::EvaluateResponse& response, grpc::Status status,
+                             const char* method, Finish finish) const {
+  EvaluatedAsync(context, start, request, Summarize(response), std::move(status), method,
+                 std::move(finish));
+}
+
+void Auditor::EvaluatedAsync(const grpc::ServerContextBase& context, absl::Time start,
+                             const cds::v1::EvaluateRequest& request,
+                             const EvaluationSummary& response, grpc::Status status,
                              const char* method, Finish finish) const {
   audit::AuditRecord record = EvaluationRecord(request, response, status, method);
   Commit(context, std::move(record), start, std::move(status), std::move(finish));

@@ -6,9 +6,11 @@
 // the record is committed (on the audit store's thread), so unary handlers hand it
 // reactor->Finish and return. Thread-safe; borrows the sink, which must outlive it.
 
+#include <array>
 #include <string>
 
 #include "absl/functional/any_invocable.h"
+#include "absl/strings/string_view.h"
 
 #include "absl/time/time.h"
 #include "cds/v1/service.pb.h"
@@ -25,12 +27,30 @@ class Auditor {
   Auditor(audit::AuditSink& sink, audit::Pseudonymizer pseudonymizer)
       : sink_(sink), pseudonymizer_(std::move(pseudonymizer)) {}
 
+  // What the record of a successful evaluation keeps of its response: for a caller that
+  // sends the response without building a cds.v1.EvaluateResponse (the wire renderer). The
+  // views must stay valid until EvaluatedAsync / EvaluationRecord returns.
+  static constexpr int kTopSuggestions = 3;
+  struct EvaluationSummary {
+    absl::string_view rule_set_name;
+    absl::string_view rule_set_version;
+    absl::string_view digest;
+    absl::string_view evaluation_id;
+    // Rule ids of the first suggestions, in rank order.
+    std::array<absl::string_view, kTopSuggestions> top_suggestions;
+    int top_suggestion_count = 0;
+  };
+  static EvaluationSummary Summarize(const cds::v1::EvaluateResponse& response);
+
   // An evaluation: rule set, digest, pseudonym, id and top suggestions, recorded under
   // `method` (a unary Evaluate, or one patient of an EvaluateStream).
   void EvaluatedAsync(const grpc::ServerContextBase& context, absl::Time start,
                       const cds::v1::EvaluateRequest& request,
                       const cds::v1::EvaluateResponse& response, grpc::Status status,
                       const char* method, Finish finish) const;
+  void EvaluatedAsync(const grpc::ServerContextBase& context, absl::Time start,
+                      const cds::v1::EvaluateRequest& request, const EvaluationSummary& response,
+                      grpc::Status status, const char* method, Finish finish) const;
 
   static constexpr char kEvaluateMethod[] = "/cds.v1.DecisionSupport/Evaluate";
   static constexpr char kEvaluateStreamMethod[] = "/cds.v1.DecisionSupport/EvaluateStream";
@@ -51,6 +71,9 @@ class Auditor {
   // holds its request (under a lock) and commit it after letting go.
   audit::AuditRecord EvaluationRecord(const cds::v1::EvaluateRequest& request,
                                       const cds::v1::EvaluateResponse& response,
+                                      const grpc::Status& status, const char* method) const;
+  audit::AuditRecord EvaluationRecord(const cds::v1::EvaluateRequest& request,
+                                      const EvaluationSummary& response,
                                       const grpc::Status& status, const char* method) const;
   void Commit(const grpc::ServerContextBase& context, audit::AuditRecord record,
               absl::Time start, grpc::Status status, Finish finish) const;

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -13,6 +14,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "google/protobuf/arena.h"
+#include "grpcpp/support/proto_buffer_reader.h"
 #include "server/common/status_macros.h"
 #include "server/engine/engine.h"
 #include "server/service/grpc_status.h"
@@ -87,8 +90,9 @@ std::string NewUuidV4() {
                          hi & 0xFFFF, lo >> 48, lo & 0xFFFFFFFFFFFFULL);
 }
 
-absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,
-                          cds::v1::EvaluateResponse* response) {
+absl::StatusOr<store::Resolved> EvaluateInto(const store::RuleStore& store,
+                                             const cds::v1::EvaluateRequest& request,
+                                             engine::Evaluation* evaluation) {
   // ValidateEvaluateRequest below runs engine::CheckPatient on the patient: the engine
   // need not run it again.
   engine::EvaluateOptions checked;
@@ -104,31 +108,104 @@ absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::Evaluate
   checked.explain = request.explanation() != cds::v1::EXPLANATION_NONE;
   checked.full_trace = request.explanation() == cds::v1::EXPLANATION_FULL;
   CDS_RETURN_IF_ERROR(
-      engine::Evaluate(*resolved.rule_set, request.patient(), checked, response));
+      engine::Evaluate(*resolved.rule_set, request.patient(), checked, evaluation));
+  resolved.evaluations->fetch_add(1, std::memory_order_relaxed);
+  return resolved;
+}
+
+absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,
+                          cds::v1::EvaluateResponse* response) {
+  thread_local engine::Evaluation evaluation;
+  CDS_ASSIGN_OR_RETURN(const store::Resolved resolved, EvaluateInto(store, request, &evaluation));
+  evaluation.ToProto(response);
   response->mutable_rule_set()->set_label(resolved.label);
   response->set_evaluation_id(NewUuidV4());
   SetTimestamp(absl::Now(), response->mutable_evaluated_at());
-  resolved.evaluations->fetch_add(1, std::memory_order_relaxed);
   return absl::OkStatus();
 }
 
+grpc::Status ParseRequest(const grpc::ByteBuffer& bytes, google::protobuf::MessageLite* request) {
+  grpc::ByteBuffer copy(bytes);  // shares the slices; the reader consumes the copy
+  if (!grpc::GenericDeserialize<grpc::ProtoBufferReader, google::protobuf::MessageLite>(&copy,
+                                                                                      request)
+           .ok()) {
+    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Slice NewSlice(size_t size, char** data) {
+  grpc_slice slice = grpc_slice_malloc(size);
+  *data = reinterpret_cast<char*>(GRPC_SLICE_START_PTR(slice));
+  return grpc::Slice(slice, grpc::Slice::STEAL_REF);
+}
+
 grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerContext* context,
-                                                        const cds::v1::EvaluateRequest* request,
-                                                        cds::v1::EvaluateResponse* response) {
+                                                        const grpc::ByteBuffer* request_bytes,
+                                                        grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::Time start = absl::Now();
+  // The request on an arena whose first block is on this stack: parsing a typical request
+  // allocates nothing else but long strings. It is done with once the audit record is built.
+  alignas(std::max_align_t) char first_block[8192];
+  google::protobuf::ArenaOptions arena_options;
+  arena_options.initial_block = first_block;
+  arena_options.initial_block_size = sizeof(first_block);
+  google::protobuf::Arena arena(arena_options);
+  auto* request = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateRequest>(&arena);
+  if (grpc::Status parsed = ParseRequest(*request_bytes, request); !parsed.ok()) {
+    reactor->Finish(parsed);
+    return reactor;
+  }
+  // Reused by every call on this thread: nothing is allocated for it once grown.
+  thread_local engine::Evaluation evaluation;
   grpc::Status status;
+  std::string evaluation_id;
+  store::Resolved resolved;  // keeps the rule set the evaluation refers to
   // A call whose client has given up (deadline passed, cancelled) is not evaluated.
   if (context->IsCancelled() || context->deadline() <= std::chrono::system_clock::now()) {
     status = ToGrpcStatus(
         absl::DeadlineExceededError("the call's deadline passed before evaluation"));
+  } else if (absl::StatusOr<store::Resolved> evaluated =
+                 EvaluateInto(store_, *request, &evaluation);
+             !evaluated.ok()) {
+    status = ToGrpcStatus(evaluated.status());
   } else {
-    status = ToGrpcStatus(EvaluateOnce(store_, *request, response));
+    resolved = *std::move(evaluated);
+    evaluation_id = NewUuidV4();
+    const absl::Time now = absl::Now();
+    const int64_t seconds = absl::ToUnixSeconds(now);
+    engine::WireExtras extras;
+    extras.evaluation_id = evaluation_id;
+    extras.label = resolved.label;
+    extras.has_evaluated_at = true;
+    extras.evaluated_at_seconds = seconds;
+    extras.evaluated_at_nanos =
+        static_cast<int32_t>(absl::ToInt64Nanoseconds(now - absl::FromUnixSeconds(seconds)));
+    // Written straight into the slice gRPC sends.
+    char* data = nullptr;
+    grpc::Slice slice = NewSlice(evaluation.WireSize(extras), &data);
+    evaluation.WriteWire(extras, data);
+    *response = grpc::ByteBuffer(&slice, 1);
   }
   if (auditor_ != nullptr) {
+    Auditor::EvaluationSummary summary;
+    if (status.ok()) {
+      const compiler::CompiledRuleSet& rs = evaluation.rule_set();
+      summary.rule_set_name = rs.name;
+      summary.rule_set_version = rs.version;
+      summary.digest = rs.digest;
+      summary.evaluation_id = evaluation_id;
+      for (size_t i = 0; i < evaluation.suggestion_count() &&
+                         i < static_cast<size_t>(Auditor::kTopSuggestions);
+           ++i) {
+        summary.top_suggestions[i] = evaluation.suggestion_rule_id(i);
+        summary.top_suggestion_count = static_cast<int>(i + 1);
+      }
+    }
     // Answered once the record is committed, from the audit trail's thread: this one is
     // free for other calls meanwhile.
-    auditor_->EvaluatedAsync(*context, start, *request, *response, std::move(status),
+    auditor_->EvaluatedAsync(*context, start, *request, summary, std::move(status),
                              Auditor::kEvaluateMethod,
                              [reactor](grpc::Status audited) { reactor->Finish(audited); });
     return reactor;

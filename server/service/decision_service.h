@@ -14,23 +14,36 @@
 #include "absl/status/statusor.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "cds/v1/service.pb.h"
-#include "server/service/arena_allocator.h"
+#include "google/protobuf/message_lite.h"
+#include "server/engine/evaluation.h"
 #include "server/service/auditor.h"
 #include "server/store/rule_store.h"
 
 namespace cds::service {
 
-class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackService {
+// cds.v1.DecisionSupport on the callback API, with Evaluate on raw bytes: its handler parses
+// the request itself and answers with the engine's wire rendering of the response
+// (engine::Evaluation::WriteWire), so no EvaluateResponse message is built or serialized.
+using RawEvaluateDecisionSupport = cds::v1::DecisionSupport::WithRawCallbackMethod_Evaluate<
+    cds::v1::DecisionSupport::WithCallbackMethod_EvaluateStream<
+        cds::v1::DecisionSupport::WithCallbackMethod_ListRuleSets<
+            cds::v1::DecisionSupport::WithCallbackMethod_GetRuleSet<
+                cds::v1::DecisionSupport::Service>>>>;
+
+class DecisionServiceImpl final : public RawEvaluateDecisionSupport {
  public:
-  explicit DecisionServiceImpl(const store::RuleStore& store) : store_(store) {
-    SetMessageAllocatorFor_Evaluate(&evaluate_allocator_);
-  }
+  explicit DecisionServiceImpl(const store::RuleStore& store) : store_(store) {}
   // Every call is audited (and fails closed) when set; the auditor must outlive this.
   void set_auditor(const Auditor* auditor) { auditor_ = auditor; }
 
+  // `request` is a serialized cds.v1.EvaluateRequest; `response` gets a serialized
+  // cds.v1.EvaluateResponse, exactly the bytes protobuf would write for the response
+  // EvaluateOnce builds. Statuses and audit records as with a protobuf handler; bytes that
+  // do not parse are refused as gRPC refuses them for a generated handler (UNIMPLEMENTED,
+  // unaudited).
   grpc::ServerUnaryReactor* Evaluate(grpc::CallbackServerContext* context,
-                                     const cds::v1::EvaluateRequest* request,
-                                     cds::v1::EvaluateResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListRuleSets(grpc::CallbackServerContext* context,
                                          const cds::v1::ListRuleSetsRequest* request,
                                          cds::v1::ListRuleSetsResponse* response) override;
@@ -44,7 +57,6 @@ class DecisionServiceImpl final : public cds::v1::DecisionSupport::CallbackServi
  private:
   const store::RuleStore& store_;
   const Auditor* auditor_ = nullptr;
-  ArenaMessageAllocator<cds::v1::EvaluateRequest, cds::v1::EvaluateResponse> evaluate_allocator_;
 };
 
 // cds.v1.RuleSetAdmin: publish bundles, move labels, retire versions. Thread-safe; borrows
@@ -103,6 +115,20 @@ absl::StatusOr<Pin> ParsePin(const cds::v1::EvaluateRequest& request);
 // The body of Evaluate without gRPC, for reuse and tests. Fills `response` on success.
 absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::EvaluateRequest& request,
                           cds::v1::EvaluateResponse* response);
+
+// The same up to rendering: validates the request, resolves its rule-set version and
+// evaluates it into `evaluation`. The result holds the rule set, which must be kept while
+// `evaluation` is used; the service's fields are for the caller to add (see EvaluateOnce).
+absl::StatusOr<store::Resolved> EvaluateInto(const store::RuleStore& store,
+                                             const cds::v1::EvaluateRequest& request,
+                                             engine::Evaluation* evaluation);
+
+// Parses a serialized request as gRPC's generated handlers do (arena-allocated by the
+// caller); UNIMPLEMENTED with no message, as gRPC answers such bytes, when they do not parse.
+grpc::Status ParseRequest(const grpc::ByteBuffer& bytes, google::protobuf::MessageLite* request);
+
+// A slice of `size` bytes for the caller to fill, sent without a copy.
+grpc::Slice NewSlice(size_t size, char** data);
 
 // Finishes the call with `status` once its audit record is committed (UNAVAILABLE instead
 // when it cannot be), or at once when `auditor` is null. Never blocks.

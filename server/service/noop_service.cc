@@ -1,29 +1,45 @@
 #include "server/service/noop_service.h"
 
+#include <cstddef>
+
 #include "absl/status/status.h"
-#include "server/service/decision_service.h"
+#include "google/protobuf/arena.h"
 #include "server/service/grpc_status.h"
 
 namespace cds::service {
 
 grpc::ServerUnaryReactor* NoopDecisionService::Evaluate(grpc::CallbackServerContext* context,
-                                                        const cds::v1::EvaluateRequest* request,
-                                                        cds::v1::EvaluateResponse* response) {
+                                                        const grpc::ByteBuffer* request_bytes,
+                                                        grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  std::shared_ptr<const cds::v1::EvaluateResponse> canned;
-  {
-    absl::ReaderMutexLock lock(&mu_);
-    canned = canned_;
-  }
-  if (canned != nullptr) {
-    *response = *canned;
-    reactor->Finish(grpc::Status::OK);
+  // Parsed as the real service parses it (same arena), so that only the evaluation differs.
+  alignas(std::max_align_t) char first_block[8192];
+  google::protobuf::ArenaOptions arena_options;
+  arena_options.initial_block = first_block;
+  arena_options.initial_block_size = sizeof(first_block);
+  google::protobuf::Arena arena(arena_options);
+  auto* request = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateRequest>(&arena);
+  if (grpc::Status parsed = ParseRequest(*request_bytes, request); !parsed.ok()) {
+    reactor->Finish(parsed);
     return reactor;
   }
-  const absl::Status status = EvaluateOnce(store_, *request, response);
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (canned_.has_value()) {
+      grpc::Slice shared = *canned_;  // a reference, not a copy of the bytes
+      *response = grpc::ByteBuffer(&shared, 1);
+      reactor->Finish(grpc::Status::OK);
+      return reactor;
+    }
+  }
+  auto* evaluated = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateResponse>(&arena);
+  const absl::Status status = EvaluateOnce(store_, *request, evaluated);
   if (status.ok()) {
+    const std::string bytes = evaluated->SerializeAsString();
+    grpc::Slice slice(bytes);
+    *response = grpc::ByteBuffer(&slice, 1);
     absl::MutexLock lock(&mu_);
-    if (canned_ == nullptr) canned_ = std::make_shared<const cds::v1::EvaluateResponse>(*response);
+    if (!canned_.has_value()) canned_ = slice;
   }
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
