@@ -17,15 +17,16 @@
 namespace {
 std::string Read(const std::string& p) { std::ifstream in(p); std::stringstream s; s << in.rdbuf(); return s.str(); }
 void Dump(const cds::compiler::CompiledRuleSet& rs, const std::string& name, const cds::v1::Patient& p) {
-  for (bool explain : {true, false}) {
-    cds::engine::EvaluateOptions o; o.explain = explain;
+  for (int level : {0, 1, 2}) {  // no explanation, compact, full trace
+    const bool explain = level != 0;
+    cds::engine::EvaluateOptions o; o.explain = explain; o.full_trace = level == 2;
     cds::v1::EvaluateResponse r;
     auto st = cds::engine::Evaluate(rs, p, o, &r);
     // Warnings in a set order (hash-map order before).
     std::sort(r.mutable_warnings()->pointer_begin(), r.mutable_warnings()->pointer_end(),
               [](auto* a, auto* b) { return a->SerializeAsString() < b->SerializeAsString(); });
     std::string text; google::protobuf::TextFormat::PrintToString(r, &text);
-    std::cout << "### " << rs.version << " " << name << " explain=" << explain << " " << st.ToString() << "\n" << text;
+    std::cout << "### " << rs.version << " " << name << " explain=" << level << " " << st.ToString() << "\n" << text;
   }
 }
 }  // namespace
