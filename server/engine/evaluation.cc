@@ -43,6 +43,22 @@ char* WriteInt32Field(uint32_t field, int32_t v, char* out) {
 
 constexpr size_t kDoubleFieldSize = 9;
 
+// A patient's code as sent, the way protobuf serializes it, without protobuf's UTF-8 check
+// of each string (the request parser has checked them). `size` is its ByteSizeLong: a code
+// carrying fields unknown to this server is larger than its three strings, and is left to
+// protobuf, which writes those fields back too.
+char* WriteCode(const cds::v1::Code& code, size_t size, char* out) {
+  const size_t known = StringFieldSize(code.system().size()) + StringFieldSize(code.code().size()) +
+                       StringFieldSize(code.display().size());
+  if (known != size) {
+    return reinterpret_cast<char*>(
+        code.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out)));
+  }
+  out = WriteStringField(1, code.system(), out);
+  out = WriteStringField(2, code.code(), out);
+  return WriteStringField(3, code.display(), out);
+}
+
 // "<detail> <value text>", as the protobuf renderer appends to an informative test's detail.
 absl::string_view DetailSeparator(const std::string& detail) { return detail.empty() ? "" : " "; }
 
@@ -211,9 +227,7 @@ char* Evaluation::WriteItem(const Item& item, const Entry& entry, char* out) con
   if (item.has_likelihood_ratio) out = wire::WriteDouble(4, item.likelihood_ratio, out);  // 4
   for (uint32_t c = item.codes_begin; c < item.codes_end; ++c) {              // 5
     out = WriteLengthPrefix(5, code_sizes_[c], out);
-    const cds::v1::Code& code = patient_->findings(codes_[c]).term();
-    out = reinterpret_cast<char*>(
-        code.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out)));
+    out = WriteCode(patient_->findings(codes_[c]).term(), code_sizes_[c], out);
   }
   out = wire::WriteBytes(w[source], out);                                     // 6
   if (item.superseded) {                                                      // 7
@@ -241,6 +255,7 @@ size_t Evaluation::WireSize(const WireExtras& extras) {
   const compiler::WireFragments& w = rs.wire;
   code_sizes_.resize(codes_.size());
   for (size_t c = 0; c < codes_.size(); ++c) {
+    // ByteSizeLong also caches the size protobuf's serializer reads (WriteCode).
     code_sizes_[c] = static_cast<uint32_t>(patient_->findings(codes_[c]).term().ByteSizeLong());
   }
   size_t size = StringFieldSize(extras.evaluation_id.size());  // 1
