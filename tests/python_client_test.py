@@ -1,5 +1,6 @@
 """A non-C++ client against the real cds-server: Debian's python3-grpcio calls the
-standard grpc.health.v1 service and the server reflection list over a real channel.
+standard grpc.health.v1 service and the server reflection list over a real channel, and
+sends Evaluate bytes that do not parse (a client C++ stubs cannot be).
 
 Usage: python_client_test.py CDS_SERVER_BINARY RULES_DIR. Exits 77 (skipped) without grpc.
 The messages are tiny, so they are encoded by hand rather than generated.
@@ -55,11 +56,23 @@ def main():
                 "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
             replies = list(reflect(iter([b"\x3a\x00"]), timeout=10))
             assert any(b"cds.v1.DecisionSupport" in r for r in replies), replies
+
+            # Bytes that are no EvaluateRequest (field 2, a length running past the end):
+            # a clear INVALID_ARGUMENT, echoing nothing of them.
+            evaluate = channel.unary_unary("/cds.v1.DecisionSupport/Evaluate")
+            try:
+                evaluate(b"\x12\x7fPATIENT-SECRET", timeout=10)
+                raise AssertionError("an unparseable request was answered")
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+                assert "cds.v1.EvaluateRequest" in error.details(), error.details()
+                assert "PATIENT" not in error.details(), error.details()
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
     assert code == 0, f"server exit code {code}"
-    print("python client: health SERVING, reflection lists cds.v1.DecisionSupport, clean exit")
+    print("python client: health SERVING, reflection lists cds.v1.DecisionSupport, "
+          "unparseable Evaluate bytes refused INVALID_ARGUMENT, clean exit")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,11 @@ grpc::Status ParseRequest(const grpc::ByteBuffer& bytes, google::protobuf::Messa
   if (!grpc::GenericDeserialize<grpc::ProtoBufferReader, google::protobuf::MessageLite>(&copy,
                                                                                       request)
            .ok()) {
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "");
+    // gRPC's generated handlers answer UNIMPLEMENTED with no message here; a caller is
+    // better served by the field-less truth. No byte of the request is echoed.
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("the request is not a serialized ",
+                                     request->GetTypeName()));
   }
   return grpc::Status::OK;
 }
@@ -154,8 +158,9 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
   google::protobuf::Arena arena(arena_options);
   auto* request = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateRequest>(&arena);
   if (grpc::Status parsed = ParseRequest(*request_bytes, request); !parsed.ok()) {
-    reactor->Finish(parsed);
-    return reactor;
+    // Audited like every refused call; nothing of the request is recorded.
+    return FinishAudited(reactor, auditor_, context, Auditor::kEvaluateMethod, start, "",
+                         std::move(parsed));
   }
   // Reused by every call on this thread: nothing is allocated for it once grown.
   thread_local engine::Evaluation evaluation;

@@ -124,7 +124,8 @@ absl::StatusOr<store::Resolved> EvaluateInto(const store::RuleStore& store,
                                              engine::Evaluation* evaluation);
 
 // Parses a serialized request as gRPC's generated handlers do (arena-allocated by the
-// caller); UNIMPLEMENTED with no message, as gRPC answers such bytes, when they do not parse.
+// caller); INVALID_ARGUMENT naming the expected message type when the bytes do not parse
+// (where the generated handlers would answer UNIMPLEMENTED with no message).
 grpc::Status ParseRequest(const grpc::ByteBuffer& bytes, google::protobuf::MessageLite* request);
 
 // A slice of `size` bytes for the caller to fill, sent without a copy.
