@@ -1,14 +1,16 @@
 #include "server/audit/audit_log.h"
 
+#include <fcntl.h>
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 #include <pthread.h>
 #include <sqlite3.h>
+#include <unistd.h>
 
-#include <atomic>
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
-#include <deque>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -20,6 +22,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "server/audit/journal.h"
 
 namespace cds::audit {
 namespace {
@@ -44,208 +47,119 @@ CREATE INDEX IF NOT EXISTS audit_time ON audit(time_us);
 CREATE INDEX IF NOT EXISTS audit_pseudonym ON audit(pseudonym);
 )sql";
 
-// One writer thread commits whatever is queued as one transaction, then tells every record
-// of the batch its outcome. A watchdog thread answers UNAVAILABLE for records still not
-// committed after max_wait (a stuck disk); whichever comes first, commit or watchdog, claims
-// the record and calls its callback, exactly once.
-class SqliteAuditSink final : public AuditSink {
- public:
-  // Takes ownership of the databases and the prepared statements. `checkpointer`: a second
-  // connection to the same database for the syncer thread, or null when every commit is
-  // fsynced (sync_interval zero).
-  SqliteAuditSink(sqlite3* db, sqlite3_stmt* begin, sqlite3_stmt* insert, sqlite3_stmt* commit,
-                  sqlite3* checkpointer, const SqliteAuditOptions& options)
-      : options_(options),
-        db_(db),
-        begin_(begin),
-        insert_(insert),
-        commit_(commit),
-        checkpointer_(checkpointer),
-        writer_([this] {
-          pthread_setname_np(pthread_self(), "audit-writer");  // for top -H and profiles
-          WriteLoop();
-        }),
-        watchdog_([this] {
-          pthread_setname_np(pthread_self(), "audit-watchdog");
-          WatchLoop();
-        }) {
-    if (checkpointer_ != nullptr) {
-      syncer_ = std::thread([this] {
-        pthread_setname_np(pthread_self(), "audit-syncer");
-        SyncLoop();
-      });
-    }
-  }
+constexpr char kInsert[] =
+    "INSERT OR IGNORE INTO audit (id, time_us, caller, method, rule_set, digest, pseudonym, "
+    "evaluation_id, top_suggestions, status_code, latency_us) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
-  ~SqliteAuditSink() override {
-    {
-      absl::MutexLock lock(&mu_);
-      stopping_ = true;
-    }
-    writer_.join();
-    watchdog_.join();
-    if (syncer_.joinable()) syncer_.join();  // after the writer: its last checkpoint is final
+// The journal is emptied once everything in it is in the database and it has grown past
+// this: often enough that queries (which read it) stay quick, rarely enough that the short
+// pause it costs (the calls arriving meanwhile wait for one small import) hardly matters.
+constexpr int64_t kRotateBytes = int64_t{8} << 20;
+// Records imported per transaction at most, and how many waiting wake the importer early.
+constexpr size_t kImportBatch = 1024;
+// A leader writes at most this many batches for others before the importer takes over, so
+// that no gRPC thread is kept from its own work for long.
+constexpr int kMaxLeaderRounds = 8;
+
+// The database side: the table, and one fsynced transaction per batch of journaled records.
+class Importer {
+ public:
+  ~Importer() {
     sqlite3_finalize(begin_);
     sqlite3_finalize(insert_);
     sqlite3_finalize(commit_);
-    sqlite3_close(checkpointer_);
     sqlite3_close(db_);
   }
 
-  int QueueDepth() const override {
-    absl::MutexLock lock(&mu_);
-    return static_cast<int>(queue_.size());
+  static absl::StatusOr<std::unique_ptr<Importer>> Open(const SqliteAuditOptions& options) {
+    auto importer = std::unique_ptr<Importer>(new Importer);
+    sqlite3*& db = importer->db_;
+    if (sqlite3_open_v2(options.path.c_str(), &db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                        nullptr) != SQLITE_OK) {
+      return absl::UnavailableError(absl::StrCat("--audit_db: cannot open ", options.path));
+    }
+    sqlite3_busy_timeout(db, 2000);
+    // synchronous=FULL: an imported batch is on disk when its COMMIT returns, so the journal
+    // may let go of it. One fsync per batch, off the calls' path. SQLite's automatic
+    // checkpoint (every 1000 WAL pages) keeps the WAL from growing.
+    char* error = nullptr;
+    const std::string setup =
+        absl::StrCat("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", kSchema);
+    if (sqlite3_exec(db, setup.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
+      const std::string message = error != nullptr ? error : "unknown error";
+      sqlite3_free(error);
+      return absl::UnavailableError(absl::StrCat("--audit_db ", options.path, ": ", message));
+    }
+    if (options.max_pages > 0) {
+      const std::string limit = absl::StrCat("PRAGMA max_page_count = ", options.max_pages);
+      sqlite3_exec(db, limit.c_str(), nullptr, nullptr, nullptr);
+    }
+    if (sqlite3_prepare_v2(db, "BEGIN IMMEDIATE", -1, &importer->begin_, nullptr) != SQLITE_OK ||
+        sqlite3_prepare_v2(db, kInsert, -1, &importer->insert_, nullptr) != SQLITE_OK ||
+        sqlite3_prepare_v2(db, "COMMIT", -1, &importer->commit_, nullptr) != SQLITE_OK) {
+      return absl::InternalError("audit: cannot prepare the statements");
+    }
+    return importer;
   }
 
-  void RecordAsync(AuditRecord record, Done done) override {
-    auto pending = std::make_shared<Pending>();
-    pending->record = std::move(record);
-    pending->done = std::move(done);
-    {
-      absl::MutexLock lock(&mu_);
-      if (static_cast<int>(queue_.size()) < options_.max_queued && !stopping_) {
-        pending->deadline = absl::Now() + options_.max_wait;
-        queue_.push_back(pending);
-        watched_.push_back(std::move(pending));
-        return;
+  // The largest id in the database (0 when empty).
+  absl::StatusOr<int64_t> MaxId() {
+    sqlite3_stmt* stmt = nullptr;
+    if (sqlite3_prepare_v2(db_, "SELECT COALESCE(MAX(id), 0) FROM audit", -1, &stmt, nullptr) !=
+        SQLITE_OK) {
+      return absl::UnavailableError("the audit database cannot be read");
+    }
+    const bool row = sqlite3_step(stmt) == SQLITE_ROW;
+    const int64_t id = row ? sqlite3_column_int64(stmt, 0) : 0;
+    sqlite3_finalize(stmt);
+    if (!row) return absl::UnavailableError("the audit database cannot be read");
+    return id;
+  }
+
+  // Inserts `records` (with their ids; ids already there are skipped) in transactions of at
+  // most kImportBatch records, each fsynced. On failure the records of the failed
+  // transaction and after are not in the database.
+  absl::Status Import(const std::vector<AuditRecord>& records) {
+    for (size_t from = 0; from < records.size(); from += kImportBatch) {
+      const size_t to = std::min(records.size(), from + kImportBatch);
+      if (!Transaction(records, from, to)) {
+        return absl::UnavailableError("audit trail cannot be written");
       }
     }
-    pending->Finish(absl::UnavailableError("audit trail cannot keep up: call refused unaudited"));
-  }
-
-  absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const override {
-    // A connection of its own, read-only: WAL readers never block the writer.
-    return QuerySqliteAudit(options_.path, query);
+    return absl::OkStatus();
   }
 
  private:
-  struct Pending {
-    AuditRecord record;
-    Done done;
-    absl::Time deadline;
-    std::atomic<bool> claimed{false};
-    // Calls `done` unless someone already has.
-    void Finish(absl::Status status) {
-      if (!claimed.exchange(true, std::memory_order_acq_rel)) std::move(done)(std::move(status));
-    }
-  };
+  Importer() = default;
 
-  void WriteLoop() {
-    std::vector<std::shared_ptr<Pending>> batch;
-    while (true) {
-      batch.clear();
-      {
-        absl::MutexLock lock(&mu_);
-        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return stopping_ || !queue_.empty();
-        };
-        mu_.Await(absl::Condition(&ready));
-        // Forget the records answered so far (the watchdog would, but only when it wakes).
-        while (!watched_.empty() && watched_.front()->claimed.load(std::memory_order_acquire)) {
-          watched_.pop_front();
-        }
-        if (queue_.empty() && stopping_) {
-          writer_done_ = true;
-          return;
-        }
-        batch.swap(queue_);
-      }
-      CommitAndAnswer(batch);
-    }
-  }
-
-  // Commits `batch` as one transaction and answers each record. Committed even when the
-  // watchdog has already answered some of them: those callers were told UNAVAILABLE, and a
-  // record too many is better than one too few.
-  void CommitAndAnswer(const std::vector<std::shared_ptr<Pending>>& batch) {
-    const absl::Status status = Commit(batch);
-    if (status.ok()) commits_.fetch_add(1, std::memory_order_release);
-    for (const auto& p : batch) p->Finish(status);
-  }
-
-  // Every sync_interval, makes what was committed since the last round durable: a PASSIVE
-  // checkpoint on a connection of its own fsyncs the WAL, copies it into the database and
-  // fsyncs that, without blocking the writer (WAL readers and checkpoints never do). The
-  // writer keeps SQLite's automatic checkpoint (every 1000 WAL pages): under a steady stream
-  // of commits a passive checkpoint from another connection never finds the WAL fully copied
-  // when the writer starts its next transaction, so only the writer's own checkpoint lets the
-  // WAL start over (without it the WAL grew by 150 MB in 20 s at 64 in flight, and its
-  // memory-mapped index with it). Once the writer has stopped, one last checkpoint leaves
-  // everything on disk.
-  void SyncLoop() ABSL_LOCKS_EXCLUDED(mu_) {
-    uint64_t synced = 0;
-    bool last = false;
-    while (!last) {
-      {
-        absl::MutexLock lock(&mu_);
-        mu_.AwaitWithTimeout(absl::Condition(&writer_done_), options_.sync_interval);
-        last = writer_done_;
-      }
-      const uint64_t committed = commits_.load(std::memory_order_acquire);
-      if (committed == synced) continue;
-      if (sqlite3_wal_checkpoint_v2(checkpointer_, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr,
-                                    nullptr) == SQLITE_OK) {
-        synced = committed;
-      }
-    }
-  }
-
-  void WatchLoop() ABSL_LOCKS_EXCLUDED(mu_) {
-    mu_.Lock();
-    while (true) {
-      while (!watched_.empty() && watched_.front()->claimed.load(std::memory_order_acquire)) {
-        watched_.pop_front();
-      }
-      if (watched_.empty()) {
-        if (stopping_) break;
-        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return stopping_ || !watched_.empty();
-        };
-        mu_.Await(absl::Condition(&ready));
-        continue;
-      }
-      std::shared_ptr<Pending> oldest = watched_.front();
-      if (absl::Now() < oldest->deadline) {
-        // Records are watched in arrival order, so the oldest expires first. On shutdown
-        // the writer answers every queued record before it stops.
-        mu_.AwaitWithDeadline(absl::Condition(&writer_done_), oldest->deadline);
-        continue;
-      }
-      watched_.pop_front();
-      mu_.Unlock();
-      oldest->Finish(absl::UnavailableError("audit trail too slow: call refused unaudited"));
-      mu_.Lock();
-    }
-    mu_.Unlock();
-  }
-
-  absl::Status Commit(const std::vector<std::shared_ptr<Pending>>& batch) {
-    if (options_.commit_delay > absl::ZeroDuration()) absl::SleepFor(options_.commit_delay);
-    // Prepared once: BEGIN and COMMIT cost no parsing per batch.
+  bool Transaction(const std::vector<AuditRecord>& records, size_t from, size_t to) {
     const int begun = sqlite3_step(begin_);
     sqlite3_reset(begin_);
-    if (begun != SQLITE_DONE) return absl::UnavailableError("audit trail cannot be written");
-    for (const auto& p : batch) {
-      const AuditRecord& r = p->record;
+    if (begun != SQLITE_DONE) return false;
+    for (size_t i = from; i < to; ++i) {
+      const AuditRecord& r = records[i];
       sqlite3_reset(insert_);
-      sqlite3_bind_int64(insert_, 1, absl::ToUnixMicros(r.time));
+      sqlite3_bind_int64(insert_, 1, r.id);
+      sqlite3_bind_int64(insert_, 2, absl::ToUnixMicros(r.time));
       // The record outlives the statement's step: no copies (SQLITE_STATIC).
       auto text = [this](int i, const std::string& s) {
         sqlite3_bind_text(insert_, i, s.data(), static_cast<int>(s.size()), SQLITE_STATIC);
       };
-      text(2, r.caller);
-      text(3, r.method);
-      text(4, r.rule_set);
-      text(5, r.digest);
-      text(6, r.pseudonym);
-      text(7, r.evaluation_id);
-      text(8, r.top_suggestions);
-      sqlite3_bind_int(insert_, 9, r.status_code);
-      sqlite3_bind_int64(insert_, 10, r.latency_us);
+      text(3, r.caller);
+      text(4, r.method);
+      text(5, r.rule_set);
+      text(6, r.digest);
+      text(7, r.pseudonym);
+      text(8, r.evaluation_id);
+      text(9, r.top_suggestions);
+      sqlite3_bind_int(insert_, 10, r.status_code);
+      sqlite3_bind_int64(insert_, 11, r.latency_us);
       if (sqlite3_step(insert_) != SQLITE_DONE) {
         sqlite3_reset(insert_);
         sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-        return absl::UnavailableError("audit trail cannot be written");
+        return false;
       }
     }
     sqlite3_reset(insert_);
@@ -253,30 +167,309 @@ class SqliteAuditSink final : public AuditSink {
     sqlite3_reset(commit_);
     if (committed != SQLITE_DONE) {
       sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
-      return absl::UnavailableError("audit trail cannot be written");
+      return false;
     }
-    return absl::OkStatus();
+    return true;
+  }
+
+  sqlite3* db_ = nullptr;
+  sqlite3_stmt* begin_ = nullptr;
+  sqlite3_stmt* insert_ = nullptr;
+  sqlite3_stmt* commit_ = nullptr;
+};
+
+// A call's record is committed once it is written to the journal (see journal.h); the
+// database gets it later. Writing is combined: a caller that finds nobody writing becomes
+// the leader and writes its own record and whatever others queued meanwhile, one write()
+// per batch, and answers them all from its own thread; a caller that finds a leader at work
+// queues its record and returns (never blocks). At one call in flight the record is thus
+// written and the call answered on the calling thread, with no other thread woken. The
+// importer thread moves journaled records into SQLite in large fsynced transactions (every
+// sync_interval, or once kImportBatch are waiting): that bounds what a power failure can
+// lose, and lets the journal be emptied. A watchdog thread answers UNAVAILABLE for records
+// not written within max_wait (a stuck disk); a record's callback is claimed under mu_ by
+// whoever answers it first, and only ever called outside mu_.
+class JournalAuditSink final : public AuditSink {
+ public:
+  JournalAuditSink(std::unique_ptr<Importer> importer, int fd, int64_t next_id,
+                   const SqliteAuditOptions& options)
+      : options_(options),
+        import_period_(options.sync_interval > absl::ZeroDuration() ? options.sync_interval
+                                                                   : absl::Seconds(1)),
+        import_batch_(std::min(kImportBatch,
+                               static_cast<size_t>(std::max(1, options.max_queued / 4)))),
+        importer_(std::move(importer)),
+        fd_(fd),
+        next_id_(next_id),
+        import_thread_([this] {
+          pthread_setname_np(pthread_self(), "audit-import");  // for top -H and profiles
+          ImportLoop();
+        }),
+        watchdog_([this] {
+          pthread_setname_np(pthread_self(), "audit-watchdog");
+          WatchLoop();
+        }) {}
+
+  ~JournalAuditSink() override {
+    {
+      absl::MutexLock lock(&mu_);
+      stopping_ = true;
+      import_cv_.Signal();
+      watch_cv_.Signal();
+    }
+    import_thread_.join();  // writes what is queued, imports the rest
+    watchdog_.join();
+    close(fd_);
+  }
+
+  int QueueDepth() const override {
+    absl::MutexLock lock(&mu_);
+    return static_cast<int>(queue_.size() + unimported_.size() + importing_);
+  }
+
+  void RecordAsync(AuditRecord record, Done done) override {
+    mu_.Lock();
+    absl::Status refused;
+    if (stopping_ || !journal_ok_) {
+      refused = absl::UnavailableError("audit trail cannot be written: call refused unaudited");
+    } else if (!database_ok_) {
+      // The journal still takes records, but they could not be imported: stop taking more
+      // until the database can be written again (a full disk).
+      refused = absl::UnavailableError("audit trail cannot be written: call refused unaudited");
+    } else if (static_cast<int>(queue_.size() + unimported_.size()) >= options_.max_queued) {
+      refused = absl::UnavailableError("audit trail cannot keep up: call refused unaudited");
+    }
+    if (!refused.ok()) {
+      mu_.Unlock();
+      std::move(done)(std::move(refused));
+      return;
+    }
+    queue_.push_back(Item{std::move(record), std::move(done), absl::Now()});
+    if (writing_) {  // the leader writes it
+      mu_.Unlock();
+      return;
+    }
+    writing_ = true;
+    LeadLocked(/*bounded=*/true);
+    mu_.Unlock();
+  }
+
+  absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const override {
+    // Reads the journal, then the database (connections of its own, read-only): every
+    // answered record is in one of them.
+    return QuerySqliteAudit(options_.path, query);
+  }
+
+ private:
+  struct Item {
+    AuditRecord record;
+    Done done;  // null once answered (by the watchdog)
+    absl::Time queued;
+  };
+
+  // Writes queue_ to the journal batch by batch and answers each record, until the queue
+  // is empty (or, when `bounded`, after kMaxLeaderRounds batches: then the importer thread
+  // takes over). REQUIRES: writing_ set by this thread.
+  void LeadLocked(bool bounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (int round = 0; !queue_.empty(); ++round) {
+      if (bounded && round == kMaxLeaderRounds) {
+        hand_over_ = true;  // writing_ stays set: the importer thread leads from here
+        import_cv_.Signal();
+        return;
+      }
+      batch_.swap(queue_);
+      const int64_t first_id = next_id_;
+      next_id_ += static_cast<int64_t>(batch_.size());
+      write_started_ = absl::Now();
+      in_write_ = true;
+      const int64_t offset = journal_bytes_;
+      mu_.Unlock();
+      const absl::Status status = WriteBatch(first_id, offset);
+      mu_.Lock();
+      in_write_ = false;
+      if (status.ok()) {
+        journal_bytes_ += static_cast<int64_t>(encoded_.size());
+        const size_t before = unimported_.size();
+        for (Item& item : batch_) unimported_.push_back(std::move(item.record));
+        if (before < import_batch_ && unimported_.size() >= import_batch_) import_cv_.Signal();
+      }
+      mu_.Unlock();
+      // writing_ is still ours: batch_ is not touched by anyone else meanwhile.
+      for (Item& item : batch_) {
+        if (item.done) std::move(item.done)(status);
+      }
+      batch_.clear();
+      mu_.Lock();
+    }
+    writing_ = false;
+  }
+
+  // Appends batch_ (numbered from `first_id`) to the journal at `offset`, its current end.
+  // Runs without mu_ but as the only writer.
+  absl::Status WriteBatch(int64_t first_id, int64_t offset) ABSL_LOCKS_EXCLUDED(mu_) {
+    encoded_.clear();
+    int64_t id = first_id;
+    for (Item& item : batch_) {
+      item.record.id = id++;
+      AppendJournalFrame(item.record, &encoded_);
+    }
+    if (options_.commit_delay > absl::ZeroDuration()) absl::SleepFor(options_.commit_delay);
+    size_t written = 0;
+    while (written < encoded_.size()) {
+      const ssize_t n = write(fd_, encoded_.data() + written, encoded_.size() - written);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      written += static_cast<size_t>(n);
+    }
+    bool ok = written == encoded_.size();
+    // sync_interval zero: on disk before anyone is answered. After a failed fsync the kernel
+    // may have dropped the pages, so the journal is not trusted again.
+    bool trusted = true;
+    if (ok && options_.sync_interval <= absl::ZeroDuration() && fdatasync(fd_) != 0) {
+      ok = false;
+      trusted = false;
+    }
+    if (!ok && written > 0 && trusted) {
+      // A partial frame would hide every later record from a replay: cut it off.
+      trusted = ftruncate(fd_, offset) == 0;
+    }
+    if (!trusted) {
+      absl::MutexLock lock(&mu_);
+      journal_ok_ = false;
+    }
+    return ok ? absl::OkStatus() : absl::UnavailableError("audit trail cannot be written");
+  }
+
+  void ImportLoop() ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    while (true) {
+      const absl::Time deadline = absl::Now() + import_period_;
+      while (!stopping_ && !hand_over_ && unimported_.size() < import_batch_) {
+        if (import_cv_.WaitWithDeadline(&mu_, deadline)) break;  // timed out
+      }
+      if (hand_over_) {
+        hand_over_ = false;
+        LeadLocked(/*bounded=*/false);
+      }
+      if (stopping_) {
+        // Let a leader finish (or hand over, then lead in its place).
+        auto settled = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return !writing_ || hand_over_;
+        };
+        mu_.Await(absl::Condition(&settled));
+        if (hand_over_) continue;
+      }
+      ImportLocked();
+      if (stopping_) break;
+      MaybeEmptyJournalLocked();
+    }
+    MaybeEmptyJournalLocked();
+  }
+
+  // Imports what has been journaled so far. On failure the records wait for the next round
+  // (refusing new ones meanwhile) and the journal is fsynced: it is then their only copy.
+  void ImportLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (unimported_.empty()) return;
+    std::vector<AuditRecord>& records = import_buffer_;  // keeps its capacity
+    records.swap(unimported_);
+    importing_ = records.size();
+    mu_.Unlock();
+    const absl::Status status = importer_->Import(records);
+    if (!status.ok()) fdatasync(fd_);
+    mu_.Lock();
+    importing_ = 0;
+    database_ok_ = status.ok();
+    if (!status.ok()) {
+      // In id order: the ones that failed, then any journaled meanwhile.
+      for (AuditRecord& r : unimported_) records.push_back(std::move(r));
+      unimported_.swap(records);
+    }
+    records.clear();
+  }
+
+  // Once the journal is past kRotateBytes: stops its writers for a moment, imports what is
+  // left in it and empties it. Calls arriving meanwhile queue, and this thread writes them.
+  void MaybeEmptyJournalLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (journal_bytes_ < kRotateBytes && !(stopping_ && journal_bytes_ > 0)) return;
+    if (writing_ || !journal_ok_) return;
+    writing_ = true;
+    ImportLocked();
+    if (unimported_.empty() && database_ok_) {
+      mu_.Unlock();
+      const bool emptied = ftruncate(fd_, 0) == 0;
+      mu_.Lock();
+      if (emptied) {
+        journal_bytes_ = 0;
+      } else {
+        journal_ok_ = false;
+      }
+    }
+    LeadLocked(/*bounded=*/false);
+  }
+
+  // Answers UNAVAILABLE for records waiting longer than max_wait, whether queued behind a
+  // leader or in a write that does not return. Looks every max_wait / 2, so no call wakes it.
+  void WatchLoop() ABSL_LOCKS_EXCLUDED(mu_) {
+    const absl::Duration tick = std::max(options_.max_wait / 2, absl::Milliseconds(1));
+    std::vector<Done> late;
+    while (true) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (!stopping_) watch_cv_.WaitWithTimeout(&mu_, tick);
+        if (stopping_) return;  // the importer answers whatever is left
+        const absl::Time now = absl::Now();
+        if (in_write_ && now - write_started_ >= options_.max_wait) {
+          for (Item& item : batch_) Claim(item, &late);
+        }
+        for (Item& item : queue_) {
+          if (now - item.queued < options_.max_wait) break;  // queued in arrival order
+          Claim(item, &late);
+        }
+      }
+      for (Done& done : late) {
+        std::move(done)(absl::UnavailableError("audit trail too slow: call refused unaudited"));
+      }
+      late.clear();
+    }
+  }
+
+  static void Claim(Item& item, std::vector<Done>* late) {
+    if (!item.done) return;
+    late->push_back(std::move(item.done));
+    item.done = nullptr;
   }
 
   const SqliteAuditOptions options_;
-  sqlite3* const db_;           // used by the writer thread only
-  sqlite3_stmt* const begin_;   // ditto
-  sqlite3_stmt* const insert_;  // ditto
-  sqlite3_stmt* const commit_;  // ditto
-  sqlite3* const checkpointer_;  // the syncer thread's, or null
-  std::atomic<uint64_t> commits_{0};  // transactions committed so far
-  mutable absl::Mutex mu_;
-  // Records waiting for the writer.
-  std::vector<std::shared_ptr<Pending>> queue_ ABSL_GUARDED_BY(mu_);
-  // Records not yet answered, oldest first (the watchdog's view; answered ones are dropped
-  // lazily from the front).
-  std::deque<std::shared_ptr<Pending>> watched_ ABSL_GUARDED_BY(mu_);
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  bool writer_done_ ABSL_GUARDED_BY(mu_) = false;
+  const absl::Duration import_period_;
+  const size_t import_batch_;
+  const std::unique_ptr<Importer> importer_;  // the importer thread's (and its last round's)
+  const int fd_;                              // the journal, O_APPEND
 
-  std::thread writer_;
+  mutable absl::Mutex mu_;
+  absl::CondVar import_cv_;  // wakes the importer: a full batch, a hand-over, stopping
+  absl::CondVar watch_cv_;   // wakes the watchdog: stopping
+  std::vector<Item> queue_ ABSL_GUARDED_BY(mu_);  // waiting for a leader
+  // Set while a leader (a caller, or the importer thread) owns the journal's end, batch_,
+  // encoded_ and next_id_'s use.
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool hand_over_ ABSL_GUARDED_BY(mu_) = false;  // the importer thread is to lead
+  // The batch being written and answered. Its records are the leader's alone; their
+  // callbacks are claimed under mu_ (the watchdog may take them while in_write_).
+  std::vector<Item> batch_;
+  std::string encoded_;  // the leader's: batch_'s frames
+  bool in_write_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time write_started_ ABSL_GUARDED_BY(mu_);
+  int64_t next_id_ ABSL_GUARDED_BY(mu_);
+  int64_t journal_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<AuditRecord> unimported_ ABSL_GUARDED_BY(mu_);  // journaled, id order
+  size_t importing_ ABSL_GUARDED_BY(mu_) = 0;  // records in the importer's hands
+  std::vector<AuditRecord> import_buffer_;      // the importer's, between rounds empty
+  bool journal_ok_ ABSL_GUARDED_BY(mu_) = true;   // false after a write it could not undo
+  bool database_ok_ ABSL_GUARDED_BY(mu_) = true;  // false while imports fail
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+
+  std::thread import_thread_;
   std::thread watchdog_;
-  std::thread syncer_;  // with a sync_interval only
 };
 
 }  // namespace
@@ -355,71 +548,67 @@ absl::Status AuditSink::Record(AuditRecord record) {
 }
 
 absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOptions& options) {
-  sqlite3* db = nullptr;
-  if (sqlite3_open_v2(options.path.c_str(), &db,
-                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
-                      nullptr) != SQLITE_OK) {
-    sqlite3_close(db);
-    return absl::UnavailableError(absl::StrCat("--audit_db: cannot open ", options.path));
+  absl::StatusOr<std::unique_ptr<Importer>> importer = Importer::Open(options);
+  if (!importer.ok()) return importer.status();
+  absl::StatusOr<int64_t> max_id = (*importer)->MaxId();
+  if (!max_id.ok()) return max_id.status();
+  // Replay: what the journal holds beyond the database (a crash before its import) goes in
+  // first. A torn last frame was never answered OK; it is dropped with the rest.
+  const std::string journal = JournalPath(options.path);
+  absl::StatusOr<std::string> bytes = ReadJournalFile(journal);
+  if (!bytes.ok()) return bytes.status();
+  JournalContents contents = ParseJournal(*bytes, /*check_damage=*/true);
+  if (contents.damaged) {
+    return absl::DataLossError(absl::StrCat(
+        "the audit journal ", journal, " is damaged at byte ", contents.valid_bytes,
+        " (valid records follow an invalid one); keep a copy, then move it aside to start"));
   }
-  sqlite3_busy_timeout(db, 2000);
-  char* error = nullptr;
-  const bool deferred_sync = options.sync_interval > absl::ZeroDuration();
-  // Deferred: commits reach the WAL (synchronous=NORMAL); the syncer checkpoints on time.
-  const std::string setup = absl::StrCat(
-      "PRAGMA journal_mode=WAL;",
-      deferred_sync ? "PRAGMA synchronous=NORMAL;"
-                    : "PRAGMA synchronous=FULL;",
-      kSchema);
-  if (sqlite3_exec(db, setup.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
-    const std::string message = error != nullptr ? error : "unknown error";
-    sqlite3_free(error);
-    sqlite3_close(db);
-    return absl::UnavailableError(absl::StrCat("--audit_db ", options.path, ": ", message));
+  int64_t next_id = *max_id + 1;
+  std::vector<AuditRecord> replay;
+  for (AuditRecord& r : contents.records) {
+    next_id = std::max(next_id, r.id + 1);
+    if (r.id > *max_id) replay.push_back(std::move(r));
   }
-  if (options.max_pages > 0) {
-    const std::string limit = absl::StrCat("PRAGMA max_page_count = ", options.max_pages);
-    sqlite3_exec(db, limit.c_str(), nullptr, nullptr, nullptr);
+  if (absl::Status imported = (*importer)->Import(replay); !imported.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("--audit_db ", options.path, ": cannot import the audit journal"));
   }
-  sqlite3_stmt* begin = nullptr;
-  sqlite3_stmt* insert = nullptr;
-  sqlite3_stmt* commit = nullptr;
-  if (sqlite3_prepare_v2(db, "BEGIN IMMEDIATE", -1, &begin, nullptr) != SQLITE_OK ||
-      sqlite3_prepare_v2(db,
-                         "INSERT INTO audit (time_us, caller, method, rule_set, digest, "
-                         "pseudonym, evaluation_id, top_suggestions, status_code, latency_us) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         -1, &insert, nullptr) != SQLITE_OK ||
-      sqlite3_prepare_v2(db, "COMMIT", -1, &commit, nullptr) != SQLITE_OK) {
-    sqlite3_finalize(begin);
-    sqlite3_finalize(insert);
-    sqlite3_finalize(commit);
-    sqlite3_close(db);
-    return absl::InternalError("audit: cannot prepare the statements");
-  }
-  sqlite3* checkpointer = nullptr;
-  if (deferred_sync) {
-    if (sqlite3_open_v2(options.path.c_str(), &checkpointer,
-                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) != SQLITE_OK ||
-        // It only checkpoints: no page cache worth keeping (64 KB instead of 2 MB).
-        sqlite3_exec(checkpointer, "PRAGMA synchronous=NORMAL; PRAGMA cache_size=-64;", nullptr,
-                     nullptr, nullptr) !=
-            SQLITE_OK) {
-      sqlite3_close(checkpointer);
-      sqlite3_finalize(begin);
-      sqlite3_finalize(insert);
-      sqlite3_finalize(commit);
-      sqlite3_close(db);
-      return absl::UnavailableError(absl::StrCat("--audit_db: cannot open ", options.path));
-    }
-    sqlite3_busy_timeout(checkpointer, 2000);
+  const int fd = open(journal.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return absl::UnavailableError(absl::StrCat("cannot open the audit journal ", journal));
+  // Everything in it is now in the database, durably (synchronous=FULL).
+  if (ftruncate(fd, 0) != 0) {
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("cannot write the audit journal ", journal));
   }
   return std::unique_ptr<AuditSink>(
-      new SqliteAuditSink(db, begin, insert, commit, checkpointer, options));
+      new JournalAuditSink(*std::move(importer), fd, next_id, options));
 }
+
+namespace {
+
+// AuditQuery's filters, as the SQL of QuerySqliteAudit applies them.
+bool Matches(const AuditRecord& r, const AuditQuery& query, int64_t since_us, int64_t until_us) {
+  const int64_t time_us = absl::ToUnixMicros(r.time);
+  return time_us >= since_us && time_us < until_us &&
+         (query.caller.empty() || r.caller == query.caller) &&
+         (query.rule_set.empty() || r.rule_set == query.rule_set ||
+          (r.rule_set.size() > query.rule_set.size() &&
+           r.rule_set.compare(0, query.rule_set.size(), query.rule_set) == 0 &&
+           r.rule_set[query.rule_set.size()] == '@')) &&
+         (query.pseudonym.empty() || r.pseudonym == query.pseudonym) && r.id > query.after_id;
+}
+
+}  // namespace
 
 absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& path,
                                                           const AuditQuery& query) {
+  // The journal first, then the database: a record is imported before the journal lets go
+  // of it, so whatever was answered before this query is in one of the two snapshots.
+  absl::StatusOr<std::string> journal = ReadJournalFile(JournalPath(path));
+  if (!journal.ok()) return journal.status();
+  // A server may be appending: a partial last frame is not a record yet.
+  JournalContents pending = ParseJournal(*journal, /*check_damage=*/false);
+
   sqlite3* db = nullptr;
   if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
     sqlite3_close(db);
@@ -427,14 +616,18 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   }
   sqlite3_busy_timeout(db, 2000);
   sqlite3_stmt* stmt = nullptr;
+  sqlite3_stmt* max_id = nullptr;
   const char* sql =
       "SELECT time_us, caller, method, rule_set, digest, pseudonym, evaluation_id, "
       "top_suggestions, status_code, latency_us, id FROM audit WHERE time_us >= ?1 "
       "AND time_us < ?2 AND (?3 = '' OR caller = ?3) "
       "AND (?4 = '' OR rule_set = ?4 OR substr(rule_set, 1, length(?4) + 1) = ?4 || '@') "
       "AND (?5 = '' OR pseudonym = ?5) AND id > ?7 ORDER BY id LIMIT ?6";
-  if (sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) != SQLITE_OK) {
+  if (sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) != SQLITE_OK ||
+      sqlite3_prepare_v2(db, "SELECT COALESCE(MAX(id), 0) FROM audit", -1, &max_id, nullptr) !=
+          SQLITE_OK) {
     const std::string message = sqlite3_errmsg(db);
+    sqlite3_finalize(stmt);
     sqlite3_close(db);
     return absl::FailedPreconditionError(absl::StrCat(path, " is not an audit database: ", message));
   }
@@ -442,8 +635,10 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
     if (t == absl::InfinitePast() || t == absl::InfiniteFuture()) return fallback;
     return absl::ToUnixMicros(t);
   };
-  sqlite3_bind_int64(stmt, 1, micros(query.since, INT64_MIN));
-  sqlite3_bind_int64(stmt, 2, micros(query.until, INT64_MAX));
+  const int64_t since_us = micros(query.since, INT64_MIN);
+  const int64_t until_us = micros(query.until, INT64_MAX);
+  sqlite3_bind_int64(stmt, 1, since_us);
+  sqlite3_bind_int64(stmt, 2, until_us);
   sqlite3_bind_text(stmt, 3, query.caller.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_text(stmt, 4, query.rule_set.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_text(stmt, 5, query.pseudonym.c_str(), -1, SQLITE_TRANSIENT);
@@ -454,25 +649,37 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
     const unsigned char* t = sqlite3_column_text(stmt, i);
     return t == nullptr ? std::string() : std::string(reinterpret_cast<const char*>(t));
   };
-  int rc;
-  while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
-    AuditRecord r;
-    r.time = absl::FromUnixMicros(sqlite3_column_int64(stmt, 0));
-    r.caller = text(1);
-    r.method = text(2);
-    r.rule_set = text(3);
-    r.digest = text(4);
-    r.pseudonym = text(5);
-    r.evaluation_id = text(6);
-    r.top_suggestions = text(7);
-    r.status_code = sqlite3_column_int(stmt, 8);
-    r.latency_us = sqlite3_column_int64(stmt, 9);
-    r.id = sqlite3_column_int64(stmt, 10);
-    records.push_back(std::move(r));
+  // One read transaction: the largest id and the rows come from the same snapshot.
+  sqlite3_exec(db, "BEGIN", nullptr, nullptr, nullptr);
+  int rc = sqlite3_step(max_id);
+  const int64_t imported = rc == SQLITE_ROW ? sqlite3_column_int64(max_id, 0) : 0;
+  if (rc == SQLITE_ROW) {
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+      AuditRecord r;
+      r.time = absl::FromUnixMicros(sqlite3_column_int64(stmt, 0));
+      r.caller = text(1);
+      r.method = text(2);
+      r.rule_set = text(3);
+      r.digest = text(4);
+      r.pseudonym = text(5);
+      r.evaluation_id = text(6);
+      r.top_suggestions = text(7);
+      r.status_code = sqlite3_column_int(stmt, 8);
+      r.latency_us = sqlite3_column_int64(stmt, 9);
+      r.id = sqlite3_column_int64(stmt, 10);
+      records.push_back(std::move(r));
+    }
   }
+  sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr);
+  sqlite3_finalize(max_id);
   sqlite3_finalize(stmt);
   sqlite3_close(db);
   if (rc != SQLITE_DONE) return absl::UnavailableError("the audit database cannot be read");
+  // Then the journal's records not imported yet: all of them have larger ids.
+  for (AuditRecord& r : pending.records) {
+    if (static_cast<int>(records.size()) >= query.limit) break;
+    if (r.id > imported && Matches(r, query, since_us, until_us)) records.push_back(std::move(r));
+  }
   return records;
 }
 

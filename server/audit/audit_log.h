@@ -1,13 +1,14 @@
 #pragma once
 
 // The audit trail (issue 6, part 3): one record per call. A call is answered only after its
-// record is committed; records from concurrent calls are committed together (group commit:
-// one transaction per batch; SqliteAuditOptions::sync_interval says when it reaches the
-// disk). When the store cannot keep up (queue full, or no commit within the wait) or cannot
-// be written, the record's outcome is UNAVAILABLE and the caller fails the call closed
-// rather than answering it unaudited. Callers on gRPC's threads use RecordAsync, which never
-// blocks: the outcome is delivered to a callback, so waiting for a commit holds no thread
-// and the records of every call in flight can share one commit. Patient references
+// record is committed: written to an append-only journal beside the database (journal.h),
+// from which a background thread imports it into SQLite (SqliteAuditOptions::sync_interval
+// says when it reaches the disk). When the store cannot keep up (queue full, or not written
+// within the wait) or cannot be written, the record's outcome is UNAVAILABLE and the caller
+// fails the call closed rather than answering it unaudited. Callers on gRPC's threads use
+// RecordAsync, which never waits for another writer: the outcome is delivered to a callback,
+// usually before RecordAsync returns, and the records of calls arriving while one is being
+// written share the next write. Patient references
 // are stored only as a keyed pseudonym (HMAC-SHA256 with a server secret); the raw
 // reference never reaches the store.
 
@@ -45,18 +46,22 @@ struct AuditQuery;
 class AuditSink {
  public:
   // Called exactly once with the record's outcome: OK once it is durably committed, or
-  // UNAVAILABLE (fail closed). May run on the caller's thread (refused at once) or on the
-  // store's own thread; it must not block for long.
+  // UNAVAILABLE (fail closed). Runs on the caller's thread (usually), on the thread of
+  // another caller whose write took this record along, or on one of the store's threads; it
+  // must not block for long, nor take a lock that a caller of Record may hold.
   using Done = absl::AnyInvocable<void(absl::Status) &&>;
 
   virtual ~AuditSink() = default;
-  // Queues `record` and returns at once; `done` gets the outcome.
+  // Commits `record` and returns; `done` gets the outcome. Blocks at most for one journal
+  // write (when nobody else is writing); never waits for another writer.
   virtual void RecordAsync(AuditRecord record, Done done) = 0;
   // Blocks until `record` is durably committed: OK, or UNAVAILABLE (fail closed).
   absl::Status Record(AuditRecord record);
-  // Records waiting to be committed (for the metrics' queue-depth gauge).
+  // Records not yet in the database: waiting for the journal, or journaled and waiting for
+  // their import (for the metrics' queue-depth gauge).
   virtual int QueueDepth() const = 0;
-  // Committed records matching `query`, in commit order (oldest first).
+  // Committed records matching `query`, in commit order (oldest first): every record whose
+  // call was answered before the query, imported into the database or not.
   virtual absl::StatusOr<std::vector<AuditRecord>> Query(const AuditQuery& query) const = 0;
 };
 
@@ -77,29 +82,33 @@ class Pseudonymizer {
 
 struct SqliteAuditOptions {
   std::string path;
-  // Records waiting for a commit beyond this are refused at once (UNAVAILABLE).
+  // Records not yet in the database beyond this are refused at once (UNAVAILABLE).
   int max_queued = 10000;
-  // A record not committed within this is answered UNAVAILABLE.
+  // A record not written within this is answered UNAVAILABLE (by a watchdog that looks
+  // every max_wait / 2, so within 1.5 x max_wait).
   absl::Duration max_wait = absl::Seconds(2);
-  // How far behind the calls the disk may be. Zero: every commit is fsynced before its
-  // calls are answered (SQLite synchronous=FULL). Positive: a commit is written to the WAL
-  // before its calls are answered, so a crash or SIGKILL of the server loses nothing, and a
-  // background thread makes the WAL durable (a checkpoint: fsync of the WAL, then of the
-  // database) at most this long later, off the calls' path; a power failure or kernel crash
-  // can lose at most that much of the trail. This is the trade MySQL's
-  // innodb_flush_log_at_trx_commit=2 makes (written at commit, flushed once a second): an
-  // fsync per commit cost a call at 1 in flight more than the rest of its work together,
-  // and a checkpoint every 200 ms still cost about 30 us per call at 2 k calls/s.
+  // How far behind the calls the disk may be. Zero: every journal write is fsynced before
+  // its calls are answered. Positive: a record is written to the journal (the page cache)
+  // before its call is answered, so a crash or SIGKILL of the server loses nothing, and a
+  // background thread imports the journaled records into the database in one fsynced
+  // transaction at most this long later (sooner once 1024 are waiting), off the calls' path;
+  // a power failure or kernel crash can lose at most that much of the trail. This is the
+  // trade MySQL's innodb_flush_log_at_trx_commit=2 makes (written at commit, flushed once a
+  // second): an fsync per commit cost a call at 1 in flight more than the rest of its work
+  // together. With zero, records are imported every second.
   absl::Duration sync_interval = absl::Seconds(1);
-  // Tests only: sleep this long inside each commit (a slow disk).
+  // Tests only: sleep this long inside each journal write (a slow disk).
   absl::Duration commit_delay = absl::ZeroDuration();
   // Tests only: when positive, the database may not grow beyond this many pages (a full
-  // disk: inserts then fail with SQLITE_FULL).
+  // disk: imports then fail with SQLITE_FULL, and new records are refused).
   int max_pages = 0;
 };
 
-// The embedded default: SQLite in WAL mode, one writer thread that commits whatever is
-// queued as one transaction, and (with a sync_interval) one that checkpoints it to disk.
+// The embedded default: a journal (`<path>.journal`, see journal.h) written by the calling
+// threads, imported into SQLite (WAL mode) by a background thread. Opening replays the
+// journal: records it holds beyond the database's largest id are imported first (a torn
+// last record is dropped: it was never answered); a journal with damage before its end is
+// refused (DATA_LOSS) rather than guessed at.
 absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOptions& options);
 
 // Which records a query returns; empty fields match everything.
@@ -113,8 +122,9 @@ struct AuditQuery {
   int limit = 1000;
 };
 
-// Records of the SQLite audit database at `path` matching `query`, oldest first. Opens
-// the database read-only (a running server may keep writing).
+// Records of the SQLite audit database at `path` and of its journal matching `query`,
+// oldest first. Reads both without writing (a running server may keep writing; after a
+// crash, the records only the journal holds are included).
 absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& path,
                                                           const AuditQuery& query);
 

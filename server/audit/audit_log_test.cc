@@ -1,5 +1,6 @@
 #include "server/audit/audit_log.h"
 
+#include <sqlite3.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -17,6 +18,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "server/audit/journal.h"
 
 namespace cds::audit {
 namespace {
@@ -98,16 +100,6 @@ TEST(SqliteAuditTest, AnswersEachRecordOnceAfterItsCommit) {
   for (auto& o : outcomes) EXPECT_EQ(o->calls.load(), 1);
 }
 
-// Pages in the main database file (its header's size field, big-endian at offset 28): the
-// records move there from the WAL only when a checkpoint copies them, after fsyncing the WAL.
-uint32_t MainFilePages(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  unsigned char header[32] = {};
-  in.read(reinterpret_cast<char*>(header), sizeof header);
-  return uint32_t{header[28]} << 24 | uint32_t{header[29]} << 16 | uint32_t{header[30]} << 8 |
-         header[31];
-}
-
 // Writes `count` records of a few hundred bytes each, waiting for every commit.
 void WriteRecords(AuditSink& sink, int count) {
   for (int i = 0; i < count; ++i) {
@@ -117,33 +109,136 @@ void WriteRecords(AuditSink& sink, int count) {
   }
 }
 
-TEST(SqliteAuditTest, SyncerCheckpointsCommitsToTheDatabaseWithinTheInterval) {
+// Rows in the database file alone (not the journal), read as any SQLite client would.
+int64_t DatabaseRows(const std::string& path, const std::string& where = "1") {
+  sqlite3* db = nullptr;
+  int64_t rows = -1;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK) {
+    sqlite3_stmt* stmt = nullptr;
+    const std::string sql = "SELECT COUNT(*) FROM audit WHERE " + where;
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK &&
+        sqlite3_step(stmt) == SQLITE_ROW) {
+      rows = sqlite3_column_int64(stmt, 0);
+    }
+    sqlite3_finalize(stmt);
+  }
+  sqlite3_close(db);
+  return rows;
+}
+
+int64_t FileSize(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  return in ? static_cast<int64_t>(in.tellg()) : -1;
+}
+
+void WriteJournal(const std::string& db_path, const std::string& bytes) {
+  std::ofstream out(JournalPath(db_path), std::ios::binary | std::ios::trunc);
+  out << bytes;
+}
+
+std::string Frames(int64_t from, int64_t to) {
+  std::string out;
+  for (int64_t id = from; id <= to; ++id) {
+    AuditRecord r = MakeRecord(absl::StrCat("ipex@1.0.", id));
+    r.id = id;
+    AppendJournalFrame(r, &out);
+  }
+  return out;
+}
+
+TEST(SqliteAuditTest, ImportsIntoTheDatabaseWithinTheSyncInterval) {
   TempDb db;
   SqliteAuditOptions options;
   options.path = db.path();
   options.sync_interval = absl::Milliseconds(50);
   absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
   ASSERT_TRUE(sink.ok()) << sink.status();
-  const uint32_t before = MainFilePages(db.path());
-  WriteRecords(**sink, 100);  // some 10 pages, far below the automatic checkpoint's 1000
+  WriteRecords(**sink, 100);
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while (MainFilePages(db.path()) < before + 5 && absl::Now() < deadline) {
+  while (DatabaseRows(db.path()) < 100 && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(10));
   }
-  EXPECT_GE(MainFilePages(db.path()), before + 5) << "no checkpoint reached the database file";
+  EXPECT_EQ(DatabaseRows(db.path()), 100) << "the importer did not catch up";
 }
 
-TEST(SqliteAuditTest, WithoutASyncIntervalEveryCommitIsFsyncedAndNothingCheckpointsEarly) {
+TEST(SqliteAuditTest, QueriesSeeRecordsNotImportedYet) {
   TempDb db;
   SqliteAuditOptions options;
   options.path = db.path();
-  options.sync_interval = absl::ZeroDuration();
+  options.sync_interval = absl::Hours(1);  // no import while the sink is open
   absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
   ASSERT_TRUE(sink.ok()) << sink.status();
-  const uint32_t before = MainFilePages(db.path());
+  WriteRecords(**sink, 10);
+  ASSERT_TRUE((*sink)->Record(MakeRecord("ipex@1.0.0", "feed")).ok());
+  EXPECT_EQ(DatabaseRows(db.path()), 0);
+  EXPECT_GT(FileSize(JournalPath(db.path())), 0);
+  AuditQuery all;
+  absl::StatusOr<std::vector<AuditRecord>> records = (*sink)->Query(all);
+  ASSERT_TRUE(records.ok()) << records.status();
+  EXPECT_EQ(records->size(), 11u);
+  AuditQuery one;
+  one.pseudonym = "feed";
+  records = QuerySqliteAudit(db.path(), one);  // what cdsctl audit --db reads
+  ASSERT_TRUE(records.ok()) << records.status();
+  ASSERT_EQ(records->size(), 1u);
+  EXPECT_EQ((*records)[0].rule_set, "ipex@1.0.0");
+  EXPECT_EQ((*records)[0].id, 11);
+  // Closing imports the rest and empties the journal.
+  sink->reset();
+  EXPECT_EQ(DatabaseRows(db.path()), 11);
+  EXPECT_EQ(FileSize(JournalPath(db.path())), 0);
+}
+
+TEST(SqliteAuditTest, OpeningReplaysTheJournalPastTheDatabase) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  {
+    absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+    ASSERT_TRUE(sink.ok()) << sink.status();
+    WriteRecords(**sink, 3);  // ids 1..3, imported when the sink closes
+  }
+  ASSERT_EQ(DatabaseRows(db.path()), 3);
+  // What a crash leaves: records 2..5 journaled, 2 and 3 already imported, and half a frame
+  // of a record never answered.
+  const std::string sixth = Frames(6, 6);
+  WriteJournal(db.path(), Frames(2, 5) + sixth.substr(0, sixth.size() / 2));
+  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+  ASSERT_TRUE(sink.ok()) << sink.status();
+  EXPECT_EQ(DatabaseRows(db.path()), 5);  // replayed before the sink takes calls
+  EXPECT_EQ(DatabaseRows(db.path(), "rule_set = 'ipex@1.0.4'"), 1);
+  EXPECT_EQ(DatabaseRows(db.path(), "rule_set = 'ipex@1.0.2'"), 0);  // id 2 stayed as it was
+  EXPECT_EQ(FileSize(JournalPath(db.path())), 0);
+  // New records continue after the largest id seen, the torn one's included or not.
+  ASSERT_TRUE((*sink)->Record(MakeRecord("ipex@2.0.0")).ok());
+  AuditQuery query;
+  query.rule_set = "ipex@2.0.0";
+  absl::StatusOr<std::vector<AuditRecord>> records = (*sink)->Query(query);
+  ASSERT_TRUE(records.ok());
+  ASSERT_EQ(records->size(), 1u);
+  EXPECT_EQ((*records)[0].id, 6);
+}
+
+TEST(SqliteAuditTest, ADamagedJournalIsNotGuessedAt) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  std::string bytes = Frames(1, 3);
+  bytes[Frames(1, 1).size() + 40] ^= 0x04;  // the second record's CRC no longer matches
+  WriteJournal(db.path(), bytes);
+  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+  EXPECT_EQ(sink.status().code(), absl::StatusCode::kDataLoss) << sink.status();
+  EXPECT_EQ(FileSize(JournalPath(db.path())), static_cast<int64_t>(bytes.size()));  // kept
+}
+
+TEST(SqliteAuditTest, WithoutASyncIntervalRecordsAreJournaledAndQueried) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  options.sync_interval = absl::ZeroDuration();  // every journal write fsynced
+  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+  ASSERT_TRUE(sink.ok()) << sink.status();
   WriteRecords(**sink, 100);
-  absl::SleepFor(absl::Milliseconds(200));
-  EXPECT_EQ(MainFilePages(db.path()), before);  // still in the (fsynced) WAL
   AuditQuery all;
   absl::StatusOr<std::vector<AuditRecord>> records = (*sink)->Query(all);
   ASSERT_TRUE(records.ok());
@@ -256,6 +351,14 @@ TEST(SqliteAuditTest, AStoreThatCannotBeWrittenAnswersUnavailable) {
   }
   EXPECT_GT(written, 0);
   EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  // Refused from then on; every record answered OK is in the trail (the journal keeps what
+  // the database cannot take).
+  EXPECT_EQ((*sink)->Record(MakeRecord("ipex@1.0.0")).code(), absl::StatusCode::kUnavailable);
+  AuditQuery all;
+  all.limit = 10000;
+  absl::StatusOr<std::vector<AuditRecord>> records = (*sink)->Query(all);
+  ASSERT_TRUE(records.ok()) << records.status();
+  EXPECT_EQ(records->size(), static_cast<size_t>(written));
 }
 
 }  // namespace
