@@ -234,6 +234,9 @@ TEST(NoPatientDataTest, NoneInLogsOrErrorsOnAnyPath) {
   EXPECT_EQ(client.QueryAudit(kSecrets[0] + std::string(300, 'x')).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
 
+  // The journal holds the records not imported into the database yet (emptied on shutdown).
+  ExpectNoSecrets(testing::ReadFileOrEmpty(state.path() + "/audit.db.journal"),
+                  "the audit journal");
   client.Disconnect();
   ASSERT_EQ(server.Stop(SIGTERM), 0);
   ExpectNoSecrets(server.Stderr(), "the server's stderr");
