@@ -67,6 +67,29 @@ TEST(PseudonymizerTest, IsHmacSha256InLowerCaseHex) {
   EXPECT_EQ(Pseudonymizer("Jefe").Of("what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
   EXPECT_EQ(Pseudonymizer("Jefe").Of(""), "");
+  // Test case 6: a key longer than SHA-256's block is hashed first.
+  EXPECT_EQ(Pseudonymizer(std::string(131, '\xaa'))
+                .Of("Test Using Larger Than Block-Size Key - Hash Key First"),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+  // Test case 4: a key of 25 bytes.
+  std::string key;
+  for (char c = 1; c <= 25; ++c) key.push_back(c);
+  EXPECT_EQ(Pseudonymizer(key).Of(std::string(50, '\xcd')),
+            "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b");
+  // Concurrent callers share the keyed contexts.
+  std::vector<std::thread> threads;
+  const Pseudonymizer shared("Jefe");
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 200; ++i) {
+        wrong += shared.Of("what do ya want for nothing?") !=
+                 "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
 }
 
 TEST(SqliteAuditTest, AnswersEachRecordOnceAfterItsCommit) {

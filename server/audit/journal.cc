@@ -31,6 +31,26 @@ constexpr std::array<uint32_t, 256> MakeCrcTable() {
 }
 constexpr std::array<uint32_t, 256> kCrcTable = MakeCrcTable();
 
+#if defined(__x86_64__)
+bool HasCrc32Instruction() {
+  static const bool has = __builtin_cpu_supports("sse4.2");
+  return has;
+}
+
+__attribute__((target("sse4.2"))) uint32_t Crc32cHardware(uint32_t crc, const char* p,
+                                                          size_t n) {
+  uint64_t wide = crc;
+  for (; n >= 8; p += 8, n -= 8) {
+    uint64_t word;
+    memcpy(&word, p, sizeof word);
+    wide = __builtin_ia32_crc32di(wide, word);
+  }
+  crc = static_cast<uint32_t>(wide);
+  for (; n > 0; ++p, --n) crc = __builtin_ia32_crc32qi(crc, static_cast<unsigned char>(*p));
+  return crc;
+}
+#endif
+
 void Put32(uint32_t v, std::string* out) {
   const char bytes[4] = {static_cast<char>(v), static_cast<char>(v >> 8),
                          static_cast<char>(v >> 16), static_cast<char>(v >> 24)};
@@ -108,8 +128,18 @@ size_t ValidFrame(absl::string_view bytes, AuditRecord* record) {
 
 uint32_t Crc32c(absl::string_view data) {
   uint32_t crc = 0xffffffffu;
-  for (const char c : data) {
-    crc = kCrcTable[(crc ^ static_cast<unsigned char>(c)) & 0xffu] ^ (crc >> 8);
+  const char* p = data.data();
+  size_t n = data.size();
+#if defined(__x86_64__)
+  // SSE 4.2's crc32 instruction computes this very CRC, 8 bytes at a time: a frame costs
+  // some 50 instructions instead of 3 k with the table.
+  if (HasCrc32Instruction()) {
+    crc = Crc32cHardware(crc, p, n);
+    n = 0;
+  }
+#endif
+  for (; n > 0; ++p, --n) {
+    crc = kCrcTable[(crc ^ static_cast<unsigned char>(*p)) & 0xffu] ^ (crc >> 8);
   }
   return crc ^ 0xffffffffu;
 }
