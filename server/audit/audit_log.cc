@@ -52,10 +52,6 @@ constexpr char kInsert[] =
     "evaluation_id, top_suggestions, status_code, latency_us) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
-// The journal is emptied once everything in it is in the database and it has grown past
-// this: often enough that queries (which read it) stay quick, rarely enough that the short
-// pause it costs (the calls arriving meanwhile wait for one small import) hardly matters.
-constexpr int64_t kRotateBytes = int64_t{8} << 20;
 // Records imported per transaction at most, and how many waiting wake the importer early.
 constexpr size_t kImportBatch = 1024;
 // A leader writes at most this many batches for others before the importer takes over, so
@@ -81,12 +77,14 @@ class Importer {
       return absl::UnavailableError(absl::StrCat("--audit_db: cannot open ", options.path));
     }
     sqlite3_busy_timeout(db, 2000);
-    // synchronous=FULL: an imported batch is on disk when its COMMIT returns, so the journal
-    // may let go of it. One fsync per batch, off the calls' path. SQLite's automatic
+    // synchronous=NORMAL: an import reaches the WAL (the page cache) and never waits for the
+    // disk; the journal keeps its records durable until a checkpoint has synced them (see
+    // Checkpoint). With FULL, one fsync per import stalled imports for seconds while other
+    // processes wrote heavily, and calls were refused for the backlog. SQLite's automatic
     // checkpoint (every 1000 WAL pages) keeps the WAL from growing.
     char* error = nullptr;
     const std::string setup =
-        absl::StrCat("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;", kSchema);
+        absl::StrCat("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", kSchema);
     if (sqlite3_exec(db, setup.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
       const std::string message = error != nullptr ? error : "unknown error";
       sqlite3_free(error);
@@ -104,6 +102,14 @@ class Importer {
     return importer;
   }
 
+  // Makes every committed import durable: a checkpoint syncs the WAL, copies it into the
+  // database and syncs that (with synchronous=NORMAL, on the connection it runs on).
+  static bool Checkpoint(sqlite3* db) {
+    return sqlite3_wal_checkpoint_v2(db, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr) ==
+           SQLITE_OK;
+  }
+  bool Checkpoint() { return Checkpoint(db_); }
+
   // The largest id in the database (0 when empty).
   absl::StatusOr<int64_t> MaxId() {
     sqlite3_stmt* stmt = nullptr;
@@ -119,7 +125,7 @@ class Importer {
   }
 
   // Inserts `records` (with their ids; ids already there are skipped) in transactions of at
-  // most kImportBatch records, each fsynced. On failure the records of the failed
+  // most kImportBatch records. On failure the records of the failed
   // transaction and after are not in the database.
   absl::Status Import(const std::vector<AuditRecord>& records) {
     for (size_t from = 0; from < records.size(); from += kImportBatch) {
@@ -178,32 +184,47 @@ class Importer {
   sqlite3_stmt* commit_ = nullptr;
 };
 
+// The journal's two files: the current one, and the previous one until the records it holds
+// are durably in the database (see SyncLoop).
+std::string OldJournalPath(const std::string& db_path) { return JournalPath(db_path) + ".old"; }
+
 // A call's record is committed once it is written to the journal (see journal.h); the
 // database gets it later. Writing is combined: a caller that finds nobody writing becomes
 // the leader and writes its own record and whatever others queued meanwhile, one write()
 // per batch, and answers them all from its own thread; a caller that finds a leader at work
 // queues its record and returns (never blocks). At one call in flight the record is thus
-// written and the call answered on the calling thread, with no other thread woken. The
-// importer thread moves journaled records into SQLite in large fsynced transactions (every
-// sync_interval, or once kImportBatch are waiting): that bounds what a power failure can
-// lose, and lets the journal be emptied. A watchdog thread answers UNAVAILABLE for records
-// not written within max_wait (a stuck disk); a record's callback is claimed under mu_ by
-// whoever answers it first, and only ever called outside mu_.
+// written and the call answered on the calling thread, with no other thread woken.
+// Three threads of the store's own, none on a call's path: the importer moves journaled
+// records into SQLite in large transactions (every sync_interval, or once kImportBatch
+// wait), without waiting for the disk; the syncer fsyncs the journal every sync_interval
+// (what bounds a power failure's loss) and retires the previous journal file once a
+// checkpoint has made its records durable in the database; the watchdog answers UNAVAILABLE
+// for records not written within max_wait (a stuck disk). A record's callback is claimed
+// under mu_ by whoever answers it first, and only ever called outside mu_. The journal
+// moves to a new file (the old one renamed) once it passes journal_rotate_bytes, by the leader, so
+// that nothing ever waits for a file to be emptied.
 class JournalAuditSink final : public AuditSink {
  public:
-  JournalAuditSink(std::unique_ptr<Importer> importer, int fd, int64_t next_id,
-                   const SqliteAuditOptions& options)
+  JournalAuditSink(std::unique_ptr<Importer> importer, sqlite3* checkpointer, int fd,
+                   int64_t next_id, const SqliteAuditOptions& options)
       : options_(options),
-        import_period_(options.sync_interval > absl::ZeroDuration() ? options.sync_interval
-                                                                   : absl::Seconds(1)),
+        period_(options.sync_interval > absl::ZeroDuration() ? options.sync_interval
+                                                             : absl::Seconds(1)),
         import_batch_(std::min(kImportBatch,
                                static_cast<size_t>(std::max(1, options.max_queued / 4)))),
+        journal_(JournalPath(options.path)),
+        old_journal_(OldJournalPath(options.path)),
         importer_(std::move(importer)),
+        checkpointer_(checkpointer),
         fd_(fd),
         next_id_(next_id),
         import_thread_([this] {
           pthread_setname_np(pthread_self(), "audit-import");  // for top -H and profiles
           ImportLoop();
+        }),
+        syncer_([this] {
+          pthread_setname_np(pthread_self(), "audit-syncer");
+          SyncLoop();
         }),
         watchdog_([this] {
           pthread_setname_np(pthread_self(), "audit-watchdog");
@@ -215,11 +236,26 @@ class JournalAuditSink final : public AuditSink {
       absl::MutexLock lock(&mu_);
       stopping_ = true;
       import_cv_.Signal();
+      sync_cv_.Signal();
       watch_cv_.Signal();
     }
     import_thread_.join();  // writes what is queued, imports the rest
+    syncer_.join();
     watchdog_.join();
+    // Everything journaled is imported unless the database failed: once a checkpoint has
+    // synced it, the journal has nothing left to keep.
+    bool all_imported;
+    {
+      absl::MutexLock lock(&mu_);
+      all_imported = unimported_.empty() && journal_ok_;
+    }
+    if (all_imported && importer_->Checkpoint()) {
+      if (old_fd_ >= 0) unlink(old_journal_.c_str());
+      if (ftruncate(fd_, 0) == 0) fdatasync(fd_);
+    }
+    if (old_fd_ >= 0) close(old_fd_);
     close(fd_);
+    sqlite3_close(checkpointer_);
   }
 
   int QueueDepth() const override {
@@ -230,11 +266,9 @@ class JournalAuditSink final : public AuditSink {
   void RecordAsync(AuditRecord record, Done done) override {
     mu_.Lock();
     absl::Status refused;
-    if (stopping_ || !journal_ok_) {
-      refused = absl::UnavailableError("audit trail cannot be written: call refused unaudited");
-    } else if (!database_ok_) {
-      // The journal still takes records, but they could not be imported: stop taking more
-      // until the database can be written again (a full disk).
+    if (stopping_ || !journal_ok_ || !database_ok_) {
+      // !database_ok_: the journal would still take records, but they could not be imported
+      // (a full disk): take no more until the database can be written again.
       refused = absl::UnavailableError("audit trail cannot be written: call refused unaudited");
     } else if (static_cast<int>(queue_.size() + unimported_.size()) >= options_.max_queued) {
       refused = absl::UnavailableError("audit trail cannot keep up: call refused unaudited");
@@ -277,14 +311,18 @@ class JournalAuditSink final : public AuditSink {
         import_cv_.Signal();
         return;
       }
+      if (journal_bytes_ >= options_.journal_rotate_bytes && old_fd_ < 0 && journal_ok_) {
+        RotateLocked();
+      }
       batch_.swap(queue_);
       const int64_t first_id = next_id_;
       next_id_ += static_cast<int64_t>(batch_.size());
       write_started_ = absl::Now();
       in_write_ = true;
+      const int fd = fd_;
       const int64_t offset = journal_bytes_;
       mu_.Unlock();
-      const absl::Status status = WriteBatch(first_id, offset);
+      const absl::Status status = WriteBatch(fd, first_id, offset);
       mu_.Lock();
       in_write_ = false;
       if (status.ok()) {
@@ -304,9 +342,28 @@ class JournalAuditSink final : public AuditSink {
     writing_ = false;
   }
 
-  // Appends batch_ (numbered from `first_id`) to the journal at `offset`, its current end.
-  // Runs without mu_ but as the only writer.
-  absl::Status WriteBatch(int64_t first_id, int64_t offset) ABSL_LOCKS_EXCLUDED(mu_) {
+  // Moves the journal aside (it becomes the old one, retired by the syncer) and starts a new
+  // one. Two metadata operations, once per journal_rotate_bytes of records. The syncer fsyncs the
+  // directory before it next counts on the new file.
+  void RotateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (rename(journal_.c_str(), old_journal_.c_str()) != 0) return;  // try again later
+    const int fd = open(journal_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC,
+                        0600);
+    if (fd < 0) {
+      // The old file still is the journal: back under its name, or nothing more is written.
+      if (rename(old_journal_.c_str(), journal_.c_str()) != 0) journal_ok_ = false;
+      return;
+    }
+    old_fd_ = fd_;
+    old_last_id_ = next_id_ - 1;
+    fd_ = fd;
+    journal_bytes_ = 0;
+    rotated_ = true;
+  }
+
+  // Appends batch_ (numbered from `first_id`) to the journal `fd` at `offset`, its current
+  // end. Runs without mu_ but as the only writer.
+  absl::Status WriteBatch(int fd, int64_t first_id, int64_t offset) ABSL_LOCKS_EXCLUDED(mu_) {
     encoded_.clear();
     int64_t id = first_id;
     for (Item& item : batch_) {
@@ -316,7 +373,7 @@ class JournalAuditSink final : public AuditSink {
     if (options_.commit_delay > absl::ZeroDuration()) absl::SleepFor(options_.commit_delay);
     size_t written = 0;
     while (written < encoded_.size()) {
-      const ssize_t n = write(fd_, encoded_.data() + written, encoded_.size() - written);
+      const ssize_t n = write(fd, encoded_.data() + written, encoded_.size() - written);
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) break;
       written += static_cast<size_t>(n);
@@ -325,13 +382,13 @@ class JournalAuditSink final : public AuditSink {
     // sync_interval zero: on disk before anyone is answered. After a failed fsync the kernel
     // may have dropped the pages, so the journal is not trusted again.
     bool trusted = true;
-    if (ok && options_.sync_interval <= absl::ZeroDuration() && fdatasync(fd_) != 0) {
+    if (ok && options_.sync_interval <= absl::ZeroDuration() && fdatasync(fd) != 0) {
       ok = false;
       trusted = false;
     }
     if (!ok && written > 0 && trusted) {
       // A partial frame would hide every later record from a replay: cut it off.
-      trusted = ftruncate(fd_, offset) == 0;
+      trusted = ftruncate(fd, offset) == 0;
     }
     if (!trusted) {
       absl::MutexLock lock(&mu_);
@@ -343,7 +400,7 @@ class JournalAuditSink final : public AuditSink {
   void ImportLoop() ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);
     while (true) {
-      const absl::Time deadline = absl::Now() + import_period_;
+      const absl::Time deadline = absl::Now() + period_;
       while (!stopping_ && !hand_over_ && unimported_.size() < import_batch_) {
         if (import_cv_.WaitWithDeadline(&mu_, deadline)) break;  // timed out
       }
@@ -361,13 +418,13 @@ class JournalAuditSink final : public AuditSink {
       }
       ImportLocked();
       if (stopping_) break;
-      MaybeEmptyJournalLocked();
     }
-    MaybeEmptyJournalLocked();
+    import_done_ = true;
+    sync_cv_.Signal();
   }
 
   // Imports what has been journaled so far. On failure the records wait for the next round
-  // (refusing new ones meanwhile) and the journal is fsynced: it is then their only copy.
+  // (new ones are refused meanwhile).
   void ImportLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (unimported_.empty()) return;
     std::vector<AuditRecord>& records = import_buffer_;  // keeps its capacity
@@ -375,11 +432,12 @@ class JournalAuditSink final : public AuditSink {
     importing_ = records.size();
     mu_.Unlock();
     const absl::Status status = importer_->Import(records);
-    if (!status.ok()) fdatasync(fd_);
     mu_.Lock();
     importing_ = 0;
     database_ok_ = status.ok();
-    if (!status.ok()) {
+    if (status.ok()) {
+      imported_through_ = records.back().id;
+    } else {
       // In id order: the ones that failed, then any journaled meanwhile.
       for (AuditRecord& r : unimported_) records.push_back(std::move(r));
       unimported_.swap(records);
@@ -387,24 +445,45 @@ class JournalAuditSink final : public AuditSink {
     records.clear();
   }
 
-  // Once the journal is past kRotateBytes: stops its writers for a moment, imports what is
-  // left in it and empties it. Calls arriving meanwhile queue, and this thread writes them.
-  void MaybeEmptyJournalLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (journal_bytes_ < kRotateBytes && !(stopping_ && journal_bytes_ > 0)) return;
-    if (writing_ || !journal_ok_) return;
-    writing_ = true;
-    ImportLocked();
-    if (unimported_.empty() && database_ok_) {
-      mu_.Unlock();
-      const bool emptied = ftruncate(fd_, 0) == 0;
-      mu_.Lock();
-      if (emptied) {
-        journal_bytes_ = 0;
-      } else {
-        journal_ok_ = false;
+  // Every sync_interval: fsyncs the journal (and, after a rotation, its directory), so a
+  // power failure loses at most that much; then, once the old journal's records are all
+  // imported, a checkpoint on a connection of its own makes them durable in the database
+  // and the old file goes. Blocks nobody: the calls and imports go on meanwhile. Once the
+  // importer has stopped, one last round.
+  void SyncLoop() ABSL_LOCKS_EXCLUDED(mu_) {
+    bool last = false;
+    while (!last) {
+      int fd;
+      int old_fd;
+      bool rotated;
+      bool retire;
+      {
+        absl::MutexLock lock(&mu_);
+        if (!import_done_) sync_cv_.WaitWithTimeout(&mu_, period_);
+        last = import_done_;
+        fd = fd_;  // only this thread closes a journal: safe to use after unlocking
+        old_fd = old_fd_;
+        rotated = rotated_;
+        rotated_ = false;
+        retire = old_fd_ >= 0 && imported_through_ >= old_last_id_;
+      }
+      if (rotated) {
+        // The new file's name, and the old one's, must survive a power failure too.
+        const std::string dir = journal_.substr(0, journal_.find_last_of('/') + 1);
+        const int dir_fd = open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dir_fd >= 0) {
+          fsync(dir_fd);
+          close(dir_fd);
+        }
+        if (old_fd >= 0) fdatasync(old_fd);
+      }
+      if (options_.sync_interval > absl::ZeroDuration()) fdatasync(fd);
+      if (retire && Importer::Checkpoint(checkpointer_) && unlink(old_journal_.c_str()) == 0) {
+        absl::MutexLock lock(&mu_);
+        close(old_fd_);
+        old_fd_ = -1;
       }
     }
-    LeadLocked(/*bounded=*/false);
   }
 
   // Answers UNAVAILABLE for records waiting longer than max_wait, whether queued behind a
@@ -416,7 +495,7 @@ class JournalAuditSink final : public AuditSink {
       {
         absl::MutexLock lock(&mu_);
         if (!stopping_) watch_cv_.WaitWithTimeout(&mu_, tick);
-        if (stopping_) return;  // the importer answers whatever is left
+        if (stopping_) return;  // the leaders answer whatever is left
         const absl::Time now = absl::Now();
         if (in_write_ && now - write_started_ >= options_.max_wait) {
           for (Item& item : batch_) Claim(item, &late);
@@ -440,17 +519,20 @@ class JournalAuditSink final : public AuditSink {
   }
 
   const SqliteAuditOptions options_;
-  const absl::Duration import_period_;
+  const absl::Duration period_;  // of imports and syncs
   const size_t import_batch_;
-  const std::unique_ptr<Importer> importer_;  // the importer thread's (and its last round's)
-  const int fd_;                              // the journal, O_APPEND
+  const std::string journal_;
+  const std::string old_journal_;
+  const std::unique_ptr<Importer> importer_;  // the importer thread's
+  sqlite3* const checkpointer_;               // the syncer thread's connection
 
   mutable absl::Mutex mu_;
   absl::CondVar import_cv_;  // wakes the importer: a full batch, a hand-over, stopping
+  absl::CondVar sync_cv_;    // wakes the syncer: the importer has stopped
   absl::CondVar watch_cv_;   // wakes the watchdog: stopping
   std::vector<Item> queue_ ABSL_GUARDED_BY(mu_);  // waiting for a leader
-  // Set while a leader (a caller, or the importer thread) owns the journal's end, batch_,
-  // encoded_ and next_id_'s use.
+  // Set while a leader (a caller, or the importer thread) owns the journal's end, batch_
+  // and encoded_.
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool hand_over_ ABSL_GUARDED_BY(mu_) = false;  // the importer thread is to lead
   // The batch being written and answered. Its records are the leader's alone; their
@@ -459,16 +541,23 @@ class JournalAuditSink final : public AuditSink {
   std::string encoded_;  // the leader's: batch_'s frames
   bool in_write_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time write_started_ ABSL_GUARDED_BY(mu_);
+  int fd_ ABSL_GUARDED_BY(mu_);            // the journal, O_APPEND
+  int old_fd_ ABSL_GUARDED_BY(mu_) = -1;   // the previous journal until retired, or -1
+  int64_t old_last_id_ ABSL_GUARDED_BY(mu_) = 0;  // the last record in the old journal
+  bool rotated_ ABSL_GUARDED_BY(mu_) = false;     // since the syncer's last round
   int64_t next_id_ ABSL_GUARDED_BY(mu_);
   int64_t journal_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<AuditRecord> unimported_ ABSL_GUARDED_BY(mu_);  // journaled, id order
   size_t importing_ ABSL_GUARDED_BY(mu_) = 0;  // records in the importer's hands
+  int64_t imported_through_ ABSL_GUARDED_BY(mu_) = 0;  // every id up to it is imported
   std::vector<AuditRecord> import_buffer_;      // the importer's, between rounds empty
   bool journal_ok_ ABSL_GUARDED_BY(mu_) = true;   // false after a write it could not undo
   bool database_ok_ ABSL_GUARDED_BY(mu_) = true;  // false while imports fail
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool import_done_ ABSL_GUARDED_BY(mu_) = false;
 
   std::thread import_thread_;
+  std::thread syncer_;
   std::thread watchdog_;
 };
 
@@ -579,36 +668,54 @@ absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOpti
   if (!importer.ok()) return importer.status();
   absl::StatusOr<int64_t> max_id = (*importer)->MaxId();
   if (!max_id.ok()) return max_id.status();
-  // Replay: what the journal holds beyond the database (a crash before its import) goes in
-  // first. A torn last frame was never answered OK; it is dropped with the rest.
+  // Replay: what the journal files hold beyond the database (a crash before their import)
+  // goes in first. A torn last frame was never answered OK; it is dropped with the rest.
   const std::string journal = JournalPath(options.path);
-  absl::StatusOr<std::string> bytes = ReadJournalFile(journal);
-  if (!bytes.ok()) return bytes.status();
-  JournalContents contents = ParseJournal(*bytes, /*check_damage=*/true);
-  if (contents.damaged) {
-    return absl::DataLossError(absl::StrCat(
-        "the audit journal ", journal, " is damaged at byte ", contents.valid_bytes,
-        " (valid records follow an invalid one); keep a copy, then move it aside to start"));
-  }
-  int64_t next_id = *max_id + 1;
+  const std::string old_journal = OldJournalPath(options.path);
   std::vector<AuditRecord> replay;
-  for (AuditRecord& r : contents.records) {
-    next_id = std::max(next_id, r.id + 1);
-    if (r.id > *max_id) replay.push_back(std::move(r));
+  int64_t next_id = *max_id + 1;
+  for (const std::string& path : {old_journal, journal}) {
+    absl::StatusOr<std::string> bytes = ReadJournalFile(path);
+    if (!bytes.ok()) return bytes.status();
+    JournalContents contents = ParseJournal(*bytes, /*check_damage=*/true);
+    if (contents.damaged) {
+      return absl::DataLossError(absl::StrCat(
+          "the audit journal ", path, " is damaged at byte ", contents.valid_bytes,
+          " (valid records follow an invalid one); keep a copy, then move it aside to start"));
+    }
+    for (AuditRecord& r : contents.records) {
+      if (r.id < next_id) continue;  // imported already (or in both files)
+      next_id = r.id + 1;
+      replay.push_back(std::move(r));
+    }
   }
-  if (absl::Status imported = (*importer)->Import(replay); !imported.ok()) {
+  if (!(*importer)->Import(replay).ok() || !(*importer)->Checkpoint()) {
     return absl::UnavailableError(
         absl::StrCat("--audit_db ", options.path, ": cannot import the audit journal"));
   }
+  // Everything the journal held is now durably in the database.
+  if (unlink(old_journal.c_str()) != 0 && errno != ENOENT) {
+    return absl::UnavailableError(absl::StrCat("cannot remove ", old_journal));
+  }
   const int fd = open(journal.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (fd < 0) return absl::UnavailableError(absl::StrCat("cannot open the audit journal ", journal));
-  // Everything in it is now in the database, durably (synchronous=FULL).
   if (ftruncate(fd, 0) != 0) {
     close(fd);
     return absl::UnavailableError(absl::StrCat("cannot write the audit journal ", journal));
   }
+  // The syncer's connection: it only checkpoints, so no page cache worth keeping.
+  sqlite3* checkpointer = nullptr;
+  if (sqlite3_open_v2(options.path.c_str(), &checkpointer,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) != SQLITE_OK ||
+      sqlite3_exec(checkpointer, "PRAGMA synchronous=NORMAL; PRAGMA cache_size=-64;", nullptr,
+                   nullptr, nullptr) != SQLITE_OK) {
+    sqlite3_close(checkpointer);
+    close(fd);
+    return absl::UnavailableError(absl::StrCat("--audit_db: cannot open ", options.path));
+  }
+  sqlite3_busy_timeout(checkpointer, 2000);
   return std::unique_ptr<AuditSink>(
-      new JournalAuditSink(*std::move(importer), fd, next_id, options));
+      new JournalAuditSink(*std::move(importer), checkpointer, fd, next_id, options));
 }
 
 namespace {
@@ -629,12 +736,19 @@ bool Matches(const AuditRecord& r, const AuditQuery& query, int64_t since_us, in
 
 absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& path,
                                                           const AuditQuery& query) {
-  // The journal first, then the database: a record is imported before the journal lets go
-  // of it, so whatever was answered before this query is in one of the two snapshots.
-  absl::StatusOr<std::string> journal = ReadJournalFile(JournalPath(path));
-  if (!journal.ok()) return journal.status();
-  // A server may be appending: a partial last frame is not a record yet.
-  JournalContents pending = ParseJournal(*journal, /*check_damage=*/false);
+  // The journal, then the old journal, then the database: a record moves from the journal
+  // to the old one (a rename), and the old one goes only once its records are durably in
+  // the database, so whatever was answered before this query is in one of the snapshots.
+  std::vector<AuditRecord> pending;
+  for (const std::string& file : {JournalPath(path), OldJournalPath(path)}) {
+    absl::StatusOr<std::string> bytes = ReadJournalFile(file);
+    if (!bytes.ok()) return bytes.status();
+    // A server may be appending: a partial last frame is not a record yet.
+    JournalContents contents = ParseJournal(*bytes, /*check_damage=*/false);
+    for (AuditRecord& r : contents.records) pending.push_back(std::move(r));
+  }
+  std::sort(pending.begin(), pending.end(),
+            [](const AuditRecord& a, const AuditRecord& b) { return a.id < b.id; });
 
   sqlite3* db = nullptr;
   if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
@@ -703,9 +817,13 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   sqlite3_close(db);
   if (rc != SQLITE_DONE) return absl::UnavailableError("the audit database cannot be read");
   // Then the journal's records not imported yet: all of them have larger ids.
-  for (AuditRecord& r : pending.records) {
+  int64_t last = imported;
+  for (AuditRecord& r : pending) {
     if (static_cast<int>(records.size()) >= query.limit) break;
-    if (r.id > imported && Matches(r, query, since_us, until_us)) records.push_back(std::move(r));
+    if (r.id > last && Matches(r, query, since_us, until_us)) {
+      last = r.id;
+      records.push_back(std::move(r));
+    }
   }
   return records;
 }

@@ -97,6 +97,9 @@ struct SqliteAuditOptions {
   // second): an fsync per commit cost a call at 1 in flight more than the rest of its work
   // together. With zero, records are imported every second.
   absl::Duration sync_interval = absl::Seconds(1);
+  // The journal moves to a new file past this size (the old one is removed once its records
+  // are durably in the database). Queries read the journal whole.
+  int64_t journal_rotate_bytes = int64_t{8} << 20;
   // Tests only: sleep this long inside each journal write (a slow disk).
   absl::Duration commit_delay = absl::ZeroDuration();
   // Tests only: when positive, the database may not grow beyond this many pages (a full

@@ -242,6 +242,52 @@ TEST(SqliteAuditTest, OpeningReplaysTheJournalPastTheDatabase) {
   EXPECT_EQ((*records)[0].id, 6);
 }
 
+TEST(SqliteAuditTest, TheJournalMovesToANewFileAndTheOldOneGoesOnceImported) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  options.sync_interval = absl::Milliseconds(20);
+  options.journal_rotate_bytes = 4096;  // some ten records
+  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+  ASSERT_TRUE(sink.ok()) << sink.status();
+  for (int round = 0; round < 5; ++round) {
+    WriteRecords(**sink, 30);
+    AuditQuery all;
+    all.limit = 10000;
+    absl::StatusOr<std::vector<AuditRecord>> records = (*sink)->Query(all);
+    ASSERT_TRUE(records.ok()) << records.status();
+    ASSERT_EQ(records->size(), static_cast<size_t>(30 * (round + 1)));
+    for (size_t i = 0; i < records->size(); ++i) EXPECT_EQ((*records)[i].id, int64_t(i) + 1);
+    absl::SleepFor(absl::Milliseconds(60));  // the syncer retires the old journal
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (FileSize(JournalPath(db.path()) + ".old") >= 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(FileSize(JournalPath(db.path()) + ".old"), -1) << "the old journal stayed";
+  EXPECT_LT(FileSize(JournalPath(db.path())), 3 * 4096);
+  sink->reset();
+  EXPECT_EQ(DatabaseRows(db.path()), 150);
+  EXPECT_EQ(FileSize(JournalPath(db.path())), 0);
+}
+
+TEST(SqliteAuditTest, OpeningReplaysBothJournalFiles) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  // A crash right after a rotation: records 1..4 in the old file, 5..7 in the new one.
+  {
+    std::ofstream old(JournalPath(db.path()) + ".old", std::ios::binary);
+    old << Frames(1, 4);
+  }
+  WriteJournal(db.path(), Frames(5, 7));
+  absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+  ASSERT_TRUE(sink.ok()) << sink.status();
+  EXPECT_EQ(DatabaseRows(db.path()), 7);
+  EXPECT_EQ(FileSize(JournalPath(db.path()) + ".old"), -1);
+  EXPECT_EQ(FileSize(JournalPath(db.path())), 0);
+}
+
 TEST(SqliteAuditTest, ADamagedJournalIsNotGuessedAt) {
   TempDb db;
   SqliteAuditOptions options;
