@@ -94,17 +94,20 @@ ABSL_FLAG(std::string, policy, "",
           "identities to roles clinical / author / admin; needs TLS. Empty: every caller "
           "the transport admits may call every method.");
 ABSL_FLAG(std::string, audit_db, "",
-          "SQLite database of the audit trail (created if missing; WAL). Every call (health "
-          "checks aside), denied and failed ones included, is recorded before it is "
-          "answered; a call whose record cannot be committed fails with UNAVAILABLE. "
+          "SQLite database of the audit trail (created if missing; WAL), with its journal "
+          "FILE.journal beside it. Every call (health checks aside), denied and failed ones "
+          "included, is recorded in the journal before it is answered and imported into the "
+          "database in the background; a call whose record cannot be written fails with "
+          "UNAVAILABLE. "
           "Admins query it with AuditService.QueryAudit (cdsctl audit). Empty: no audit "
           "trail (QueryAudit is FAILED_PRECONDITION).");
 ABSL_FLAG(absl::Duration, audit_sync_interval, absl::Seconds(1),
           "How far the audit trail on disk may lag the answered calls. Each call's record "
-          "is committed to the WAL before the call is answered (a crash of the server loses "
-          "none), and a background checkpoint fsyncs it at most this long later; a power "
-          "failure or kernel crash can lose at most this much. 0: fsync every commit before "
-          "answering its calls (slower at low concurrency).");
+          "is written to the audit journal before the call is answered (a crash of the "
+          "server loses none), and a background thread fsyncs the journal at most this long "
+          "later (and imports it into the database as often); a power failure or kernel "
+          "crash can lose at most this much. 0: fsync every journal write before answering "
+          "its calls (slower at low concurrency).");
 ABSL_FLAG(std::string, audit_key_file, "",
           "Secret (at least 32 bytes) keying the HMAC-SHA256 pseudonyms of patient "
           "references in the audit trail. Required with --audit_db.");
@@ -340,7 +343,9 @@ int main(int argc, char** argv) {
   }
   cds::metrics::AddRuleStoreGauges(store, metrics_registry);
   metrics_registry.AddGauge(
-      "cds_audit_queue_depth", "Audit records waiting to be committed (0 without --audit_db).",
+      "cds_audit_queue_depth",
+      "Audit records not yet in the audit database: waiting for the journal or for their "
+      "import (0 without --audit_db).",
       {}, [sink = audit_sink.get()] {
         return std::vector<cds::metrics::GaugeSample>{
             {{}, sink == nullptr ? 0.0 : static_cast<double>(sink->QueueDepth())}};

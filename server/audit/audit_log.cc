@@ -470,7 +470,8 @@ class JournalAuditSink final : public AuditSink {
       if (rotated) {
         // The new file's name, and the old one's, must survive a power failure too.
         const std::string dir = journal_.substr(0, journal_.find_last_of('/') + 1);
-        const int dir_fd = open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        const int dir_fd =
+            open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dir_fd >= 0) {
           fsync(dir_fd);
           close(dir_fd);
@@ -698,7 +699,9 @@ absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOpti
     return absl::UnavailableError(absl::StrCat("cannot remove ", old_journal));
   }
   const int fd = open(journal.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-  if (fd < 0) return absl::UnavailableError(absl::StrCat("cannot open the audit journal ", journal));
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("cannot open the audit journal ", journal));
+  }
   if (ftruncate(fd, 0) != 0) {
     close(fd);
     return absl::UnavailableError(absl::StrCat("cannot write the audit journal ", journal));
