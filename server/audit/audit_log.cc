@@ -54,9 +54,6 @@ constexpr char kInsert[] =
 
 // Records imported per transaction at most, and how many waiting wake the importer early.
 constexpr size_t kImportBatch = 1024;
-// A leader writes at most this many batches for others before the importer takes over, so
-// that no gRPC thread is kept from its own work for long.
-constexpr int kMaxLeaderRounds = 8;
 
 // The database side: the table, and one fsynced transaction per batch of journaled records.
 class Importer {
@@ -77,14 +74,17 @@ class Importer {
       return absl::UnavailableError(absl::StrCat("--audit_db: cannot open ", options.path));
     }
     sqlite3_busy_timeout(db, 2000);
-    // synchronous=NORMAL: an import reaches the WAL (the page cache) and never waits for the
-    // disk; the journal keeps its records durable until a checkpoint has synced them (see
-    // Checkpoint). With FULL, one fsync per import stalled imports for seconds while other
-    // processes wrote heavily, and calls were refused for the backlog. SQLite's automatic
-    // checkpoint (every 1000 WAL pages) keeps the WAL from growing.
+    // synchronous=NORMAL and no automatic checkpoint: an import reaches the WAL (the page
+    // cache) and never waits for the disk; the journal keeps its records durable until the
+    // syncer's checkpoint has synced them (see Checkpoint). With an fsync per import
+    // (synchronous=FULL), or SQLite's automatic checkpoint on this connection, imports
+    // stalled for seconds while other processes wrote heavily, and calls were refused for
+    // the backlog. Imports come in bursts, so the syncer's checkpoint between them copies
+    // the whole WAL and the next import starts it over: it does not grow.
     char* error = nullptr;
-    const std::string setup =
-        absl::StrCat("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", kSchema);
+    const std::string setup = absl::StrCat(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=0;",
+        kSchema);
     if (sqlite3_exec(db, setup.c_str(), nullptr, nullptr, &error) != SQLITE_OK) {
       const std::string message = error != nullptr ? error : "unknown error";
       sqlite3_free(error);
@@ -103,10 +103,14 @@ class Importer {
   }
 
   // Makes every committed import durable: a checkpoint syncs the WAL, copies it into the
-  // database and syncs that (with synchronous=NORMAL, on the connection it runs on).
+  // database and syncs that. True only when it copied the whole WAL: a reader in the way can
+  // make a passive checkpoint skip the copy (and the syncs) and still return OK.
   static bool Checkpoint(sqlite3* db) {
-    return sqlite3_wal_checkpoint_v2(db, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr) ==
-           SQLITE_OK;
+    int log_frames = -1;
+    int copied_frames = -1;
+    return sqlite3_wal_checkpoint_v2(db, nullptr, SQLITE_CHECKPOINT_PASSIVE, &log_frames,
+                                     &copied_frames) == SQLITE_OK &&
+           copied_frames == log_frames;
   }
   bool Checkpoint() { return Checkpoint(db_); }
 
@@ -191,22 +195,35 @@ std::string OldJournalPath(const std::string& db_path) { return JournalPath(db_p
 // A call's record is committed once it is written to the journal (see journal.h); the
 // database gets it later. Writing is combined: a caller that finds nobody writing becomes
 // the leader and writes its own record and whatever others queued meanwhile, one write()
-// per batch, and answers them all from its own thread; a caller that finds a leader at work
-// queues its record and returns (never blocks). At one call in flight the record is thus
-// written and the call answered on the calling thread, with no other thread woken.
+// per batch, and answers them all from its own thread, until the queue is empty; a caller
+// that finds a leader at work queues its record and returns (never blocks). At one call in
+// flight the record is thus written and the call answered on the calling thread, with no
+// other thread woken. (Handing a long queue over to a thread of the store's own was tried:
+// when that thread was busy importing, every call waited for the import.)
 // Three threads of the store's own, none on a call's path: the importer moves journaled
 // records into SQLite in large transactions (every sync_interval, or once kImportBatch
 // wait), without waiting for the disk; the syncer fsyncs the journal every sync_interval
-// (what bounds a power failure's loss) and retires the previous journal file once a
-// checkpoint has made its records durable in the database; the watchdog answers UNAVAILABLE
+// (what bounds a power failure's loss), checkpoints what was imported (which makes it
+// durable in the database) and then removes the previous journal file once all its
+// records are; the watchdog answers UNAVAILABLE
 // for records not written within max_wait (a stuck disk). A record's callback is claimed
 // under mu_ by whoever answers it first, and only ever called outside mu_. The journal
 // moves to a new file (the old one renamed) once it passes journal_rotate_bytes, by the leader, so
 // that nothing ever waits for a file to be emptied.
+// What OpenSqliteAudit found and replayed.
+struct JournalState {
+  int fd = -1;              // the journal, open for appending, its torn tail cut off
+  int64_t bytes = 0;        // its size
+  int old_fd = -1;          // the previous journal, if one was left
+  int64_t old_last_id = 0;  // its last record
+  int64_t next_id = 1;
+  int64_t imported_through = 0;  // every record up to it is in the database (not yet synced)
+};
+
 class JournalAuditSink final : public AuditSink {
  public:
-  JournalAuditSink(std::unique_ptr<Importer> importer, sqlite3* checkpointer, int fd,
-                   int64_t next_id, const SqliteAuditOptions& options)
+  JournalAuditSink(std::unique_ptr<Importer> importer, sqlite3* checkpointer,
+                   const JournalState& state, const SqliteAuditOptions& options)
       : options_(options),
         period_(options.sync_interval > absl::ZeroDuration() ? options.sync_interval
                                                              : absl::Seconds(1)),
@@ -216,8 +233,12 @@ class JournalAuditSink final : public AuditSink {
         old_journal_(OldJournalPath(options.path)),
         importer_(std::move(importer)),
         checkpointer_(checkpointer),
-        fd_(fd),
-        next_id_(next_id),
+        fd_(state.fd),
+        old_fd_(state.old_fd),
+        old_last_id_(state.old_last_id),
+        next_id_(state.next_id),
+        journal_bytes_(state.bytes),
+        imported_through_(state.imported_through),
         import_thread_([this] {
           pthread_setname_np(pthread_self(), "audit-import");  // for top -H and profiles
           ImportLoop();
@@ -284,7 +305,7 @@ class JournalAuditSink final : public AuditSink {
       return;
     }
     writing_ = true;
-    LeadLocked(/*bounded=*/true);
+    LeadLocked();
     mu_.Unlock();
   }
 
@@ -302,15 +323,9 @@ class JournalAuditSink final : public AuditSink {
   };
 
   // Writes queue_ to the journal batch by batch and answers each record, until the queue
-  // is empty (or, when `bounded`, after kMaxLeaderRounds batches: then the importer thread
-  // takes over). REQUIRES: writing_ set by this thread.
-  void LeadLocked(bool bounded) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    for (int round = 0; !queue_.empty(); ++round) {
-      if (bounded && round == kMaxLeaderRounds) {
-        hand_over_ = true;  // writing_ stays set: the importer thread leads from here
-        import_cv_.Signal();
-        return;
-      }
+  // is empty. REQUIRES: writing_ set by this thread.
+  void LeadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    while (!queue_.empty()) {
       if (journal_bytes_ >= options_.journal_rotate_bytes && old_fd_ < 0 && journal_ok_) {
         RotateLocked();
       }
@@ -401,20 +416,13 @@ class JournalAuditSink final : public AuditSink {
     absl::MutexLock lock(&mu_);
     while (true) {
       const absl::Time deadline = absl::Now() + period_;
-      while (!stopping_ && !hand_over_ && unimported_.size() < import_batch_) {
+      while (!stopping_ && unimported_.size() < import_batch_) {
         if (import_cv_.WaitWithDeadline(&mu_, deadline)) break;  // timed out
       }
-      if (hand_over_) {
-        hand_over_ = false;
-        LeadLocked(/*bounded=*/false);
-      }
       if (stopping_) {
-        // Let a leader finish (or hand over, then lead in its place).
-        auto settled = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return !writing_ || hand_over_;
-        };
+        // Let a leader finish: what it writes is imported below.
+        auto settled = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !writing_; };
         mu_.Await(absl::Condition(&settled));
-        if (hand_over_) continue;
       }
       ImportLocked();
       if (stopping_) break;
@@ -446,17 +454,20 @@ class JournalAuditSink final : public AuditSink {
   }
 
   // Every sync_interval: fsyncs the journal (and, after a rotation, its directory), so a
-  // power failure loses at most that much; then, once the old journal's records are all
-  // imported, a checkpoint on a connection of its own makes them durable in the database
-  // and the old file goes. Blocks nobody: the calls and imports go on meanwhile. Once the
-  // importer has stopped, one last round.
+  // power failure loses at most that much; checkpoints what was imported since the last
+  // round, on a connection of its own (this makes it durable in the database, and lets the
+  // next import start the WAL over); then, once the old journal's records are all
+  // checkpointed, the old file goes. Blocks nobody: the calls and imports go on meanwhile.
+  // Once the importer has stopped, one last round.
   void SyncLoop() ABSL_LOCKS_EXCLUDED(mu_) {
     bool last = false;
+    int64_t checkpointed = 0;  // every id up to it is durably in the database
     while (!last) {
       int fd;
       int old_fd;
       bool rotated;
-      bool retire;
+      int64_t imported;
+      int64_t old_last_id;
       {
         absl::MutexLock lock(&mu_);
         if (!import_done_) sync_cv_.WaitWithTimeout(&mu_, period_);
@@ -465,7 +476,8 @@ class JournalAuditSink final : public AuditSink {
         old_fd = old_fd_;
         rotated = rotated_;
         rotated_ = false;
-        retire = old_fd_ >= 0 && imported_through_ >= old_last_id_;
+        imported = imported_through_;
+        old_last_id = old_last_id_;
       }
       if (rotated) {
         // The new file's name, and the old one's, must survive a power failure too.
@@ -479,7 +491,8 @@ class JournalAuditSink final : public AuditSink {
         if (old_fd >= 0) fdatasync(old_fd);
       }
       if (options_.sync_interval > absl::ZeroDuration()) fdatasync(fd);
-      if (retire && Importer::Checkpoint(checkpointer_) && unlink(old_journal_.c_str()) == 0) {
+      if (imported > checkpointed && Importer::Checkpoint(checkpointer_)) checkpointed = imported;
+      if (old_fd >= 0 && checkpointed >= old_last_id && unlink(old_journal_.c_str()) == 0) {
         absl::MutexLock lock(&mu_);
         close(old_fd_);
         old_fd_ = -1;
@@ -528,14 +541,12 @@ class JournalAuditSink final : public AuditSink {
   sqlite3* const checkpointer_;               // the syncer thread's connection
 
   mutable absl::Mutex mu_;
-  absl::CondVar import_cv_;  // wakes the importer: a full batch, a hand-over, stopping
+  absl::CondVar import_cv_;  // wakes the importer: a full batch, stopping
   absl::CondVar sync_cv_;    // wakes the syncer: the importer has stopped
   absl::CondVar watch_cv_;   // wakes the watchdog: stopping
   std::vector<Item> queue_ ABSL_GUARDED_BY(mu_);  // waiting for a leader
-  // Set while a leader (a caller, or the importer thread) owns the journal's end, batch_
-  // and encoded_.
+  // Set while a leader owns the journal's end, batch_ and encoded_.
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  bool hand_over_ ABSL_GUARDED_BY(mu_) = false;  // the importer thread is to lead
   // The batch being written and answered. Its records are the leader's alone; their
   // callbacks are claimed under mu_ (the watchdog may take them while in_write_).
   std::vector<Item> batch_;
@@ -543,14 +554,14 @@ class JournalAuditSink final : public AuditSink {
   bool in_write_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time write_started_ ABSL_GUARDED_BY(mu_);
   int fd_ ABSL_GUARDED_BY(mu_);            // the journal, O_APPEND
-  int old_fd_ ABSL_GUARDED_BY(mu_) = -1;   // the previous journal until retired, or -1
-  int64_t old_last_id_ ABSL_GUARDED_BY(mu_) = 0;  // the last record in the old journal
+  int old_fd_ ABSL_GUARDED_BY(mu_);          // the previous journal until retired, or -1
+  int64_t old_last_id_ ABSL_GUARDED_BY(mu_);  // the last record in the old journal
   bool rotated_ ABSL_GUARDED_BY(mu_) = false;     // since the syncer's last round
   int64_t next_id_ ABSL_GUARDED_BY(mu_);
-  int64_t journal_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t journal_bytes_ ABSL_GUARDED_BY(mu_);
   std::vector<AuditRecord> unimported_ ABSL_GUARDED_BY(mu_);  // journaled, id order
   size_t importing_ ABSL_GUARDED_BY(mu_) = 0;  // records in the importer's hands
-  int64_t imported_through_ ABSL_GUARDED_BY(mu_) = 0;  // every id up to it is imported
+  int64_t imported_through_ ABSL_GUARDED_BY(mu_);  // every id up to it is imported
   std::vector<AuditRecord> import_buffer_;      // the importer's, between rounds empty
   bool journal_ok_ ABSL_GUARDED_BY(mu_) = true;   // false after a write it could not undo
   bool database_ok_ ABSL_GUARDED_BY(mu_) = true;  // false while imports fail
@@ -670,11 +681,15 @@ absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOpti
   absl::StatusOr<int64_t> max_id = (*importer)->MaxId();
   if (!max_id.ok()) return max_id.status();
   // Replay: what the journal files hold beyond the database (a crash before their import)
-  // goes in first. A torn last frame was never answered OK; it is dropped with the rest.
+  // goes in first. A torn last frame was never answered OK; it is cut off. The files stay
+  // until the syncer has checkpointed their records, as they would have.
   const std::string journal = JournalPath(options.path);
   const std::string old_journal = OldJournalPath(options.path);
+  JournalState state;
+  state.next_id = *max_id + 1;
   std::vector<AuditRecord> replay;
-  int64_t next_id = *max_id + 1;
+  bool old_exists = false;
+  size_t journal_bytes = 0;
   for (const std::string& path : {old_journal, journal}) {
     absl::StatusOr<std::string> bytes = ReadJournalFile(path);
     if (!bytes.ok()) return bytes.status();
@@ -684,28 +699,33 @@ absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOpti
           "the audit journal ", path, " is damaged at byte ", contents.valid_bytes,
           " (valid records follow an invalid one); keep a copy, then move it aside to start"));
     }
+    if (path == old_journal) {
+      old_exists = access(path.c_str(), F_OK) == 0;
+      if (!contents.records.empty()) state.old_last_id = contents.records.back().id;
+    } else {
+      journal_bytes = contents.valid_bytes;
+    }
     for (AuditRecord& r : contents.records) {
-      if (r.id < next_id) continue;  // imported already (or in both files)
-      next_id = r.id + 1;
+      if (r.id < state.next_id) continue;  // imported already (or in both files)
+      state.next_id = r.id + 1;
       replay.push_back(std::move(r));
     }
   }
-  if (!(*importer)->Import(replay).ok() || !(*importer)->Checkpoint()) {
+  if (!(*importer)->Import(replay).ok()) {
     return absl::UnavailableError(
         absl::StrCat("--audit_db ", options.path, ": cannot import the audit journal"));
   }
-  // Everything the journal held is now durably in the database.
-  if (unlink(old_journal.c_str()) != 0 && errno != ENOENT) {
-    return absl::UnavailableError(absl::StrCat("cannot remove ", old_journal));
-  }
-  const int fd = open(journal.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-  if (fd < 0) {
+  state.imported_through = state.next_id - 1;
+  state.fd = open(journal.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (state.fd < 0) {
     return absl::UnavailableError(absl::StrCat("cannot open the audit journal ", journal));
   }
-  if (ftruncate(fd, 0) != 0) {
-    close(fd);
+  state.bytes = static_cast<int64_t>(journal_bytes);
+  if (ftruncate(state.fd, state.bytes) != 0) {
+    close(state.fd);
     return absl::UnavailableError(absl::StrCat("cannot write the audit journal ", journal));
   }
+  if (old_exists) state.old_fd = open(old_journal.c_str(), O_RDONLY | O_CLOEXEC);
   // The syncer's connection: it only checkpoints, so no page cache worth keeping.
   sqlite3* checkpointer = nullptr;
   if (sqlite3_open_v2(options.path.c_str(), &checkpointer,
@@ -713,12 +733,13 @@ absl::StatusOr<std::unique_ptr<AuditSink>> OpenSqliteAudit(const SqliteAuditOpti
       sqlite3_exec(checkpointer, "PRAGMA synchronous=NORMAL; PRAGMA cache_size=-64;", nullptr,
                    nullptr, nullptr) != SQLITE_OK) {
     sqlite3_close(checkpointer);
-    close(fd);
+    close(state.fd);
+    if (state.old_fd >= 0) close(state.old_fd);
     return absl::UnavailableError(absl::StrCat("--audit_db: cannot open ", options.path));
   }
   sqlite3_busy_timeout(checkpointer, 2000);
   return std::unique_ptr<AuditSink>(
-      new JournalAuditSink(*std::move(importer), checkpointer, fd, next_id, options));
+      new JournalAuditSink(*std::move(importer), checkpointer, state, options));
 }
 
 namespace {

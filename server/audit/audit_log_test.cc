@@ -231,7 +231,8 @@ TEST(SqliteAuditTest, OpeningReplaysTheJournalPastTheDatabase) {
   EXPECT_EQ(DatabaseRows(db.path()), 5);  // replayed before the sink takes calls
   EXPECT_EQ(DatabaseRows(db.path(), "rule_set = 'ipex@1.0.4'"), 1);
   EXPECT_EQ(DatabaseRows(db.path(), "rule_set = 'ipex@1.0.2'"), 0);  // id 2 stayed as it was
-  EXPECT_EQ(FileSize(JournalPath(db.path())), 0);
+  // The torn frame is cut off; the rest stays until checkpointed and rotated away.
+  EXPECT_EQ(FileSize(JournalPath(db.path())), static_cast<int64_t>(Frames(2, 5).size()));
   // New records continue after the largest id seen, the torn one's included or not.
   ASSERT_TRUE((*sink)->Record(MakeRecord("ipex@2.0.0")).ok());
   AuditQuery query;
@@ -281,10 +282,24 @@ TEST(SqliteAuditTest, OpeningReplaysBothJournalFiles) {
     old << Frames(1, 4);
   }
   WriteJournal(db.path(), Frames(5, 7));
+  options.sync_interval = absl::Milliseconds(20);
   absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
   ASSERT_TRUE(sink.ok()) << sink.status();
   EXPECT_EQ(DatabaseRows(db.path()), 7);
+  ASSERT_TRUE((*sink)->Record(MakeRecord("ipex@2.0.0")).ok());
+  // The syncer checkpoints the replayed records, then removes the old file.
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (FileSize(JournalPath(db.path()) + ".old") >= 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
   EXPECT_EQ(FileSize(JournalPath(db.path()) + ".old"), -1);
+  AuditQuery all;
+  absl::StatusOr<std::vector<AuditRecord>> records = (*sink)->Query(all);
+  ASSERT_TRUE(records.ok());
+  ASSERT_EQ(records->size(), 8u);
+  EXPECT_EQ(records->back().id, 8);
+  sink->reset();
+  EXPECT_EQ(DatabaseRows(db.path()), 8);
   EXPECT_EQ(FileSize(JournalPath(db.path())), 0);
 }
 
