@@ -12,8 +12,10 @@
 #
 # Under TSan run the tests whose subject is concurrency (TSAN_TESTS below). In-process, fully
 # checked: rule_store_test.cc (RuleStoreTest: N threads evaluating while versions are
-# published, rejected and unloaded), audit_log_test.cc (SqliteAuditTest: concurrent writers, group
-# commit) and registry_test.cc (metrics from many threads). Against a real TSan-built
+# published, rejected and unloaded), audit_log_test.cc (SqliteAuditTest, SlowStoreTest,
+# PseudonymizerTest: concurrent writers sharing journal writes, the watchdog, the importer
+# and syncer threads, pseudonyms from many threads) and registry_test.cc (metrics from many
+# threads). Against a real TSan-built
 # server: lifecycle_test.cc (concurrent clients while bundles are published and labels move,
 # SIGKILL mid-publish, restarts, rescans), stream_test.cc (EvaluateStream), audit_test.cc
 # (fail closed, SIGKILL under load) and operations_test.cc (SIGTERM with calls in flight,
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 SRC=$(pwd)
 BUILD_ROOT=${BUILD_ROOT:-build}
 JOBS=${JOBS:-$(nproc)}
-TSAN_TESTS='^(RuleStoreTest|SemverLessTest|RetentionTest|SqliteAuditTest|RegistryTest|ServerMetricsTest|LifecycleTest|StreamTest|StreamAuditTest|NoopBaselineTest|AuditTest|OperationsTest)\.|CrashTest\.'
+TSAN_TESTS='^(RuleStoreTest|SemverLessTest|RetentionTest|SqliteAuditTest|SyncIntervals/SlowStoreTest|PseudonymizerTest|RegistryTest|ServerMetricsTest|LifecycleTest|StreamTest|StreamAuditTest|NoopBaselineTest|AuditTest|OperationsTest)\.|CrashTest\.'
 
 bash scripts/install-deps.sh
 
