@@ -20,6 +20,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "server/audit/audit_log.h"
 #include "tests/test_util.h"
 
 namespace cds {
@@ -195,22 +196,22 @@ bool Denied(const grpc::Status& s) {
          s.error_code() == grpc::StatusCode::UNAUTHENTICATED;
 }
 
-// Rows of `sql` (one text column) from the audit database at `path`, read while the
-// server may still write (WAL).
-std::vector<std::string> AuditRows(const std::string& path, const std::string& sql) {
-  std::vector<std::string> rows;
-  sqlite3* db = nullptr;
-  EXPECT_EQ(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
-  sqlite3_stmt* stmt = nullptr;
-  EXPECT_EQ(sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr), SQLITE_OK)
-      << sqlite3_errmsg(db);
-  while (stmt != nullptr && sqlite3_step(stmt) == SQLITE_ROW) {
-    const unsigned char* text = sqlite3_column_text(stmt, 0);
-    rows.emplace_back(text == nullptr ? "" : reinterpret_cast<const char*>(text));
+// Status codes recorded in the audit trail at `path` (database and journal, read while the
+// server may still write) for `method` called by `who` (its CN, or the identity "cds:CN").
+std::vector<std::string> AuditedCodes(const std::string& path, const std::string& method,
+                                      const std::string& who) {
+  audit::AuditQuery query;
+  query.limit = 100000;
+  absl::StatusOr<std::vector<audit::AuditRecord>> records = audit::QuerySqliteAudit(path, query);
+  EXPECT_TRUE(records.ok()) << records.status();
+  std::vector<std::string> codes;
+  if (!records.ok()) return codes;
+  for (const audit::AuditRecord& r : *records) {
+    if (r.method == method && (r.caller == who || r.caller == "cds:" + who)) {
+      codes.push_back(std::to_string(r.status_code));
+    }
   }
-  sqlite3_finalize(stmt);
-  sqlite3_close(db);
-  return rows;
+  return codes;
 }
 
 TEST_F(AuthzTest, EveryMethodTimesEveryRole) {
@@ -233,10 +234,8 @@ TEST_F(AuthzTest, EveryMethodTimesEveryRole) {
       // caller (its CN when denied, the granted identity, CN or SAN, when allowed) and the
       // status the client saw.
       if (name == "Health") continue;
-      const std::vector<std::string> rows = AuditRows(
-          state_.path() + "/audit.db",
-          absl::StrCat("SELECT status_code FROM audit WHERE method = '", kPaths.at(name),
-                       "' AND (caller = '", who, "' OR caller = 'cds:", who, "')"));
+      const std::vector<std::string> rows =
+          AuditedCodes(state_.path() + "/audit.db", kPaths.at(name), who);
       EXPECT_EQ(rows, std::vector<std::string>{std::to_string(status.error_code())});
     }
   }
