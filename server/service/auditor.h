@@ -2,9 +2,11 @@
 
 // Writes the audit record of a finished call (see server/audit/audit_log.h) and fails the
 // call closed: when the record cannot be committed, the caller gets UNAVAILABLE instead
-// of its answer. The *Async forms never block: `finish` gets the call's final status once
-// the record is committed (on the audit store's thread), so unary handlers hand it
-// reactor->Finish and return. Thread-safe; borrows the sink, which must outlive it.
+// of its answer. The *Async forms never wait for another writer: `finish` gets the call's
+// final status once the record is committed, usually on the calling thread before they
+// return (the record written to the audit journal there), else on the thread that wrote it
+// or the store's own; unary handlers hand it reactor->Finish and return. Thread-safe; borrows
+// the sink, which must outlive it.
 
 #include <array>
 #include <string>
