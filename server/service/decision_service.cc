@@ -208,8 +208,9 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
         summary.top_suggestion_count = static_cast<int>(i + 1);
       }
     }
-    // Answered once the record is committed, from the audit trail's thread: this one is
-    // free for other calls meanwhile.
+    // Answered once the record is in the audit journal: usually by this thread, which
+    // writes it when no other call is writing; otherwise by the thread that writes it
+    // together with the others' (this one is then free meanwhile).
     auditor_->EvaluatedAsync(*context, start, *request, summary, std::move(status),
                              Auditor::kEvaluateMethod,
                              [reactor](grpc::Status audited) { reactor->Finish(audited); });
