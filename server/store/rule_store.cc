@@ -381,6 +381,7 @@ void RuleStore::ReloadKeys() {
 
 void RuleStore::CompileAndTest(const compiler::RuleSetSource& source, Candidate* c) const {
   VersionEntry& entry = c->entry;
+  compiles_.fetch_add(1, std::memory_order_relaxed);
   absl::Time start = absl::Now();
   compiler::CompileResult compiled = compiler::Compile(source);
   c->compile_time = absl::Now() - start;
@@ -614,31 +615,67 @@ int RuleStore::ScanLocked(const std::string& root, bool startup) {
       continue;  // already gated in this state
     }
     scanned_[dir] = fingerprint;
-    Candidate c;
-    absl::StatusOr<cds::v1::Bundle> read = bundle::ReadBundleDir(dir);
-    if (!read.ok()) {
-      c.entry.name = name;
-      c.entry.version = version;
-      c.entry.origin = kOriginRulesDir;
-      c.entry.source_dir = dir;
-      c.entry.loaded_at = absl::Now();
-      c.rejection = bundle::Rejection{cds::v1::MALFORMED_BUNDLE,
-                                      absl::StrCat("cannot read: ", read.status().message())};
-    } else {
-      bundle::VerifyOptions verify;
-      verify.allow_unsigned = options_.allow_unsigned;
-      verify.expected_name = name;
-      verify.expected_version = version;
-      c = Gate(*read, verify, kOriginRulesDir, dir, ontology_dir);
-    }
     bool created = false;
-    Insert(std::move(c), &created);
+    Insert(GateDir(name, version, dir, kOriginRulesDir, ontology_dir), &created);
     if (created) {
       absl::ReaderMutexLock lock(&mu_);
       added += AvailableLocked(name, version) != nullptr ? 1 : 0;
     }
   }
   return added;
+}
+
+RuleStore::Candidate RuleStore::GateDir(const std::string& name, const std::string& version,
+                                        const std::string& dir, const std::string& origin,
+                                        const std::string& ontology_dir) {
+  Candidate c;
+  absl::StatusOr<cds::v1::Bundle> read = bundle::ReadBundleDir(dir);
+  if (!read.ok()) {
+    c.entry.name = name;
+    c.entry.version = version;
+    c.entry.origin = origin;
+    c.entry.source_dir = dir;
+    c.entry.loaded_at = absl::Now();
+    c.rejection = bundle::Rejection{cds::v1::MALFORMED_BUNDLE,
+                                    absl::StrCat("cannot read: ", read.status().message())};
+  } else {
+    bundle::VerifyOptions verify;
+    verify.allow_unsigned = options_.allow_unsigned;
+    verify.expected_name = name;
+    verify.expected_version = version;
+    c = Gate(*read, verify, origin, dir, ontology_dir);
+  }
+  c.signature_checked = true;  // a bundle we hold: show the outcome whatever it is
+  return c;
+}
+
+bool RuleStore::AddNotLoaded(const std::string& name, const std::string& version,
+                             const std::string& dir) {
+  absl::StatusOr<cds::v1::Bundle> read = bundle::ReadBundleDir(dir);
+  if (!read.ok()) {
+    log::Error("cannot read published bundle ", dir, ": ", read.status().message());
+    return false;
+  }
+  std::vector<compiler::SourceFile> files;
+  files.reserve(read->files_size());
+  for (cds::v1::BundleFile& file : *read->mutable_files()) {
+    files.push_back({file.path(), std::move(*file.mutable_content())});
+  }
+  VersionEntry entry;
+  entry.name = name;
+  entry.version = version;
+  // What the gate would check first is not checked here: the digest of whatever the
+  // directory holds. Loading the version (SetLabel) verifies that the signed files have
+  // this same digest.
+  entry.digest = compiler::DigestFiles(files);
+  entry.origin = kOriginPublished;
+  entry.source_dir = dir;
+  entry.loaded_at = absl::InfinitePast();  // never loaded by this process
+  entry.state =
+      retired_.count(Key(name, version)) > 0 ? RuleSetInfo::RETIRED : RuleSetInfo::UNLOADED;
+  absl::MutexLock lock(&mu_);
+  entries_[name][version] = std::move(entry);
+  return true;
 }
 
 absl::StatusOr<int> RuleStore::RestoreState() {
@@ -665,46 +702,25 @@ absl::StatusOr<int> RuleStore::RestoreState() {
   }
   if (removed > 0) log::Warning("removed ", removed, " unfinished temporaries from ", state_dir.string(), "/tmp");
 
-  // Published bundles: the same gate as ever (a key no longer trusted rejects its bundles).
-  std::vector<std::string> dirs;
-  for (const auto& name_dir : fs::directory_iterator(state_dir / kBundlesDir, ec)) {
-    if (!name_dir.is_directory()) continue;
-    std::error_code inner;
-    for (const auto& version_dir : fs::directory_iterator(name_dir.path(), inner)) {
-      if (version_dir.is_directory()) dirs.push_back(version_dir.path().string());
-    }
-  }
-  std::sort(dirs.begin(), dirs.end());
-  for (const std::string& dir : dirs) {
-    auto [name, version] = NameAndVersionFromDir(dir);
-    absl::StatusOr<cds::v1::Bundle> read = bundle::ReadBundleDir(dir);
-    if (!read.ok()) {
-      log::Error("cannot read published bundle ", dir, ": ", read.status().message());
-      continue;
-    }
-    bundle::VerifyOptions verify;
-    verify.allow_unsigned = options_.allow_unsigned;
-    verify.expected_name = name;
-    verify.expected_version = version;
-    Candidate c = Gate(*read, verify, kOriginPublished, dir, options_.ontology_dir);
-    c.signature_checked = true;  // ours: show the outcome whatever it is
-    bool created = false;
-    Insert(std::move(c), &created);
-  }
-
-  // Labels and retirements.
+  // Labels and retirements first: the retention policy decides from them (and from the
+  // versions' directory names) which bundles to load at all.
+  cds::v1::ServerState state;
   const std::string state_path = (state_dir / kStateFile).string();
   if (fs::exists(state_path, ec)) {
     std::ifstream in(state_path, std::ios::binary);
     std::ostringstream text;
     text << in.rdbuf();
-    cds::v1::ServerState state;
     if (!in || !google::protobuf::TextFormat::ParseFromString(text.str(), &state)) {
       return absl::DataLossError(absl::StrCat("cannot parse ", state_path));
     }
+  }
+  std::map<std::string, std::set<std::string>> labelled;
+  for (const cds::v1::ServerState::Label& l : state.labels()) labelled[l.name()].insert(l.version());
+  {
     absl::MutexLock lock(&mu_);
     for (const std::string& key : state.retired()) {
       retired_.insert(key);
+      // Versions from the rules directory are already loaded.
       const size_t at = key.rfind('@');
       if (at == std::string::npos) continue;
       auto by_name = entries_.find(key.substr(0, at));
@@ -714,6 +730,91 @@ absl::StatusOr<int> RuleStore::RestoreState() {
         it->second.state = RuleSetInfo::RETIRED;
       }
     }
+  }
+
+  // Published bundles, per rule set: name -> version -> directory.
+  std::map<std::string, std::map<std::string, std::string>> persisted;
+  for (const auto& name_dir : fs::directory_iterator(state_dir / kBundlesDir, ec)) {
+    if (!name_dir.is_directory()) continue;
+    std::error_code inner;
+    for (const auto& version_dir : fs::directory_iterator(name_dir.path(), inner)) {
+      if (!version_dir.is_directory()) continue;
+      auto [name, version] = NameAndVersionFromDir(version_dir.path().string());
+      persisted[name][version] = version_dir.path().string();
+    }
+  }
+  // The retention policy (ApplyRetention) as it would decide with every bundle loaded,
+  // walking each rule set's versions from the highest: a labelled version is loaded; a
+  // RETIRED one while fewer than keep_versions loaded versions are above it; any other
+  // while fewer than keep_versions AVAILABLE ones are. A bundle that fails the gate does
+  // not count, so the next lower one is loaded in its place, as before. The rest are only
+  // listed. ApplyRetention below settles anything this walk did not foresee.
+  const size_t keep_newest = static_cast<size_t>(std::max(options_.keep_versions, 0));
+  int gated = 0, listed = 0;
+  for (const auto& [name, dirs] : persisted) {
+    std::vector<std::string> versions;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      for (const auto& [version, unused] : dirs) versions.push_back(version);
+      if (auto by_name = entries_.find(name); by_name != entries_.end()) {
+        for (const auto& [version, unused] : by_name->second) {
+          if (dirs.count(version) == 0) versions.push_back(version);
+        }
+      }
+    }
+    std::sort(versions.begin(), versions.end(), [](const std::string& a, const std::string& b) {
+      return SemverLess(b, a);  // highest first
+    });
+    size_t rank = 0, available_rank = 0;
+    for (const std::string& version : versions) {
+      const auto dir = dirs.find(version);
+      bool loaded_already = false;  // from the rules directory
+      {
+        absl::ReaderMutexLock lock(&mu_);
+        if (auto by_name = entries_.find(name); by_name != entries_.end()) {
+          auto it = by_name->second.find(version);
+          loaded_already = it != by_name->second.end() && it->second.rule_set != nullptr;
+        }
+      }
+      std::optional<RuleSetInfo::State> state_now;
+      if (dir != dirs.end()) {
+        const bool retired = retired_.count(Key(name, version)) > 0;
+        const bool keep = keep_newest == 0 || loaded_already ||
+                          labelled[name].count(version) > 0 ||
+                          (retired ? rank < keep_newest : available_rank < keep_newest);
+        if (keep) {
+          // Loaded from the rules directory too: the same content is a no-op, other content
+          // is logged as a conflict (the loaded version stays).
+          bool created = false;
+          Insert(GateDir(name, version, dir->second, kOriginPublished, options_.ontology_dir),
+                 &created);
+          ++gated;
+        } else if (AddNotLoaded(name, version, dir->second)) {
+          ++listed;
+          // Counted as it would be if it passed the gate (it is below the ones kept anyway).
+          state_now = retired ? RuleSetInfo::RETIRED : RuleSetInfo::AVAILABLE;
+        }
+      }
+      if (!state_now.has_value()) {
+        absl::ReaderMutexLock lock(&mu_);
+        auto by_name = entries_.find(name);
+        if (by_name == entries_.end()) continue;
+        auto it = by_name->second.find(version);
+        if (it == by_name->second.end()) continue;
+        state_now = it->second.state;
+      }
+      if (*state_now == RuleSetInfo::AVAILABLE) ++available_rank;
+      if (*state_now == RuleSetInfo::AVAILABLE || *state_now == RuleSetInfo::RETIRED) ++rank;
+    }
+  }
+  if (listed > 0) {
+    log::Info("restored ", gated + listed, " published versions: ", gated, " gated, ", listed,
+              " listed without loading them (retention policy, --keep_versions ",
+              options_.keep_versions, ")");
+  }
+
+  {
+    absl::MutexLock lock(&mu_);
     for (const cds::v1::ServerState::Label& l : state.labels()) {
       if (AvailableLocked(l.name(), l.version()) == nullptr) {
         log::Warning("label ", l.name(), "@", l.label(), " points at ", l.version(),
@@ -945,13 +1046,21 @@ absl::StatusOr<std::string> RuleStore::SetLabel(const std::string& name, const s
     return absl::FailedPreconditionError(
         "labels need a state directory: start cds-server with --state_dir");
   }
+  // A rollback to a version the retention policy unloaded loads it again first (a label
+  // is an explicit request to serve it; once labelled, retention keeps it).
+  bool unloaded = false;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    unloaded = UnloadedLocked(name, version);
+  }
+  const bool loaded_again = unloaded;
+  if (unloaded) CDS_RETURN_IF_ERROR(LoadAgain(name, version));
   std::string previous;
   {
     absl::ReaderMutexLock lock(&mu_);
     if (AvailableLocked(name, version) == nullptr) {
       return absl::NotFoundError(absl::StrCat("version '", Echo(version), "' of rule set '",
-                                              Echo(name), "' is not available",
-                                              UnloadedNoteLocked(name, version)));
+                                              Echo(name), "' is not available"));
     }
     if (auto by_name = labels_.find(name); by_name != labels_.end()) {
       if (auto it = by_name->second.find(label); it != by_name->second.end()) previous = it->second;
@@ -972,7 +1081,10 @@ absl::StatusOr<std::string> RuleStore::SetLabel(const std::string& name, const s
     l->set_label(label);
     l->set_version(version);
   }
-  CDS_RETURN_IF_ERROR(PersistState(state));
+  if (absl::Status persisted = PersistState(state); !persisted.ok()) {
+    if (loaded_again) ApplyRetention();  // not labelled after all: unloaded again
+    return persisted;
+  }
   {
     absl::MutexLock lock(&mu_);
     labels_[name][label] = version;
@@ -982,6 +1094,70 @@ absl::StatusOr<std::string> RuleStore::SetLabel(const std::string& name, const s
   ApplyRetention();  // the version the label left may no longer be kept
   Changed();
   return previous;
+}
+
+absl::Status RuleStore::LoadAgain(const std::string& name, const std::string& version) {
+  const std::string key = Key(name, version);
+  std::string origin, dir, digest;
+  std::shared_ptr<std::atomic<int64_t>> evaluations;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    const VersionEntry& entry = entries_.at(name).at(version);  // UNLOADED: the caller checked
+    origin = entry.origin;
+    dir = entry.source_dir;
+    digest = entry.digest;
+    evaluations = entry.evaluations;
+  }
+  std::string ontology_dir;
+  if (origin == kOriginPublished) {
+    ontology_dir = options_.ontology_dir;
+  } else if (origin == kOriginRulesDir && !rules_root_.empty()) {
+    ontology_dir = (fs::path(rules_root_) / "ontology").string();
+  } else {
+    return absl::FailedPreconditionError(absl::StrCat(
+        key, " was unloaded by the retention policy and has no bundle to load it from again"));
+  }
+  ReloadKeys();
+  Candidate c = GateDir(name, version, dir, origin, ontology_dir);
+  if (!c.rejection.has_value() && !digest.empty() && c.entry.digest != digest) {
+    // Validly signed, but not the content this version had: a version is never edited.
+    c.rejection = bundle::Rejection{
+        cds::v1::VERSION_CONFLICT,
+        absl::StrCat("the bundle of ", key, " now holds other content (",
+                     c.entry.digest, "; the version was ", digest, ")")};
+  }
+  if (c.rejection.has_value()) {
+    // Listed as a restart would list it, with the reason; the digest stays the version's.
+    const bundle::Rejection rejection = *c.rejection;
+    VersionEntry& entry = c.entry;
+    entry.state = RuleSetInfo::REJECTED;
+    entry.reject_reason = rejection.reason;
+    entry.reason = CapReason(rejection.ToString());
+    entry.rule_set = nullptr;
+    if (!digest.empty()) entry.digest = digest;
+    entry.evaluations = evaluations;
+    log::Error("rule set ", key, " cannot be loaded again from ", dir, ": ", OneLine(entry.reason));
+    {
+      absl::MutexLock lock(&mu_);
+      entries_[name][version] = std::move(entry);
+    }
+    Changed();
+    return absl::FailedPreconditionError(absl::StrCat(
+        key, " was unloaded by the retention policy and its bundle no longer passes the gate, "
+        "so it cannot be served again: ", OneLine(rejection.ToString())));
+  }
+  c.entry.evaluations = std::move(evaluations);  // one count per version
+  if (retired_.count(key) > 0 && c.entry.state == RuleSetInfo::AVAILABLE) {
+    c.entry.state = RuleSetInfo::RETIRED;
+  }
+  log::Info("rule set ", key, " loaded again from ", dir, " (", RuleSetInfo::State_Name(c.entry.state),
+            ") digest=", c.entry.digest, " signer=", c.entry.signer.empty() ? "UNSIGNED" : c.entry.signer);
+  {
+    absl::MutexLock lock(&mu_);
+    entries_[name][version] = std::move(c.entry);
+  }
+  Changed();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std::string& version) {
@@ -1088,14 +1264,18 @@ absl::StatusOr<Resolved> RuleStore::Resolve(const std::string& name, const std::
                                           UnloadedNoteLocked(name, version)));
 }
 
+bool RuleStore::UnloadedLocked(const std::string& name, const std::string& version) const {
+  auto by_name = entries_.find(name);
+  if (by_name == entries_.end()) return false;
+  auto it = by_name->second.find(version);
+  return it != by_name->second.end() && it->second.state == RuleSetInfo::UNLOADED;
+}
+
 std::string RuleStore::UnloadedNoteLocked(const std::string& name,
                                           const std::string& version) const {
-  auto by_name = entries_.find(name);
-  if (by_name == entries_.end()) return "";
-  auto it = by_name->second.find(version);
-  if (it == by_name->second.end() || it->second.state != RuleSetInfo::UNLOADED) return "";
+  if (!UnloadedLocked(name, version)) return "";
   return absl::StrCat(" (unloaded by the retention policy: neither labelled nor among the ",
-                      options_.keep_versions, " newest)");
+                      options_.keep_versions, " newest; labelling it loads it again)");
 }
 
 int RuleStore::ApplyRetention() {
@@ -1226,7 +1406,8 @@ RuleSetInfo RuleStore::InfoLocked(const VersionEntry& entry) const {
   info.set_reject_reason(entry.reject_reason);
   info.set_signer(entry.signer);
   info.set_origin(entry.origin);
-  SetTimestamp(entry.loaded_at, info.mutable_loaded_at());
+  // Unset for a version listed at start-up without being loaded.
+  if (entry.loaded_at != absl::InfinitePast()) SetTimestamp(entry.loaded_at, info.mutable_loaded_at());
   info.set_evaluation_count(entry.evaluations->load(std::memory_order_relaxed));
   std::string unused_label;
   info.set_is_default(DefaultLocked(entry.name, &unused_label) == &entry);

@@ -23,9 +23,13 @@
 // points at, the default one, the keep_versions highest AVAILABLE ones, and the RETIRED ones
 // among the keep_versions highest loaded. Every other AVAILABLE version is UNLOADED (listed,
 // no longer served) and a RETIRED one keeps its state; both drop their compiled rule set,
-// which calls already in flight on it still hold (shared_ptr) until they finish. Bundles stay persisted: a restart loads
-// them and the same policy unloads the same versions again. Writers (publish, labels, retire,
-// scans) are serialized by writer_mu_, held across compile and disk I/O but never by
+// which calls already in flight on it still hold (shared_ptr) until they finish. Bundles stay
+// persisted, and an UNLOADED version is loaded again (through the whole gate, from its bundle)
+// when a label is pointed at it (SetLabel). A restart decides the policy before gating anything
+// (from the persisted labels and retirements and the versions' directory names) and gates only
+// the versions it keeps: the others are listed UNLOADED straight away, so start-up time and
+// memory do not grow with the number of versions ever published. Writers (publish, labels,
+// retire, scans) are serialized by writer_mu_, held across compile and disk I/O but never by
 // readers.
 
 #include <atomic>
@@ -135,8 +139,11 @@ class RuleStore {
   int ScanRulesDir() ABSL_LOCKS_EXCLUDED(mu_);
 
   // Start-up, after LoadFromDirectory: removes unfinished temporaries under state_dir,
-  // loads the published bundles through the gate and re-applies labels and retirements.
-  // No-op without a state_dir. Returns the number of AVAILABLE versions.
+  // re-applies labels and retirements, and loads through the gate the published bundles
+  // the retention policy keeps (labelled ones, then the highest versions until
+  // keep_versions of them pass); the rest are listed UNLOADED (digest only: their signature
+  // and compile wait until they are labelled). No-op without a state_dir. Returns the number
+  // of AVAILABLE versions.
   absl::StatusOr<int> RestoreState() ABSL_LOCKS_EXCLUDED(mu_);
 
   // Gate, persist, then serve a bundle. Refusals: see bundle::RejectionStatus.
@@ -144,7 +151,11 @@ class RuleStore {
   // Same, from serialized cds.v1.Bundle bytes (EMPTY_BUNDLE / MALFORMED_BUNDLE first).
   absl::StatusOr<PublishResult> PublishBytes(const std::string& bytes) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Points `label` at an AVAILABLE version; returns the previous version ("" if none).
+  // Points `label` at an AVAILABLE version; returns the previous version ("" if none). An
+  // UNLOADED version is first loaded again from its bundle through the whole gate
+  // (signature, hashes, compile, embedded cases); if it no longer passes, it is listed
+  // REJECTED with the reason, the label stays where it was, and the call fails with
+  // FAILED_PRECONDITION naming the version and the reason.
   absl::StatusOr<std::string> SetLabel(const std::string& name, const std::string& label,
                                        const std::string& version) ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -156,6 +167,9 @@ class RuleStore {
   // The version to evaluate: `version` exactly, else the version `label` points at, else
   // the "stable" label's version, else the highest AVAILABLE semantic version. NOT_FOUND
   // when there is no such AVAILABLE version; UNAVAILABLE when nothing is available at all.
+  // Never loads an UNLOADED version (as TensorFlow Serving answers a request for a version
+  // its policy did not load): any caller could otherwise undo the retention policy one
+  // compile at a time. The NOT_FOUND message says that labelling it loads it again.
   absl::StatusOr<Resolved> Resolve(const std::string& name, const std::string& version,
                                    const std::string& label = "") const
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -174,6 +188,10 @@ class RuleStore {
   // Number of versions whose compiled rule set the store holds (AVAILABLE, or RETIRED and
   // not unloaded): what resident memory grows with.
   int LoadedCount() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  // How many times the gate compiled a rule set since construction (tests: what a restart
+  // or a label costs).
+  int64_t CompileCount() const { return compiles_.load(std::memory_order_relaxed); }
 
  private:
   // The outcome of the gate for one candidate version.
@@ -195,6 +213,20 @@ class RuleStore {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
   // Compiles and tests already verified files into `candidate`.
   void CompileAndTest(const compiler::RuleSetSource& source, Candidate* candidate) const;
+  // Reads the bundle directory of name@version and gates it (an unreadable directory is a
+  // MALFORMED_BUNDLE rejection). The outcome is shown whatever it is (signature_checked).
+  Candidate GateDir(const std::string& name, const std::string& version, const std::string& dir,
+                    const std::string& origin, const std::string& ontology_dir)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
+  // Start-up: lists a persisted bundle as not loaded (UNLOADED, or RETIRED when retired)
+  // without verifying or compiling it; only its files are read, for the digest that
+  // republishing compares against. False when the directory cannot be read.
+  bool AddNotLoaded(const std::string& name, const std::string& version, const std::string& dir)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_) ABSL_LOCKS_EXCLUDED(mu_);
+  // Loads an UNLOADED version again from its bundle through the whole gate. On a refusal
+  // the version is listed REJECTED and FAILED_PRECONDITION names it and the reason.
+  absl::Status LoadAgain(const std::string& name, const std::string& version)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_) ABSL_LOCKS_EXCLUDED(mu_);
   // Adds a gated candidate. Never replaces an AVAILABLE or RETIRED version: the same
   // content is a no-op (*created = false), other content a VERSION_CONFLICT rejection.
   std::optional<bundle::Rejection> Insert(Candidate candidate, bool* created)
@@ -224,6 +256,8 @@ class RuleStore {
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   const VersionEntry* DefaultLocked(const std::string& name, std::string* label) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  bool UnloadedLocked(const std::string& name, const std::string& version) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // " (unloaded by the retention policy ...)" when that version was unloaded, else "".
   std::string UnloadedNoteLocked(const std::string& name, const std::string& version) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -231,6 +265,8 @@ class RuleStore {
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   const Options options_;
+  // Compiles run by CompileAndTest (CompileCount).
+  mutable std::atomic<int64_t> compiles_{0};
 
   // Serializes every change (gate, disk, then the swap under mu_). Lock order:
   // writer_mu_ before mu_.

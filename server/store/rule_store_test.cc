@@ -640,9 +640,7 @@ TEST_F(RetentionTest, KeepsLabelledAndNewestVersionsAndUnloadsTheRest) {
   EXPECT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
   EXPECT_EQ(store_->LoadedCount(), 2);
   EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.4");
-  // Not servable, so not labelled either; a published version is still never edited.
-  EXPECT_EQ(store_->SetLabel("demo", "canary", "1.0.1").status().code(),
-            absl::StatusCode::kNotFound);
+  // A published version is still never edited.
   absl::StatusOr<PublishResult> again = store_->Publish(Signed(Good("1.0.1"), "1.0.1"));
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_FALSE(again->created);
@@ -748,6 +746,144 @@ TEST_F(RetentionTest, ARestartUnloadsTheSameVersionsAgain) {
   EXPECT_EQ(States(restarted), before);
   EXPECT_EQ(restarted.LoadedCount(), 3);
   EXPECT_EQ(restarted.Resolve("demo", "").value().rule_set->version, "1.0.0");
+}
+
+// A rollback to an unloaded version: the label loads it again (through the gate) and then
+// keeps it; once the label moves on, retention unloads it again.
+TEST_F(RetentionTest, LabellingAnUnloadedVersionLoadsItAgain) {
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.2", "1.0.3"}) Publish(version);
+  ASSERT_EQ(States(*store_)["1.0.1"], RuleSetInfo::UNLOADED);
+  const std::string digest = Find(store_->List("demo"), "1.0.1")->ref().digest();
+  // Evaluating it does not load it: only a label does.
+  absl::Status pinned = store_->Resolve("demo", "1.0.1").status();
+  EXPECT_EQ(pinned.code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(absl::StrContains(pinned.message(), "labelling it loads it again")) << pinned;
+  EXPECT_EQ(store_->LoadedCount(), 2);
+
+  const int64_t compiles = store_->CompileCount();
+  absl::StatusOr<std::string> previous = store_->SetLabel("demo", "canary", "1.0.1");
+  ASSERT_TRUE(previous.ok()) << previous.status();
+  EXPECT_EQ(*previous, "");
+  EXPECT_EQ(store_->CompileCount(), compiles + 1);
+  EXPECT_EQ(States(*store_)["1.0.1"], RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(store_->LoadedCount(), 3);  // labelled, and the two newest
+  EXPECT_EQ(store_->Resolve("demo", "", "canary").value().rule_set->version, "1.0.1");
+  EXPECT_EQ(store_->Resolve("demo", "1.0.1").value().rule_set->digest, digest);
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.3");  // no stable
+  const std::vector<RuleSetInfo> list = store_->List("demo");
+  EXPECT_EQ(Find(list, "1.0.1")->ref().digest(), digest);
+  EXPECT_EQ(Find(list, "1.0.1")->signer(), key_.public_key().key_id());
+
+  ASSERT_TRUE(store_->SetLabel("demo", "canary", "1.0.3").ok());
+  EXPECT_EQ(States(*store_)["1.0.1"], RuleSetInfo::UNLOADED);
+  EXPECT_EQ(store_->LoadedCount(), 2);
+  // A version that is not there at all is still NOT_FOUND.
+  EXPECT_EQ(store_->SetLabel("demo", "canary", "0.9.0").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+// The persisted bundle of an unloaded version was damaged: labelling it is refused with
+// the reason, the label stays where it was, and the version is listed REJECTED.
+TEST_F(RetentionTest, ACorruptedUnloadedBundleIsRefusedWhenLabelled) {
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.2"}) Publish(version);
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.2").ok());
+  ASSERT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
+  std::ofstream(root_.path() + "/state/bundles/demo/1.0.0/ruleset.textproto", std::ios::app)
+      << "\n# edited on disk\n";
+
+  absl::Status labelled = store_->SetLabel("demo", "stable", "1.0.0").status();
+  EXPECT_EQ(labelled.code(), absl::StatusCode::kFailedPrecondition) << labelled;
+  EXPECT_TRUE(absl::StrContains(labelled.message(), "demo@1.0.0")) << labelled;
+  EXPECT_TRUE(absl::StrContains(labelled.message(), "TAMPERED_FILE")) << labelled;
+  Resolved serving = store_->Resolve("demo", "").value();
+  EXPECT_EQ(serving.rule_set->version, "1.0.2");
+  EXPECT_EQ(serving.label, "stable");
+  const std::vector<RuleSetInfo> list = store_->List("demo");
+  const RuleSetInfo* rejected = Find(list, "1.0.0");
+  EXPECT_EQ(rejected->state(), RuleSetInfo::REJECTED);
+  EXPECT_EQ(rejected->reject_reason(), cds::v1::TAMPERED_FILE);
+  EXPECT_EQ(store_->LoadedCount(), 2);
+  // The label's persisted state did not move either.
+  RuleStore restarted(Options());
+  ASSERT_TRUE(restarted.RestoreState().ok());
+  EXPECT_EQ(restarted.Resolve("demo", "").value().rule_set->version, "1.0.2");
+}
+
+// A server with a long history compiles, at start-up, only the versions it keeps: labelled
+// ones and the newest. The others are listed UNLOADED straight away and loaded only when
+// labelled; a bundle damaged on disk among them is found out then.
+TEST_F(RetentionTest, ARestartGatesOnlyTheVersionsItKeeps) {
+  Publish("1.0.0");
+  ASSERT_TRUE(store_->SetLabel("demo", "stable", "1.0.0").ok());
+  for (int patch = 1; patch <= 11; ++patch) Publish(absl::StrCat("1.0.", patch));
+  ASSERT_TRUE(store_->SetLabel("demo", "canary", "1.0.4").ok());
+  const std::map<std::string, RuleSetInfo::State> before = States(*store_);
+  ASSERT_EQ(before.at("1.0.3"), RuleSetInfo::UNLOADED);
+  std::ofstream(root_.path() + "/state/bundles/demo/1.0.2/ruleset.textproto", std::ios::app)
+      << "\n# edited on disk\n";
+
+  RuleStore restarted(Options());
+  ASSERT_EQ(restarted.RestoreState().value(), 4);
+  // 1.0.0 (stable), 1.0.4 (canary), 1.0.11 and 1.0.10: four compiles, not twelve.
+  EXPECT_EQ(restarted.CompileCount(), 4);
+  EXPECT_EQ(restarted.LoadedCount(), 4);
+  EXPECT_EQ(States(restarted), before);
+  Resolved by_default = restarted.Resolve("demo", "").value();
+  EXPECT_EQ(by_default.rule_set->version, "1.0.0");
+  EXPECT_EQ(by_default.label, "stable");
+  EXPECT_EQ(restarted.Resolve("demo", "", "canary").value().rule_set->version, "1.0.4");
+  // Listed from the directory alone: the digest (which republishing compares with), no
+  // load time, no signer or title until it is loaded.
+  const std::vector<RuleSetInfo> before_list = store_->List("demo");
+  const std::vector<RuleSetInfo> list = restarted.List("demo");
+  const RuleSetInfo* listed = Find(list, "1.0.3");
+  EXPECT_EQ(listed->ref().digest(), Find(before_list, "1.0.3")->ref().digest());
+  EXPECT_FALSE(listed->has_loaded_at());
+  EXPECT_EQ(listed->signer(), "");
+  EXPECT_TRUE(Find(list, "1.0.4")->has_loaded_at());
+  absl::StatusOr<PublishResult> again = restarted.Publish(Signed(Good("1.0.3"), "1.0.3"));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->created);
+  EXPECT_EQ(restarted.CompileCount(), 5);  // the republish's own gate
+
+  // Labelling one loads it (one more compile) and serves it.
+  ASSERT_TRUE(restarted.SetLabel("demo", "canary", "1.0.3").ok());
+  EXPECT_EQ(restarted.CompileCount(), 6);
+  EXPECT_EQ(restarted.Resolve("demo", "", "canary").value().rule_set->version, "1.0.3");
+  const std::vector<RuleSetInfo> loaded_list = restarted.List("demo");
+  listed = Find(loaded_list, "1.0.3");
+  EXPECT_EQ(listed->state(), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(listed->title(), "Demo");
+  EXPECT_EQ(listed->signer(), key_.public_key().key_id());
+  EXPECT_EQ(States(restarted)["1.0.4"], RuleSetInfo::UNLOADED);  // the label left it
+  // The damaged one is refused; canary stays on 1.0.3.
+  EXPECT_EQ(restarted.SetLabel("demo", "canary", "1.0.2").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(restarted.Resolve("demo", "", "canary").value().rule_set->version, "1.0.3");
+  EXPECT_EQ(States(restarted)["1.0.2"], RuleSetInfo::REJECTED);
+}
+
+// The newest bundles no longer pass the gate (here: their key is no longer trusted): the
+// next ones down are loaded in their place, as when every bundle was gated.
+TEST_F(RetentionTest, ARestartLoadsOlderVersionsWhenTheNewestFailTheGate) {
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.2"}) Publish(version);
+  const bundle::PrivateKey other = bundle::PrivateKey::Generate().value();
+  root_.Write("keys/other.pub", other.public_key().ToPem());
+  for (const char* version : {"1.0.3", "1.0.4"}) {
+    ASSERT_TRUE(store_->Publish(Signed(Good(version), version, &other)).ok());
+  }
+  std::filesystem::remove(root_.path() + "/keys/other.pub");
+
+  RuleStore restarted(Options());
+  ASSERT_EQ(restarted.RestoreState().value(), 2);
+  using S = RuleSetInfo;
+  EXPECT_EQ(States(restarted), (std::map<std::string, S::State>{{"1.0.0", S::UNLOADED},
+                                                                {"1.0.1", S::AVAILABLE},
+                                                                {"1.0.2", S::AVAILABLE},
+                                                                {"1.0.3", S::REJECTED},
+                                                                {"1.0.4", S::REJECTED}}));
+  EXPECT_EQ(restarted.CompileCount(), 2);  // the rejected ones failed before compiling
+  EXPECT_EQ(restarted.Resolve("demo", "").value().rule_set->version, "1.0.2");
 }
 
 TEST_F(RetentionTest, ZeroKeepsEveryVersion) {
