@@ -613,6 +613,66 @@ TEST(LifecycleTest, ARestartServesTheSameVersionsAndLabels) {
   EXPECT_EQ(response.rule_set().version(), "1.0.2");
 }
 
+// With retention, a restart gates only the versions it keeps; a rollback (a label) to one
+// of the others loads it from its persisted bundle, unless that bundle was damaged.
+TEST(LifecycleTest, ARestartLoadsOnlyKeptVersionsAndALabelLoadsAnotherAgain) {
+  Deployment deployment;
+  std::string error;
+  const std::vector<std::string> flags = deployment.Flags({"--keep_versions", "2"});
+  {
+    ServerProcess server;
+    ASSERT_TRUE(server.Start(CDS_SERVER_BINARY, flags, &error)) << error;
+    Client client(server.address());
+    for (const char* version : {"1.0.1", "1.0.2", "1.0.3", "1.0.4", "1.0.5"}) {
+      cds::v1::PublishRuleSetResponse response;
+      ASSERT_TRUE(client.Publish(deployment.Bundle(version), &response).ok()) << version;
+      if (std::string(version) == "1.0.2") {
+        ASSERT_TRUE(client.Label("stable", version).ok());
+      }
+    }
+    client = Client(server.address());
+    EXPECT_EQ(server.Stop(SIGTERM), 0);
+  }
+  ServerProcess server;
+  ASSERT_TRUE(server.Start(CDS_SERVER_BINARY, flags, &error)) << error;
+  // 1.0.2 (stable), 1.0.5 and 1.0.4 gated; 1.0.3 and 1.0.1 only listed.
+  EXPECT_TRUE(absl::StrContains(server.Stderr(), "3 gated, 2 listed without loading them"))
+      << server.Stderr();
+  Client client(server.address());
+  std::map<std::string, cds::v1::RuleSetInfo> list = client.List();
+  for (const char* version : {"1.0.2", "1.0.4", "1.0.5"}) {
+    EXPECT_EQ(list[version].state(), cds::v1::RuleSetInfo::AVAILABLE) << version;
+  }
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.3"}) {
+    EXPECT_EQ(list[version].state(), cds::v1::RuleSetInfo::UNLOADED) << version;
+  }
+  cds::v1::EvaluateResponse response;
+  ASSERT_TRUE(client.Evaluate("ipex", &response).ok());
+  EXPECT_EQ(response.rule_set().version(), "1.0.2");
+  EXPECT_EQ(client.Evaluate("ipex@1.0.3", &response).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  // Rollback target not among the kept ones: the label loads it.
+  grpc::Status labelled = client.Label("canary", "1.0.3");
+  ASSERT_TRUE(labelled.ok()) << labelled.error_message();
+  ASSERT_TRUE(client.Evaluate("ipex@canary", &response).ok());
+  EXPECT_EQ(response.rule_set().version(), "1.0.3");
+  EXPECT_EQ(response.rule_set().digest(), list["1.0.3"].ref().digest());
+
+  // A damaged bundle is refused, and the label stays.
+  ASSERT_TRUE(testing::WriteFile(
+      deployment.state() + "/bundles/ipex/1.0.1/ruleset.textproto",
+      testing::ReadFileOrEmpty(deployment.state() + "/bundles/ipex/1.0.1/ruleset.textproto") +
+          "\n# edited on disk\n"));
+  labelled = client.Label("canary", "1.0.1");
+  EXPECT_EQ(labelled.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(absl::StrContains(labelled.error_message(), "ipex@1.0.1")) << labelled.error_message();
+  EXPECT_TRUE(absl::StrContains(labelled.error_message(), "TAMPERED_FILE"))
+      << labelled.error_message();
+  ASSERT_TRUE(client.Evaluate("ipex@canary", &response).ok());
+  EXPECT_EQ(response.rule_set().version(), "1.0.3");
+  EXPECT_EQ(client.List()["1.0.1"].state(), cds::v1::RuleSetInfo::REJECTED);
+}
+
 TEST(LifecycleTest, SighupPicksUpACompleteBundleDroppedIntoTheRulesDirectory) {
   Deployment deployment;
   std::string error;
