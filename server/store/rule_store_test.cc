@@ -926,11 +926,16 @@ TEST_F(RetentionTest, ReadersNeverFailWhileVersionsAreUnloaded) {
     Publish(version);
     ASSERT_TRUE(store_->SetLabel("demo", "stable", version).ok());
   }
+  // Rollbacks to unloaded versions: each is loaded again under the readers' feet.
+  for (const char* version : {"1.0.2", "1.0.4"}) {
+    ASSERT_EQ(States(*store_)[version], RuleSetInfo::UNLOADED);
+    ASSERT_TRUE(store_->SetLabel("demo", "stable", version).ok());
+  }
   stop.store(true);
   for (std::thread& t : readers) t.join();
   EXPECT_EQ(failures.load(), 0);
   EXPECT_GT(evaluated.load(), 0);
-  EXPECT_EQ(store_->LoadedCount(), 1);
+  EXPECT_EQ(store_->LoadedCount(), 2);  // 1.0.4 (stable) and 1.0.6 (newest)
 }
 
 TEST_F(LifecycleTest, ScanTakesOnlyCompleteSignedDirectories) {
