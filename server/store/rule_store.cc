@@ -96,12 +96,16 @@ std::optional<Semver> ParseSemver(absl::string_view text) {
     pre = text.substr(dash + 1);
     if (pre.empty()) return std::nullopt;
   }
-  std::vector<absl::string_view> parts = absl::StrSplit(core, '.');
-  if (parts.size() != 3) return std::nullopt;
+  // MAJOR.MINOR.PATCH without allocating: requests that name no version compare the
+  // available versions on every call (DefaultLocked).
   Semver v;
   uint64_t* fields[] = {&v.major, &v.minor, &v.patch};
   for (int i = 0; i < 3; ++i) {
-    if (!IsNumeric(parts[i]) || !absl::SimpleAtoi(parts[i], fields[i])) return std::nullopt;
+    const size_t dot = i < 2 ? core.find('.') : core.size();
+    if (dot == absl::string_view::npos) return std::nullopt;
+    const absl::string_view part = core.substr(0, dot);
+    if (!IsNumeric(part) || !absl::SimpleAtoi(part, fields[i])) return std::nullopt;
+    core.remove_prefix(i < 2 ? dot + 1 : dot);
   }
   if (!pre.empty()) {
     for (absl::string_view id : absl::StrSplit(pre, '.')) {

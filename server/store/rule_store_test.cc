@@ -976,7 +976,7 @@ TEST(SemverLessTest, Ordering) {
       "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1",  "1.0.0",           "1.0.1",
       "1.2.0",       "1.10.0",      "2.0.0",         "10.0.0",
       // Not semantic versions: after all of them, lexically.
-      "1.0",         "latest",
+      "1..2",        "1.0",         "1.2.",          "1.2.3.4",          "latest",
   };
   for (size_t i = 0; i < ordered.size(); ++i) {
     EXPECT_FALSE(SemverLess(ordered[i], ordered[i])) << ordered[i];
