@@ -140,6 +140,64 @@ TEST_F(StreamTest, MalformedPatientInTheMiddleGetsItsOwnErrorAndTheRestSucceed) 
   EXPECT_FALSE(absl::StrContains(server_.Stderr(), kReference));
 }
 
+// The stream renders its responses itself (as the unary Evaluate does): for the same
+// patients, each response is the unary one in every field but the evaluation's id and time,
+// and each error is the unary call's status.
+TEST_F(StreamTest, StreamedResponsesAreTheUnaryOnes) {
+  std::vector<cds::v1::EvaluateRequest> patients;
+  for (const char* example :
+       {"triad_boy.json", "triad_girl.json", "little_data.json", "maternal_uncle_boy.json",
+        "neonatal_diabetes_boy.json", "wiskott_aldrich_boy.json"}) {
+    patients.push_back(IpexRequest(example));
+  }
+  cds::v1::EvaluateRequest full = patients[0];
+  full.set_explanation(cds::v1::EXPLANATION_FULL);
+  cds::v1::EvaluateRequest none = patients[1];
+  none.set_explanation(cds::v1::EXPLANATION_NONE);
+  cds::v1::EvaluateRequest malformed = patients[0];
+  malformed.mutable_patient()->set_sex(cds::v1::SEX_UNSPECIFIED);
+  cds::v1::EvaluateRequest unknown_rule_set = patients[0];
+  unknown_rule_set.set_rule_set("no-such-rule-set");
+  patients.insert(patients.end(), {full, none, malformed, unknown_rule_set});
+
+  std::vector<StreamRequest> requests;
+  for (size_t i = 0; i < patients.size(); ++i) {
+    // The first has no correlation id (an empty string is left out of the bytes).
+    requests.push_back(Wrap(patients[i], i == 0 ? "" : absl::StrCat("patient-", i)));
+  }
+  std::vector<StreamResponse> responses;
+  const grpc::Status status = RunStream(requests, &responses);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(responses.size(), patients.size());
+  for (size_t i = 0; i < patients.size(); ++i) {
+    SCOPED_TRACE(i);
+    grpc::ClientContext context;
+    cds::v1::EvaluateResponse unary;
+    const grpc::Status unary_status = stub_->Evaluate(&context, patients[i], &unary);
+    StreamResponse expected;
+    expected.set_correlation_id(requests[i].correlation_id());
+    expected.set_index(static_cast<int64_t>(i));
+    StreamResponse streamed = responses[i];
+    if (unary_status.ok()) {
+      ASSERT_TRUE(streamed.has_response()) << streamed.error().message();
+      EXPECT_FALSE(streamed.response().evaluation_id().empty());
+      EXPECT_TRUE(streamed.response().has_evaluated_at());
+      EXPECT_NE(streamed.response().evaluation_id(), unary.evaluation_id());
+      for (cds::v1::EvaluateResponse* response : {&unary, streamed.mutable_response()}) {
+        response->clear_evaluation_id();
+        response->clear_evaluated_at();
+      }
+      *expected.mutable_response() = unary;
+    } else {
+      expected.mutable_error()->set_code(static_cast<int32_t>(unary_status.error_code()));
+      expected.mutable_error()->set_message(unary_status.error_message());
+    }
+    EXPECT_TRUE(streamed.GetReflection()->GetUnknownFields(streamed).empty());
+    EXPECT_EQ(streamed.SerializeAsString(), expected.SerializeAsString())
+        << "streamed: " << OneLineJson(streamed) << "\nunary: " << OneLineJson(expected);
+  }
+}
+
 TEST_F(StreamTest, ClientThatWritesEverythingFirstGetsEveryResultInOrder) {
   // Far more than the server reads ahead: it must stop reading, let HTTP/2 flow control
   // hold the writer back, and resume as the responses drain.

@@ -22,6 +22,7 @@ namespace cds::metrics {
 namespace {
 
 constexpr char kEvaluateMethod[] = "/cds.v1.DecisionSupport/Evaluate";
+constexpr char kEvaluateStreamMethod[] = "/cds.v1.DecisionSupport/EvaluateStream";
 
 // Latency buckets from 50 µs to about 6.5 s.
 std::vector<double> LatencyBuckets() { return ExponentialBuckets(50e-6, 2, 18); }
@@ -47,18 +48,6 @@ const char* CodeName(grpc::StatusCode code) {
     case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
     default: return "UNKNOWN";
   }
-}
-
-// Counts one evaluation response: its rule-set version and its top diagnosis.
-void CountEvaluation(const cds::v1::EvaluateResponse& response, Family<Counter>& evaluations) {
-  std::string top = "none";
-  for (const cds::v1::Suggestion& suggestion : response.suggestions()) {
-    if (suggestion.kind() == cds::v1::DIAGNOSIS) {
-      top = suggestion.rule_id();
-      break;
-    }
-  }
-  evaluations.With({response.rule_set().name(), response.rule_set().version(), top}).Increment();
 }
 
 // gRPC's status codes are 0..16; anything else is counted as UNKNOWN.
@@ -92,17 +81,17 @@ struct ServerMetrics::MethodSeries {
 
 namespace {
 
-// The same count from a serialized EvaluateResponse, reading only what it needs: the
-// rule_set's name and version, and the suggestions up to the first diagnosis (alerts come
-// first, so that is usually the first or second). False when the bytes do not parse.
-bool CountSerializedEvaluation(grpc::ByteBuffer* serialized, Family<Counter>& evaluations) {
+// Counts one evaluation response, its rule-set version and its top diagnosis, from a
+// serialized EvaluateResponse (the rest of `in`, up to its limit),
+// reading only what it needs: the rule_set's name and version, and the suggestions up to
+// the first diagnosis (alerts come first, so that is usually the first or second). False
+// when the bytes do not parse.
+bool CountSerializedEvaluation(google::protobuf::io::CodedInputStream& in,
+                               Family<Counter>& evaluations) {
   using google::protobuf::internal::WireFormatLite;
   constexpr uint32_t kRuleSet = 2, kSuggestions = 3;        // EvaluateResponse
   constexpr uint32_t kName = 1, kVersion = 2;                // RuleSetRef
   constexpr uint32_t kKind = 2, kRuleId = 3;                 // Suggestion
-  grpc::ProtoBufferReader reader(serialized);
-  if (!reader.status().ok()) return false;
-  google::protobuf::io::CodedInputStream in(&reader);
   std::string name, version, top = "none";
   auto nested = [&in](auto&& field) {  // calls field(tag) for each field of a message
     uint32_t size;
@@ -145,6 +134,33 @@ bool CountSerializedEvaluation(grpc::ByteBuffer* serialized, Family<Counter>& ev
   return true;
 }
 
+bool CountSerializedEvaluation(grpc::ByteBuffer* serialized, Family<Counter>& evaluations) {
+  grpc::ProtoBufferReader reader(serialized);
+  if (!reader.status().ok()) return false;
+  google::protobuf::io::CodedInputStream in(&reader);
+  return CountSerializedEvaluation(in, evaluations);
+}
+
+// The same from a serialized StreamEvaluateResponse: counted when it carries a response
+// (not when it carries the patient's error).
+bool CountSerializedStreamed(grpc::ByteBuffer* serialized, Family<Counter>& evaluations) {
+  using google::protobuf::internal::WireFormatLite;
+  constexpr uint32_t kResponse = 3;  // StreamEvaluateResponse
+  grpc::ProtoBufferReader reader(serialized);
+  if (!reader.status().ok()) return false;
+  google::protobuf::io::CodedInputStream in(&reader);
+  while (const uint32_t tag = in.ReadTag()) {
+    if (tag == (kResponse << 3 | WireFormatLite::WIRETYPE_LENGTH_DELIMITED)) {
+      uint32_t size;
+      if (!in.ReadVarint32(&size)) return false;
+      in.PushLimit(static_cast<int>(size));
+      return CountSerializedEvaluation(in, evaluations);
+    }
+    if (!WireFormatLite::SkipField(&in, tag)) return false;
+  }
+  return true;
+}
+
 class MetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
   MetricsInterceptor(ServerMetrics& metrics, std::shared_ptr<ServerMetrics::MethodSeries> series)
@@ -153,12 +169,13 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_MESSAGE)) {
+      // Evaluate and EvaluateStream send raw bytes (the service renders them itself): read
+      // them, as they are (serializing first, should a handler ever send a message instead).
+      // No other method's response is counted.
       if (series_->full_method == kEvaluateMethod) {
-        // Evaluate sends raw bytes (the service renders them itself): read them, as they
-        // are (serializing first, should a handler ever send a message instead).
         metrics_.EvaluateResponseSent(methods->GetSerializedSendMessage());
-      } else {
-        metrics_.ResponseSent(series_->full_method, methods->GetSendMessage());
+      } else if (series_->full_method == kEvaluateStreamMethod) {
+        metrics_.StreamEvaluateResponseSent(methods->GetSerializedSendMessage());
       }
     }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
@@ -259,14 +276,8 @@ void ServerMetrics::EvaluateResponseSent(grpc::ByteBuffer* serialized) {
   if (serialized != nullptr) CountSerializedEvaluation(serialized, evaluations_);
 }
 
-void ServerMetrics::ResponseSent(const std::string& method, const void* message) {
-  if (message == nullptr) return;
-  if (method == kEvaluateMethod) {
-    CountEvaluation(*static_cast<const cds::v1::EvaluateResponse*>(message), evaluations_);
-  } else if (method == "/cds.v1.DecisionSupport/EvaluateStream") {
-    const auto& streamed = *static_cast<const cds::v1::StreamEvaluateResponse*>(message);
-    if (streamed.has_response()) CountEvaluation(streamed.response(), evaluations_);
-  }
+void ServerMetrics::StreamEvaluateResponseSent(grpc::ByteBuffer* serialized) {
+  if (serialized != nullptr) CountSerializedStreamed(serialized, evaluations_);
 }
 
 void AddRuleStoreGauges(const store::RuleStore& store, Registry& registry) {

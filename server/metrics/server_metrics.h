@@ -34,10 +34,11 @@ class ServerMetrics {
 
   // Called by the interceptor; public for tests.
   void CallFinished(const std::string& method, grpc::StatusCode code, double seconds);
-  // `message` is the response message of a protobuf handler (any method but Evaluate).
-  void ResponseSent(const std::string& method, const void* message);
   // Evaluate's response as sent: serialized bytes (its handler sends raw bytes).
   void EvaluateResponseSent(grpc::ByteBuffer* serialized);
+  // One EvaluateStream response as sent (a serialized StreamEvaluateResponse): counted as
+  // an evaluation when it carries one.
+  void StreamEvaluateResponseSent(grpc::ByteBuffer* serialized);
 
   // One method's series, resolved once: its labels and, per status code, its counters and
   // histogram (each created on first use). A call then costs a few atomic updates instead

@@ -124,6 +124,37 @@ absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::Evaluate
   return absl::OkStatus();
 }
 
+engine::WireExtras ResponseExtras(const store::Resolved& resolved, std::string* evaluation_id) {
+  *evaluation_id = NewUuidV4();
+  const absl::Time now = absl::Now();
+  const int64_t seconds = absl::ToUnixSeconds(now);
+  engine::WireExtras extras;
+  extras.evaluation_id = *evaluation_id;
+  extras.label = resolved.label;
+  extras.has_evaluated_at = true;
+  extras.evaluated_at_seconds = seconds;
+  extras.evaluated_at_nanos =
+      static_cast<int32_t>(absl::ToInt64Nanoseconds(now - absl::FromUnixSeconds(seconds)));
+  return extras;
+}
+
+Auditor::EvaluationSummary SummarizeEvaluation(const engine::Evaluation& evaluation,
+                                               absl::string_view evaluation_id) {
+  Auditor::EvaluationSummary summary;
+  const compiler::CompiledRuleSet& rs = evaluation.rule_set();
+  summary.rule_set_name = rs.name;
+  summary.rule_set_version = rs.version;
+  summary.digest = rs.digest;
+  summary.evaluation_id = evaluation_id;
+  for (size_t i = 0; i < evaluation.suggestion_count() &&
+                     i < static_cast<size_t>(Auditor::kTopSuggestions);
+       ++i) {
+    summary.top_suggestions[i] = evaluation.suggestion_rule_id(i);
+    summary.top_suggestion_count = static_cast<int>(i + 1);
+  }
+  return summary;
+}
+
 grpc::Status ParseRequest(const grpc::ByteBuffer& bytes, google::protobuf::MessageLite* request) {
   grpc::ByteBuffer copy(bytes);  // shares the slices; the reader consumes the copy
   if (!grpc::GenericDeserialize<grpc::ProtoBufferReader, google::protobuf::MessageLite>(&copy,
@@ -177,16 +208,7 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
     status = ToGrpcStatus(evaluated.status());
   } else {
     resolved = *std::move(evaluated);
-    evaluation_id = NewUuidV4();
-    const absl::Time now = absl::Now();
-    const int64_t seconds = absl::ToUnixSeconds(now);
-    engine::WireExtras extras;
-    extras.evaluation_id = evaluation_id;
-    extras.label = resolved.label;
-    extras.has_evaluated_at = true;
-    extras.evaluated_at_seconds = seconds;
-    extras.evaluated_at_nanos =
-        static_cast<int32_t>(absl::ToInt64Nanoseconds(now - absl::FromUnixSeconds(seconds)));
+    const engine::WireExtras extras = ResponseExtras(resolved, &evaluation_id);
     // Written straight into the slice gRPC sends.
     char* data = nullptr;
     grpc::Slice slice = NewSlice(evaluation.WireSize(extras), &data);
@@ -194,20 +216,9 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
     *response = grpc::ByteBuffer(&slice, 1);
   }
   if (auditor_ != nullptr) {
-    Auditor::EvaluationSummary summary;
-    if (status.ok()) {
-      const compiler::CompiledRuleSet& rs = evaluation.rule_set();
-      summary.rule_set_name = rs.name;
-      summary.rule_set_version = rs.version;
-      summary.digest = rs.digest;
-      summary.evaluation_id = evaluation_id;
-      for (size_t i = 0; i < evaluation.suggestion_count() &&
-                         i < static_cast<size_t>(Auditor::kTopSuggestions);
-           ++i) {
-        summary.top_suggestions[i] = evaluation.suggestion_rule_id(i);
-        summary.top_suggestion_count = static_cast<int>(i + 1);
-      }
-    }
+    const Auditor::EvaluationSummary summary =
+        status.ok() ? SummarizeEvaluation(evaluation, evaluation_id)
+                    : Auditor::EvaluationSummary();
     // Answered once the record is in the audit journal: usually by this thread, which
     // writes it when no other call is writing; otherwise by the thread that writes it
     // together with the others' (this one is then free meanwhile).

@@ -21,11 +21,12 @@
 
 namespace cds::service {
 
-// cds.v1.DecisionSupport on the callback API, with Evaluate on raw bytes: its handler parses
-// the request itself and answers with the engine's wire rendering of the response
-// (engine::Evaluation::WriteWire), so no EvaluateResponse message is built or serialized.
+// cds.v1.DecisionSupport on the callback API, with Evaluate and EvaluateStream on raw bytes:
+// their handlers parse the requests themselves and answer with the engine's wire rendering
+// of the responses (engine::Evaluation::WriteWire), so no EvaluateResponse message is built
+// or serialized.
 using RawEvaluateDecisionSupport = cds::v1::DecisionSupport::WithRawCallbackMethod_Evaluate<
-    cds::v1::DecisionSupport::WithCallbackMethod_EvaluateStream<
+    cds::v1::DecisionSupport::WithRawCallbackMethod_EvaluateStream<
         cds::v1::DecisionSupport::WithCallbackMethod_ListRuleSets<
             cds::v1::DecisionSupport::WithCallbackMethod_GetRuleSet<
                 cds::v1::DecisionSupport::Service>>>>;
@@ -50,9 +51,11 @@ class DecisionServiceImpl final : public RawEvaluateDecisionSupport {
   grpc::ServerUnaryReactor* GetRuleSet(grpc::CallbackServerContext* context,
                                        const cds::v1::GetRuleSetRequest* request,
                                        cds::v1::GetRuleSetResponse* response) override;
-  // Screening: see evaluate_stream.cc.
-  grpc::ServerBidiReactor<cds::v1::StreamEvaluateRequest, cds::v1::StreamEvaluateResponse>*
-  EvaluateStream(grpc::CallbackServerContext* context) override;
+  // Screening: see evaluate_stream.cc. Reads serialized cds.v1.StreamEvaluateRequest and
+  // writes serialized cds.v1.StreamEvaluateResponse, byte for byte what protobuf would
+  // write for the responses EvaluateOnce's evaluation gives.
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* EvaluateStream(
+      grpc::CallbackServerContext* context) override;
 
  private:
   const store::RuleStore& store_;
@@ -122,6 +125,16 @@ absl::Status EvaluateOnce(const store::RuleStore& store, const cds::v1::Evaluate
 absl::StatusOr<store::Resolved> EvaluateInto(const store::RuleStore& store,
                                              const cds::v1::EvaluateRequest& request,
                                              engine::Evaluation* evaluation);
+
+// The service's fields of a successful evaluation's response, for the wire renderer: a new
+// evaluation id (kept in `*evaluation_id`, which the extras view), the resolved version's
+// label and the time now.
+engine::WireExtras ResponseExtras(const store::Resolved& resolved, std::string* evaluation_id);
+
+// What the audit record keeps of `evaluation`'s response (views into its rule set and
+// `evaluation_id`, which must outlive the summary).
+Auditor::EvaluationSummary SummarizeEvaluation(const engine::Evaluation& evaluation,
+                                               absl::string_view evaluation_id);
 
 // Parses a serialized request as gRPC's generated handlers do (arena-allocated by the
 // caller); INVALID_ARGUMENT naming the expected message type when the bytes do not parse

@@ -9,6 +9,11 @@
 // patient is audited like a unary Evaluate: its response is written only once its record is
 // committed (reading goes on meanwhile, so the next patients share the commit), and it fails
 // closed (its own UNAVAILABLE error) when the record cannot be committed.
+//
+// On raw bytes, as the unary Evaluate: each request is parsed onto its slot's arena, and
+// each response is written by hand into the slice gRPC sends: correlation_id, index, then
+// the engine's wire rendering of the EvaluateResponse (engine::Evaluation::WriteWire) or
+// the StreamError, exactly the bytes protobuf writes for the StreamEvaluateResponse.
 
 #include <cstdint>
 #include <array>
@@ -19,7 +24,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "absl/strings/string_view.h"
 #include "google/protobuf/arena.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "server/engine/evaluation.h"
 #include "server/service/decision_service.h"
 #include "server/service/grpc_status.h"
 
@@ -30,16 +38,92 @@ namespace {
 // the reactor stops reading.
 constexpr size_t kMaxQueued = 8;
 
+// The serialized StreamEvaluateResponse, field by field in number order as protobuf writes
+// it (proto3: an empty string or a zero number is left out; the oneof's field is written
+// even when empty).
+using google::protobuf::io::CodedOutputStream;
+constexpr uint32_t kLengthDelimited = 2;
+constexpr uint32_t kCorrelationIdTag = 1 << 3 | kLengthDelimited;
+constexpr uint32_t kIndexTag = 2 << 3;  // varint
+constexpr uint32_t kResponseTag = 3 << 3 | kLengthDelimited;
+constexpr uint32_t kErrorTag = 4 << 3 | kLengthDelimited;
+constexpr uint32_t kErrorCodeTag = 1 << 3;  // StreamError.code, varint
+constexpr uint32_t kErrorMessageTag = 2 << 3 | kLengthDelimited;
+
+size_t StringFieldSize(absl::string_view value) {
+  return value.empty() ? 0 : 1 + CodedOutputStream::VarintSize32(value.size()) + value.size();
+}
+
+uint8_t* WriteStringField(uint32_t tag, absl::string_view value, uint8_t* out) {
+  if (value.empty()) return out;
+  out = CodedOutputStream::WriteTagToArray(tag, out);
+  out = CodedOutputStream::WriteVarint32ToArray(static_cast<uint32_t>(value.size()), out);
+  return CodedOutputStream::WriteRawToArray(value.data(), static_cast<int>(value.size()), out);
+}
+
+// int32 and int64 fields are written as 64-bit varints (a negative int32 takes ten bytes).
+size_t IntFieldSize(int64_t value) {
+  return value == 0 ? 0 : 1 + CodedOutputStream::VarintSize64(static_cast<uint64_t>(value));
+}
+
+uint8_t* WriteIntField(uint32_t tag, int64_t value, uint8_t* out) {
+  if (value == 0) return out;
+  out = CodedOutputStream::WriteTagToArray(tag, out);
+  return CodedOutputStream::WriteVarint64ToArray(static_cast<uint64_t>(value), out);
+}
+
+// correlation_id and index, the fields every response starts with.
+size_t HeaderSize(absl::string_view correlation_id, int64_t index) {
+  return StringFieldSize(correlation_id) + IntFieldSize(index);
+}
+
+uint8_t* WriteHeader(absl::string_view correlation_id, int64_t index, uint8_t* out) {
+  out = WriteStringField(kCorrelationIdTag, correlation_id, out);
+  return WriteIntField(kIndexTag, index, out);
+}
+
+// The response carrying `evaluation`'s EvaluateResponse, rendered with `extras`.
+grpc::ByteBuffer EvaluatedBytes(absl::string_view correlation_id, int64_t index,
+                                engine::Evaluation& evaluation, const engine::WireExtras& extras) {
+  const size_t evaluation_size = evaluation.WireSize(extras);
+  const size_t size = HeaderSize(correlation_id, index) + 1 +
+                      CodedOutputStream::VarintSize64(evaluation_size) + evaluation_size;
+  char* data = nullptr;
+  grpc::Slice slice = NewSlice(size, &data);
+  uint8_t* out = WriteHeader(correlation_id, index, reinterpret_cast<uint8_t*>(data));
+  out = CodedOutputStream::WriteTagToArray(kResponseTag, out);
+  out = CodedOutputStream::WriteVarint64ToArray(evaluation_size, out);
+  evaluation.WriteWire(extras, reinterpret_cast<char*>(out));
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+// The response carrying the patient's error instead.
+grpc::ByteBuffer ErrorBytes(absl::string_view correlation_id, int64_t index,
+                            const grpc::Status& status) {
+  const int32_t code = static_cast<int32_t>(status.error_code());
+  const absl::string_view message = status.error_message();
+  const size_t error_size = IntFieldSize(code) + StringFieldSize(message);
+  const size_t size = HeaderSize(correlation_id, index) + 1 +
+                      CodedOutputStream::VarintSize64(error_size) + error_size;
+  char* data = nullptr;
+  grpc::Slice slice = NewSlice(size, &data);
+  uint8_t* out = WriteHeader(correlation_id, index, reinterpret_cast<uint8_t*>(data));
+  out = CodedOutputStream::WriteTagToArray(kErrorTag, out);
+  out = CodedOutputStream::WriteVarint64ToArray(error_size, out);
+  out = WriteIntField(kErrorCodeTag, code, out);
+  WriteStringField(kErrorMessageTag, message, out);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
 class EvaluateStreamReactor final
-    : public grpc::ServerBidiReactor<cds::v1::StreamEvaluateRequest,
-                                     cds::v1::StreamEvaluateResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   EvaluateStreamReactor(const store::RuleStore& store, const grpc::CallbackServerContext& context,
                         const Auditor* auditor)
       : store_(store), context_(context), auditor_(auditor), start_(absl::Now()) {
     absl::MutexLock lock(&mu_);
     reading_ = true;
-    StartRead(NewRequestLocked());
+    StartRead(&read_);
   }
 
   void OnReadDone(bool ok) override {
@@ -58,15 +142,28 @@ class EvaluateStreamReactor final
       }
       slot = PushSlotLocked();
       start = absl::Now();
-      status = Evaluate(*request_, next_index_++, slot->response);
+      status = ParseRequest(read_, slot->request);
+      read_.Clear();
+      // Nothing of bytes that do not parse is kept (nor audited): the patient's error then
+      // has no correlation id.
+      if (!status.ok()) slot->request->Clear();
+      slot->index = next_index_++;
+      // Reused by every patient evaluated on this thread (rendered before it lets go of
+      // mu_): nothing is allocated for it once grown.
+      thread_local engine::Evaluation evaluation;
+      std::string evaluation_id;
+      if (status.ok()) status = Evaluate(*slot, &evaluation, &evaluation_id);
       if (auditor_ == nullptr) {
         Settle(slot, status);
         MaybeWriteLocked();
         MaybeReadLocked();
         return;
       }
-      record = auditor_->EvaluationRecord(request_->request(), slot->response->response(), status,
-                                          Auditor::kEvaluateStreamMethod);
+      record = auditor_->EvaluationRecord(
+          slot->request->request(),
+          status.ok() ? SummarizeEvaluation(evaluation, evaluation_id)
+                      : Auditor::EvaluationSummary(),
+          status, Auditor::kEvaluateStreamMethod);
       ++audits_pending_;
       // Reading on while the record commits lets the next patients share its commit.
       MaybeReadLocked();
@@ -99,11 +196,9 @@ class EvaluateStreamReactor final
   void OnDone() override { delete this; }
 
  private:
-  // A patient's response, built on an arena of the slot's own that is reset when the slot
-  // is reused: the response's hundreds of small fields then cost no malloc or free once the
-  // block has been allocated (on the heap, making and freeing them was a third of a
-  // stream's CPU; clearing a oneof deletes its message, so reusing a heap message does not
-  // help).
+  // A patient: its request, parsed onto an arena of the slot's own that is reset when the
+  // slot is reused (the request's many small fields then cost no malloc or free once the
+  // block has been allocated), and its serialized response.
   struct Slot {
     static google::protobuf::ArenaOptions Options() {
       google::protobuf::ArenaOptions options;
@@ -112,52 +207,46 @@ class EvaluateStreamReactor final
       return options;
     }
     google::protobuf::Arena arena{Options()};
-    cds::v1::StreamEvaluateResponse* response = nullptr;
-    bool ready = false;  // its status is final (audited when there is an auditor)
+    cds::v1::StreamEvaluateRequest* request = nullptr;
+    int64_t index = 0;
+    grpc::ByteBuffer response;  // the evaluation's, until Settle
+    bool ready = false;         // its status is final (audited when there is an auditor)
   };
 
-  // An empty request to read into, replacing the last one (already evaluated).
-  cds::v1::StreamEvaluateRequest* NewRequestLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    request_ = nullptr;
-    read_arena_.Reset();
-    request_ = google::protobuf::Arena::CreateMessage<cds::v1::StreamEvaluateRequest>(&read_arena_);
-    return request_;
-  }
-
-  // The next free slot of the ring, with a new empty response. REQUIRES: queued_ <
+  // The next free slot of the ring, with a new empty request. REQUIRES: queued_ <
   // kMaxQueued (MaybeReadLocked reads no further).
   Slot* PushSlotLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Slot* slot = &ring_[(head_ + queued_) % kMaxQueued];
     ++queued_;
-    slot->response = nullptr;
+    slot->response.Clear();
+    slot->request = nullptr;
     slot->arena.Reset();
-    slot->response =
-        google::protobuf::Arena::CreateMessage<cds::v1::StreamEvaluateResponse>(&slot->arena);
+    slot->request =
+        google::protobuf::Arena::CreateMessage<cds::v1::StreamEvaluateRequest>(&slot->arena);
     slot->ready = false;
     return slot;
   }
 
-  // Evaluates one patient into `response`; returns its status, converted as the unary RPC
-  // would (same code, capped message). Under mu_, which only serialises this stream's own
-  // callbacks.
-  grpc::Status Evaluate(const cds::v1::StreamEvaluateRequest& request, int64_t index,
-                        cds::v1::StreamEvaluateResponse* response) {
-    response->set_correlation_id(request.correlation_id());
-    response->set_index(index);
-    const absl::Status status =
-        request.has_request()
-            ? EvaluateOnce(store_, request.request(), response->mutable_response())
-            : absl::InvalidArgumentError("request is required");
-    return ToGrpcStatus(status);
+  // Evaluates the slot's patient into `evaluation` and renders its response into the slot;
+  // returns its status, converted as the unary RPC would (same code, capped message). Under
+  // mu_, which only serialises this stream's own callbacks.
+  grpc::Status Evaluate(Slot& slot, engine::Evaluation* evaluation, std::string* evaluation_id) {
+    const cds::v1::StreamEvaluateRequest& request = *slot.request;
+    if (!request.has_request()) {
+      return ToGrpcStatus(absl::InvalidArgumentError("request is required"));
+    }
+    absl::StatusOr<store::Resolved> resolved = EvaluateInto(store_, request.request(), evaluation);
+    if (!resolved.ok()) return ToGrpcStatus(resolved.status());
+    slot.response = EvaluatedBytes(request.correlation_id(), slot.index, *evaluation,
+                                   ResponseExtras(*resolved, evaluation_id));
+    return grpc::Status::OK;
   }
 
   // The patient's final status: its error replaces the response when not OK.
   static void Settle(Slot* slot, const grpc::Status& status) {
     slot->ready = true;
     if (status.ok()) return;
-    slot->response->clear_response();
-    slot->response->mutable_error()->set_code(static_cast<int32_t>(status.error_code()));
-    slot->response->mutable_error()->set_message(status.error_message());
+    slot->response = ErrorBytes(slot->request->correlation_id(), slot->index, status);
   }
 
   void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -166,13 +255,13 @@ class EvaluateStreamReactor final
     // The front slot is not reused until OnWriteDone. (No buffer_hint to coalesce writes:
     // a hinted write may not complete until a later write flushes it, and the next write
     // only starts once this one has completed: the stream then stalled.)
-    StartWrite(ring_[head_].response);
+    StartWrite(&ring_[head_].response);
   }
 
   void MaybeReadLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (reading_ || reads_done_ || failed_ || queued_ >= kMaxQueued) return;
     reading_ = true;
-    StartRead(NewRequestLocked());
+    StartRead(&read_);
   }
 
   void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -202,10 +291,8 @@ class EvaluateStreamReactor final
   const Auditor* const auditor_;  // null: not audited
   const absl::Time start_;
   absl::Mutex mu_;
-  // The request being read, on an arena reset for each read (as the responses are, and
-  // for the same reason); at most one read is outstanding.
-  google::protobuf::Arena read_arena_ ABSL_GUARDED_BY(mu_){Slot::Options()};
-  cds::v1::StreamEvaluateRequest* request_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // The request being read, as it came; at most one read is outstanding.
+  grpc::ByteBuffer read_ ABSL_GUARDED_BY(mu_);
   // Patients read and not yet written, oldest at head_: a ring of kMaxQueued slots.
   std::array<Slot, kMaxQueued> ring_ ABSL_GUARDED_BY(mu_);
   size_t head_ ABSL_GUARDED_BY(mu_) = 0;
@@ -221,8 +308,8 @@ class EvaluateStreamReactor final
 
 }  // namespace
 
-grpc::ServerBidiReactor<cds::v1::StreamEvaluateRequest, cds::v1::StreamEvaluateResponse>*
-DecisionServiceImpl::EvaluateStream(grpc::CallbackServerContext* context) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* DecisionServiceImpl::EvaluateStream(
+    grpc::CallbackServerContext* context) {
   return new EvaluateStreamReactor(store_, *context, auditor_);
 }
 
