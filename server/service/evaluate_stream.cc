@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <array>
+#include <string>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
@@ -101,7 +102,7 @@ grpc::ByteBuffer EvaluatedBytes(absl::string_view correlation_id, int64_t index,
 grpc::ByteBuffer ErrorBytes(absl::string_view correlation_id, int64_t index,
                             const grpc::Status& status) {
   const int32_t code = static_cast<int32_t>(status.error_code());
-  const absl::string_view message = status.error_message();
+  const std::string message = status.error_message();  // a copy: returned by value
   const size_t error_size = IntFieldSize(code) + StringFieldSize(message);
   const size_t size = HeaderSize(correlation_id, index) + 1 +
                       CodedOutputStream::VarintSize64(error_size) + error_size;
