@@ -153,7 +153,8 @@ class EvaluateStreamReactor final
       // mu_): nothing is allocated for it once grown.
       thread_local engine::Evaluation evaluation;
       std::string evaluation_id;
-      if (status.ok()) status = Evaluate(*slot, &evaluation, &evaluation_id);
+      store::Resolved resolved;  // keeps the rule set the evaluation (and record) refer to
+      if (status.ok()) status = Evaluate(*slot, &evaluation, &resolved, &evaluation_id);
       if (auditor_ == nullptr) {
         Settle(slot, status);
         MaybeWriteLocked();
@@ -228,16 +229,20 @@ class EvaluateStreamReactor final
     return slot;
   }
 
-  // Evaluates the slot's patient into `evaluation` and renders its response into the slot;
-  // returns its status, converted as the unary RPC would (same code, capped message). Under
-  // mu_, which only serialises this stream's own callbacks.
-  grpc::Status Evaluate(Slot& slot, engine::Evaluation* evaluation, std::string* evaluation_id) {
+  // Evaluates the slot's patient into `evaluation` (its rule set held by `*resolved`) and
+  // renders its response into the slot; returns its status, converted as the unary RPC
+  // would (same code, capped message). Under mu_, which only serialises this stream's own
+  // callbacks.
+  grpc::Status Evaluate(Slot& slot, engine::Evaluation* evaluation, store::Resolved* resolved,
+                        std::string* evaluation_id) {
     const cds::v1::StreamEvaluateRequest& request = *slot.request;
     if (!request.has_request()) {
       return ToGrpcStatus(absl::InvalidArgumentError("request is required"));
     }
-    absl::StatusOr<store::Resolved> resolved = EvaluateInto(store_, request.request(), evaluation);
-    if (!resolved.ok()) return ToGrpcStatus(resolved.status());
+    absl::StatusOr<store::Resolved> evaluated =
+        EvaluateInto(store_, request.request(), evaluation);
+    if (!evaluated.ok()) return ToGrpcStatus(evaluated.status());
+    *resolved = *std::move(evaluated);
     slot.response = EvaluatedBytes(request.correlation_id(), slot.index, *evaluation,
                                    ResponseExtras(*resolved, evaluation_id));
     return grpc::Status::OK;
