@@ -144,11 +144,7 @@ DemographicContext BuildContext(const CompiledRuleSet& rs, const std::vector<int
     if (t == Truth::kUnknown) continue;
     const double lr = t == Truth::kTrue ? ev.lr_positive : ev.lr_negative;
     if (lr == 1.0) continue;
-    AppliedEvidence item;
-    item.evidence = e;
-    item.matched = t == Truth::kTrue;
-    item.log_lr = item.matched ? ev.log_lr_positive : ev.log_lr_negative;
-    context.items.push_back(item);
+    context.items.push_back(ApplyEvidence(e, ev, t == Truth::kTrue));
     if (ev.group < 0) continue;
     if (ev.hypothesis != group_hypothesis) {
       group_best.clear();
@@ -202,12 +198,19 @@ std::string CodeKey(const std::string& system, const std::string& code) {
   return absl::StrCat(system, "|", code);
 }
 
+bool IsCanonicalSystem(absl::string_view s) {
+  switch (s.size()) {
+    case 3: return s == "HPO";
+    case 4: return s == "OMIM" || s == "HGNC";
+    case 5: return s == "LOINC" || s == "ORPHA" || s == "ICD10" || s == "LOCAL";
+    case 8: return s == "SNOMEDCT";
+    default: return false;
+  }
+}
+
 std::string NormalizeSystem(const std::string& system, const std::string& code) {
   // Fast path: already canonical (what the rules and most callers send).
-  if (system == "HPO" || system == "LOINC" || system == "OMIM" || system == "ORPHA" ||
-      system == "SNOMEDCT" || system == "ICD10" || system == "HGNC" || system == "LOCAL") {
-    return system;
-  }
+  if (IsCanonicalSystem(system)) return system;
   std::string upper = absl::AsciiStrToUpper(absl::StripAsciiWhitespace(system));
   if (upper == "HP" || upper == "HUMAN PHENOTYPE ONTOLOGY") upper = "HPO";
   if (upper == "SNOMED" || upper == "SNOMED CT" || upper == "SNOMED-CT" || upper == "SCT") {

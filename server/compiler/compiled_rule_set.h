@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/string_view.h"
 #include "cds/v1/rules.pb.h"
 #include "server/compiler/wire_fragments.h"
 #include "server/ontology/ontology.h"
@@ -27,6 +28,10 @@ std::string CodeKey(const std::string& system, const std::string& code);
 // Upper-cases a system name and infers it from a CURIE prefix when empty ("HP:" -> "HPO",
 // "OMIM:" -> "OMIM", "ORPHA:" -> "ORPHA"). Returns "" when it cannot.
 std::string NormalizeSystem(const std::string& system, const std::string& code);
+
+// True for the names NormalizeSystem returns unchanged ("HPO", "LOINC", ...). Compares
+// lengths first: it runs for every code of every request.
+bool IsCanonicalSystem(absl::string_view system);
 
 // Converts an Age to days. Error text names no value (callers add the field path).
 // Returns nullopt for an unset Age; an error string for a malformed one.
@@ -196,6 +201,11 @@ struct CompiledEvidence {
   // Position of `id` among the evidence ids in ascending order (explanations break ties
   // on it without comparing strings).
   int32_t id_rank = 0;
+  // Position of this item's TRUE (resp. FALSE) outcome among every item's outcomes in the
+  // order explanations list them: |log LR| descending, then id_rank. Sorting an
+  // explanation compares two integers instead of two |log LR|s and then two id ranks.
+  int32_t explain_rank_positive = 0;
+  int32_t explain_rank_negative = 0;
 };
 
 // A fact a test's result makes known.
@@ -241,10 +251,30 @@ struct CompiledAction {
 // demographic evidence (DemographicContext).
 struct AppliedEvidence {
   int32_t evidence = -1;
+  int32_t hypothesis = -1;    // the item's (copied: grouping by it reads no CompiledEvidence)
+  int32_t explain_rank = 0;   // the outcome's CompiledEvidence::explain_rank_*
   bool matched = false;     // condition TRUE (else FALSE)
   bool superseded = false;  // a stronger item of its correlated group counts instead
   double log_lr = 0;
 };
+
+// The applied item for evidence `e` (`ev`) whose condition was decided `matched`.
+inline AppliedEvidence ApplyEvidence(int32_t e, const CompiledEvidence& ev, bool matched) {
+  AppliedEvidence item;
+  item.evidence = e;
+  item.hypothesis = ev.hypothesis;
+  item.matched = matched;
+  item.explain_rank = matched ? ev.explain_rank_positive : ev.explain_rank_negative;
+  item.log_lr = matched ? ev.log_lr_positive : ev.log_lr_negative;
+  return item;
+}
+
+// The order explanations list a hypothesis' items in: counted before superseded, then
+// by explain_rank (|log LR| descending, then evidence id).
+inline bool ExplainsBefore(const AppliedEvidence& x, const AppliedEvidence& y) {
+  if (x.superseded != y.superseded) return !x.superseded;
+  return x.explain_rank < y.explain_rank;
+}
 
 // A touched hypothesis of a demographic context: its items are
 // DemographicContext::items[begin, end), in evidence order.

@@ -1665,6 +1665,30 @@ class Compilation {
       ev.log_lr_negative = std::log(ev.lr_negative);
       ev.strength = std::fabs(ev.log_lr_positive) + std::fabs(ev.log_lr_negative);
     }
+    {
+      // Every (item, outcome) in explanation order: |log LR| descending, then id rank.
+      std::vector<std::pair<int32_t, bool>> outcomes;
+      for (size_t e = 0; e < out_->evidence.size(); ++e) {
+        outcomes.emplace_back(static_cast<int32_t>(e), true);
+        outcomes.emplace_back(static_cast<int32_t>(e), false);
+      }
+      auto magnitude = [&](const std::pair<int32_t, bool>& o) {
+        const CompiledEvidence& ev = out_->evidence[o.first];
+        return std::fabs(o.second ? ev.log_lr_positive : ev.log_lr_negative);
+      };
+      std::sort(outcomes.begin(), outcomes.end(), [&](const auto& a, const auto& b) {
+        if (magnitude(a) != magnitude(b)) return magnitude(a) > magnitude(b);
+        const int32_t ra = out_->evidence[a.first].id_rank;
+        const int32_t rb = out_->evidence[b.first].id_rank;
+        if (ra != rb) return ra < rb;
+        return a.second && !b.second;  // one item's two outcomes never meet in one list
+      });
+      for (size_t r = 0; r < outcomes.size(); ++r) {
+        CompiledEvidence& ev = out_->evidence[outcomes[r].first];
+        (outcomes[r].second ? ev.explain_rank_positive : ev.explain_rank_negative) =
+            static_cast<int32_t>(r);
+      }
+    }
     out_->leaf_evidence_by_concept.assign(out_->concepts.size(), {});
     out_->leaf_evidence_by_lab.assign(out_->labs.size(), {});
     for (size_t i = 0; i < out_->evidence.size(); ++i) {

@@ -521,12 +521,10 @@ class Evaluator {
 
   // Memoised per call: a condition shared by several rules, or reached again when
   // explaining, is evaluated once (Scratch::NewMemo forgets the values once scores exist).
+  // The memo check inlines at every call site; only a miss calls the (large) evaluation.
   Tri Eval(ConditionId id) const {
     if (s_.condition_stamp[id] == s_.memo_epoch) return s_.condition_value[id];
-    const Tri t = Compute(id);
-    s_.condition_stamp[id] = s_.memo_epoch;
-    s_.condition_value[id] = t;
-    return t;
+    return ComputeAndMemo(id);
   }
 
   // Leaves that hold (outside any `not`), with the patient codes they matched: the reasons
@@ -559,6 +557,27 @@ class Evaluator {
     }
   }
 
+  // The patient codes CollectReasons would collect, without the reasons: what a compact
+  // explanation of an action shows (no lab descriptions are built for it).
+  void CollectMatchedFindings(ConditionId id, std::vector<int>* finding_indices) const {
+    const CompiledCondition& c = rs_.conditions[id];
+    using K = CompiledCondition::Kind;
+    switch (c.kind) {
+      case K::kAll:
+      case K::kAny:
+      case K::kAtLeast:
+        for (ConditionId child : c.children) {
+          if (Eval(child) == Tri::kTrue) CollectMatchedFindings(child, finding_indices);
+        }
+        return;
+      case K::kFinding:
+        EvalFinding(c, finding_indices);
+        return;
+      default:
+        return;
+    }
+  }
+
   // The patient's codes that made a finding leaf (anywhere under `id`) TRUE or FALSE.
   void CollectFindingCodes(ConditionId id, std::vector<int>* finding_indices) const {
     const CompiledCondition& c = rs_.conditions[id];
@@ -584,6 +603,13 @@ class Evaluator {
   }
 
  private:
+  __attribute__((noinline)) Tri ComputeAndMemo(ConditionId id) const {
+    const Tri t = Compute(id);
+    s_.condition_stamp[id] = s_.memo_epoch;
+    s_.condition_value[id] = t;
+    return t;
+  }
+
   Tri Compute(ConditionId id) const {
     const CompiledCondition& c = rs_.conditions[id];
     using K = CompiledCondition::Kind;
@@ -743,7 +769,7 @@ class Evaluator {
 class CodeKeyBuffer {
  public:
   CodeKeyBuffer(const std::string& system, const std::string& code) {
-    if (IsCanonical(system)) {
+    if (compiler::IsCanonicalSystem(system)) {
       system_ = system;
     } else {
       normalized_ = compiler::NormalizeSystem(system, code);
@@ -767,12 +793,6 @@ class CodeKeyBuffer {
   absl::string_view system() const { return system_; }
 
  private:
-  // The names NormalizeSystem returns unchanged.
-  static bool IsCanonical(const std::string& s) {
-    return s == "HPO" || s == "LOINC" || s == "OMIM" || s == "ORPHA" || s == "SNOMEDCT" ||
-           s == "ICD10" || s == "HGNC" || s == "LOCAL";
-  }
-
   char buffer_[96];
   std::string normalized_;
   std::string long_key_;
@@ -1133,11 +1153,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     if (t == Tri::kUnknown) continue;
     const double lr = t == Tri::kTrue ? ev.lr_positive : ev.lr_negative;
     if (lr == 1.0) continue;
-    Applied item;
-    item.evidence = e;
-    item.matched = t == Tri::kTrue;
-    item.log_lr = t == Tri::kTrue ? ev.log_lr_positive : ev.log_lr_negative;
-    applied.push_back(item);
+    applied.push_back(compiler::ApplyEvidence(e, ev, t == Tri::kTrue));
     if (ev.group >= 0) {
       // Candidates are in evidence order, so one hypothesis' items are contiguous.
       if (ev.hypothesis != group_hypothesis) {
@@ -1179,13 +1195,12 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   };
   constexpr int32_t kNone = std::numeric_limits<int32_t>::max();
   for (size_t i = 0; i < applied.size() || folded != folded_end;) {
-    const int32_t from_applied =
-        i < applied.size() ? rs.evidence[applied[i].evidence].hypothesis : kNone;
+    const int32_t from_applied = i < applied.size() ? applied[i].hypothesis : kNone;
     const int32_t from_folded = folded != folded_end ? folded->hypothesis : kNone;
     const int32_t h = std::min(from_applied, from_folded);
     size_t j = i;
     if (from_applied == h) {
-      while (j < applied.size() && rs.evidence[applied[j].evidence].hypothesis == h) ++j;
+      while (j < applied.size() && applied[j].hypothesis == h) ++j;
     }
     const double prior = rs.hypotheses[h].pretest_probability;
     double w;
@@ -1265,6 +1280,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     return scratch.value_stamp[a] == scratch.epoch ? &scratch.values[a] : nullptr;
   };
   for (int32_t a : information_candidates) {
+    // A test fires only when its condition (if any) holds: valuing one that cannot fire
+    // would change nothing.
+    const ConditionId condition = rs.actions[a].condition;
+    if (condition >= 0 && evaluator.Eval(condition) != Tri::kTrue) continue;
     const auto value = ValueOfTest(rs, facts, scores, lead, rs.actions[a]);
     if (value && value->gain_bits >= rs.actions[a].min_gain_bits) {
       scratch.value_stamp[a] = scratch.epoch;
@@ -1343,7 +1362,11 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     auto& finding_indices = scratch.finding_indices;
     reasons.clear();
     finding_indices.clear();
-    evaluator.CollectReasons(action.condition, &reasons, &finding_indices);
+    if (options.full_trace) {
+      evaluator.CollectReasons(action.condition, &reasons, &finding_indices);
+    } else {
+      evaluator.CollectMatchedFindings(action.condition, &finding_indices);
+    }
     // Compact: the rule, where it is written and the codes it matched, in one item.
     if (!options.full_trace) out.AddItem();
     // A leaf reached through several branches is one reason.
@@ -1382,11 +1405,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       const Applied* base = items_of(h);
       items.assign(base + scratch.range_begin[h], base + scratch.range_end[h]);
     }
-    std::sort(items.begin(), items.end(), [&](const Applied& x, const Applied& y) {
-      if (x.superseded != y.superseded) return !x.superseded;
-      if (std::fabs(x.log_lr) != std::fabs(y.log_lr)) return std::fabs(x.log_lr) > std::fabs(y.log_lr);
-      return rs.evidence[x.evidence].id_rank < rs.evidence[y.evidence].id_rank;
-    });
+    std::sort(items.begin(), items.end(), compiler::ExplainsBefore);
     for (const Applied& applied_item : items) {
       const compiler::CompiledEvidence& ev = rs.evidence[applied_item.evidence];
       EvaluationBuilder::Item& item = out.AddItem();

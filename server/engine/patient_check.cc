@@ -58,7 +58,13 @@ void CheckCode(const cds::v1::Code& code, PathFn path, Violations& out) {
   if (code.display().size() > kMaxDisplayChars) {
     out.Add(path(".display"), TooLong(kMaxDisplayChars));
   }
-  const std::string system = compiler::NormalizeSystem(code.system(), code.code());
+  // Canonical systems (nearly every code) are checked in place, without a copy.
+  std::string normalized;
+  absl::string_view system = code.system();
+  if (!compiler::IsCanonicalSystem(system)) {
+    normalized = compiler::NormalizeSystem(code.system(), code.code());
+    system = normalized;
+  }
   if (system.empty()) {
     out.Add(path(".system"),
             "is required unless the code is a CURIE with a known prefix (HP:, OMIM:, ORPHA:)");
@@ -211,7 +217,7 @@ void CheckPatient(const cds::v1::Patient& patient, Violations& out) {
   }
 }
 
-bool CodeSyntaxOk(const std::string& system, const std::string& code, std::string* problem) {
+bool CodeSyntaxOk(absl::string_view system, absl::string_view code, std::string* problem) {
   absl::string_view c = code;
   if (system == "HPO") {
     if (c.size() == 10 && absl::StartsWith(c, "HP:") && AllDigits(c.substr(3))) return true;

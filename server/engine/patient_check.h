@@ -60,6 +60,6 @@ void CheckPatient(const cds::v1::Patient& patient, Violations& out);
 // True when `code` is well-formed for the (normalised, see compiler::NormalizeSystem)
 // `system`; systems without a fixed syntax accept any non-empty code. `problem` gets the
 // description when false.
-bool CodeSyntaxOk(const std::string& system, const std::string& code, std::string* problem);
+bool CodeSyntaxOk(absl::string_view system, absl::string_view code, std::string* problem);
 
 }  // namespace cds::engine
