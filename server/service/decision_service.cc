@@ -182,13 +182,9 @@ grpc::ServerUnaryReactor* DecisionServiceImpl::Evaluate(grpc::CallbackServerCont
   const absl::Time start = absl::Now();
   // The request on an arena whose first block is on this stack: parsing a typical request
   // allocates nothing else but long strings. It is done with once the audit record is built.
-  alignas(std::max_align_t) char first_block[8192];
-  google::protobuf::ArenaOptions arena_options;
-  arena_options.initial_block = first_block;
-  arena_options.initial_block_size = sizeof(first_block);
-  google::protobuf::Arena arena(arena_options);
-  auto* request = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateRequest>(&arena);
-  if (grpc::Status parsed = ParseRequest(*request_bytes, request); !parsed.ok()) {
+  StackArenaRequest<cds::v1::EvaluateRequest> stack_request;
+  const cds::v1::EvaluateRequest* const request = &stack_request.request();
+  if (grpc::Status parsed = stack_request.Parse(*request_bytes); !parsed.ok()) {
     // Audited like every refused call; nothing of the request is recorded.
     return FinishAudited(reactor, auditor_, context, Auditor::kEvaluateMethod, start, "",
                          std::move(parsed));

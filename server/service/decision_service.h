@@ -4,6 +4,7 @@
 // adapter: validate, resolve the rule-set version in the store, call the engine, convert
 // the status once (grpc_status.h). Thread-safe; borrows the store, which must outlive it.
 
+#include <cstddef>
 #include <deque>
 #include <functional>
 #include <string>
@@ -14,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "cds/v1/service.pb.h"
+#include "google/protobuf/arena.h"
 #include "google/protobuf/message_lite.h"
 #include "server/engine/evaluation.h"
 #include "server/service/auditor.h"
@@ -140,6 +142,39 @@ Auditor::EvaluationSummary SummarizeEvaluation(const engine::Evaluation& evaluat
 // caller); INVALID_ARGUMENT naming the expected message type when the bytes do not parse
 // (where the generated handlers would answer UNIMPLEMENTED with no message).
 grpc::Status ParseRequest(const grpc::ByteBuffer& bytes, google::protobuf::MessageLite* request);
+
+// A request of type `Request` on an arena whose first block is part of this object, for a
+// handler to keep on its stack: parsing a typical request then allocates nothing else but
+// long strings. The request and the arena live as long as this. Not thread-safe.
+template <typename Request>
+class StackArenaRequest {
+ public:
+  StackArenaRequest()
+      : arena_(FirstBlockOptions(first_block_)),
+        request_(google::protobuf::Arena::CreateMessage<Request>(&arena_)) {}
+  StackArenaRequest(const StackArenaRequest&) = delete;
+  StackArenaRequest& operator=(const StackArenaRequest&) = delete;
+
+  // Parses `bytes` into the request, as ParseRequest does.
+  grpc::Status Parse(const grpc::ByteBuffer& bytes) { return ParseRequest(bytes, request_); }
+
+  Request& request() { return *request_; }
+  // For other messages that should live (and be freed) with the request.
+  google::protobuf::Arena& arena() { return arena_; }
+
+ private:
+  static constexpr size_t kFirstBlockSize = 8192;
+  static google::protobuf::ArenaOptions FirstBlockOptions(char* first_block) {
+    google::protobuf::ArenaOptions options;
+    options.initial_block = first_block;
+    options.initial_block_size = kFirstBlockSize;
+    return options;
+  }
+
+  alignas(std::max_align_t) char first_block_[kFirstBlockSize];  // before arena_, which uses it
+  google::protobuf::Arena arena_;
+  Request* const request_;  // on arena_
+};
 
 // A slice of `size` bytes for the caller to fill, sent without a copy.
 grpc::Slice NewSlice(size_t size, char** data);

@@ -1,7 +1,5 @@
 #include "server/service/noop_service.h"
 
-#include <cstddef>
-
 #include "absl/status/status.h"
 #include "google/protobuf/arena.h"
 #include "server/service/grpc_status.h"
@@ -13,13 +11,8 @@ grpc::ServerUnaryReactor* NoopDecisionService::Evaluate(grpc::CallbackServerCont
                                                         grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // Parsed as the real service parses it (same arena), so that only the evaluation differs.
-  alignas(std::max_align_t) char first_block[8192];
-  google::protobuf::ArenaOptions arena_options;
-  arena_options.initial_block = first_block;
-  arena_options.initial_block_size = sizeof(first_block);
-  google::protobuf::Arena arena(arena_options);
-  auto* request = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateRequest>(&arena);
-  if (grpc::Status parsed = ParseRequest(*request_bytes, request); !parsed.ok()) {
+  StackArenaRequest<cds::v1::EvaluateRequest> request;
+  if (grpc::Status parsed = request.Parse(*request_bytes); !parsed.ok()) {
     reactor->Finish(parsed);
     return reactor;
   }
@@ -32,8 +25,9 @@ grpc::ServerUnaryReactor* NoopDecisionService::Evaluate(grpc::CallbackServerCont
       return reactor;
     }
   }
-  auto* evaluated = google::protobuf::Arena::CreateMessage<cds::v1::EvaluateResponse>(&arena);
-  const absl::Status status = EvaluateOnce(store_, *request, evaluated);
+  auto* evaluated =
+      google::protobuf::Arena::CreateMessage<cds::v1::EvaluateResponse>(&request.arena());
+  const absl::Status status = EvaluateOnce(store_, request.request(), evaluated);
   if (status.ok()) {
     const std::string bytes = evaluated->SerializeAsString();
     grpc::Slice slice(bytes);
