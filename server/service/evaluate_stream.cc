@@ -83,19 +83,30 @@ uint8_t* WriteHeader(absl::string_view correlation_id, int64_t index, uint8_t* o
   return WriteIntField(kIndexTag, index, out);
 }
 
-// The response carrying `evaluation`'s EvaluateResponse, rendered with `extras`.
-grpc::ByteBuffer EvaluatedBytes(absl::string_view correlation_id, int64_t index,
-                                engine::Evaluation& evaluation, const engine::WireExtras& extras) {
-  const size_t evaluation_size = evaluation.WireSize(extras);
+// A response: correlation_id and index, then the length-delimited field `tag` (a one-byte
+// tag: the response oneof's field 3 or 4) whose `payload_size` bytes
+// `write_payload(uint8_t* out)` writes at `out`.
+template <typename WritePayload>
+grpc::ByteBuffer FramedResponse(absl::string_view correlation_id, int64_t index, uint32_t tag,
+                                size_t payload_size, WritePayload write_payload) {
   const size_t size = HeaderSize(correlation_id, index) + 1 +
-                      CodedOutputStream::VarintSize64(evaluation_size) + evaluation_size;
+                      CodedOutputStream::VarintSize64(payload_size) + payload_size;
   char* data = nullptr;
   grpc::Slice slice = NewSlice(size, &data);
   uint8_t* out = WriteHeader(correlation_id, index, reinterpret_cast<uint8_t*>(data));
-  out = CodedOutputStream::WriteTagToArray(kResponseTag, out);
-  out = CodedOutputStream::WriteVarint64ToArray(evaluation_size, out);
-  evaluation.WriteWire(extras, reinterpret_cast<char*>(out));
+  out = CodedOutputStream::WriteTagToArray(tag, out);
+  out = CodedOutputStream::WriteVarint64ToArray(payload_size, out);
+  write_payload(out);
   return grpc::ByteBuffer(&slice, 1);
+}
+
+// The response carrying `evaluation`'s EvaluateResponse, rendered with `extras`.
+grpc::ByteBuffer EvaluatedBytes(absl::string_view correlation_id, int64_t index,
+                                engine::Evaluation& evaluation, const engine::WireExtras& extras) {
+  return FramedResponse(correlation_id, index, kResponseTag, evaluation.WireSize(extras),
+                        [&](uint8_t* out) {
+                          evaluation.WriteWire(extras, reinterpret_cast<char*>(out));
+                        });
 }
 
 // The response carrying the patient's error instead.
@@ -103,17 +114,11 @@ grpc::ByteBuffer ErrorBytes(absl::string_view correlation_id, int64_t index,
                             const grpc::Status& status) {
   const int32_t code = static_cast<int32_t>(status.error_code());
   const std::string message = status.error_message();  // a copy: returned by value
-  const size_t error_size = IntFieldSize(code) + StringFieldSize(message);
-  const size_t size = HeaderSize(correlation_id, index) + 1 +
-                      CodedOutputStream::VarintSize64(error_size) + error_size;
-  char* data = nullptr;
-  grpc::Slice slice = NewSlice(size, &data);
-  uint8_t* out = WriteHeader(correlation_id, index, reinterpret_cast<uint8_t*>(data));
-  out = CodedOutputStream::WriteTagToArray(kErrorTag, out);
-  out = CodedOutputStream::WriteVarint64ToArray(error_size, out);
-  out = WriteIntField(kErrorCodeTag, code, out);
-  WriteStringField(kErrorMessageTag, message, out);
-  return grpc::ByteBuffer(&slice, 1);
+  return FramedResponse(correlation_id, index, kErrorTag,
+                        IntFieldSize(code) + StringFieldSize(message), [&](uint8_t* out) {
+                          out = WriteIntField(kErrorCodeTag, code, out);
+                          WriteStringField(kErrorMessageTag, message, out);
+                        });
 }
 
 class EvaluateStreamReactor final
