@@ -1,5 +1,6 @@
 #include "server/metrics/registry.h"
 
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -86,13 +87,20 @@ TEST(ServerMetricsTest, CachedMethodSeriesCountLikeTheLabelLookups) {
   Registry registry;
   ServerMetrics metrics(registry);
   const std::string evaluate = "/cds.v1.DecisionSupport/Evaluate";
-  EXPECT_EQ(metrics.SeriesFor(evaluate), metrics.SeriesFor(evaluate));
-  EXPECT_NE(metrics.SeriesFor("/PATIENT-1/x"), metrics.SeriesFor("/PATIENT-1/x"));
+  std::shared_ptr<ServerMetrics::MethodSeries> uncached[4];
+  EXPECT_EQ(metrics.SeriesFor(evaluate, &uncached[0]), metrics.SeriesFor(evaluate, &uncached[1]));
+  EXPECT_EQ(uncached[0], nullptr);  // cached: owned by `metrics`
+  EXPECT_EQ(uncached[1], nullptr);
+  EXPECT_NE(metrics.SeriesFor("/PATIENT-1/x", &uncached[2]),
+            metrics.SeriesFor("/PATIENT-1/x", &uncached[3]));
+  EXPECT_NE(uncached[2], nullptr);  // not cached: owned by the caller
+  EXPECT_NE(uncached[3], nullptr);
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&] {
       for (int i = 0; i < 1000; ++i) {
-        auto series = metrics.SeriesFor(evaluate);
+        std::shared_ptr<ServerMetrics::MethodSeries> none;
+        ServerMetrics::MethodSeries* series = metrics.SeriesFor(evaluate, &none);
         metrics.CallFinished(*series, i % 2 ? grpc::StatusCode::OK
                                             : grpc::StatusCode::INVALID_ARGUMENT, 1e-4);
       }

@@ -60,8 +60,11 @@ int CodeIndex(grpc::StatusCode code) {
 }  // namespace
 
 struct ServerMetrics::MethodSeries {
-  std::string full_method;
-  MethodLabels labels;
+  MethodSeries(const std::string& full_method, MethodLabels labels)
+      : full_method(full_method), labels(std::move(labels)) {}
+
+  const std::string full_method;
+  const MethodLabels labels;
   std::array<std::atomic<Counter*>, kStatusCodes> handled{};
   std::array<std::atomic<Histogram*>, kStatusCodes> seconds{};
   std::array<std::atomic<Counter*>, kStatusCodes> denied{};
@@ -163,8 +166,10 @@ bool CountSerializedStreamed(grpc::ByteBuffer* serialized, Family<Counter>& eval
 
 class MetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
-  MetricsInterceptor(ServerMetrics& metrics, std::shared_ptr<ServerMetrics::MethodSeries> series)
-      : metrics_(metrics), series_(std::move(series)), start_(std::chrono::steady_clock::now()) {}
+  MetricsInterceptor(ServerMetrics& metrics, const std::string& method)
+      : metrics_(metrics),
+        series_(metrics.SeriesFor(method, &uncached_)),
+        start_(std::chrono::steady_clock::now()) {}
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
@@ -187,7 +192,10 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
 
  private:
   ServerMetrics& metrics_;
-  const std::shared_ptr<ServerMetrics::MethodSeries> series_;
+  // Owns series_ for a method the server does not define (null otherwise: series_ is then
+  // metrics_' cached entry). Before series_, which is set from it.
+  std::shared_ptr<ServerMetrics::MethodSeries> uncached_;
+  ServerMetrics::MethodSeries* const series_;
   const std::chrono::steady_clock::time_point start_;
 };
 
@@ -197,8 +205,7 @@ class MetricsInterceptorFactory final
   explicit MetricsInterceptorFactory(ServerMetrics& metrics) : metrics_(metrics) {}
   grpc::experimental::Interceptor* CreateServerInterceptor(
       grpc::experimental::ServerRpcInfo* info) override {
-    return new MetricsInterceptor(metrics_,
-                                  metrics_.SeriesFor(info->method() == nullptr ? "" : info->method()));
+    return new MetricsInterceptor(metrics_, info->method() == nullptr ? "" : info->method());
   }
 
  private:
@@ -238,32 +245,39 @@ ServerMetrics::ServerMetrics(Registry& registry)
           "diagnosis rule id (\"none\" when no diagnosis is suggested).",
           {"rule_set", "version", "top_diagnosis"})) {}
 
+ServerMetrics::~ServerMetrics() = default;
+
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
 ServerMetrics::NewInterceptorFactory() {
   return std::make_unique<MetricsInterceptorFactory>(*this);
 }
 
-std::shared_ptr<ServerMetrics::MethodSeries> ServerMetrics::SeriesFor(const std::string& method) {
+ServerMetrics::MethodSeries* ServerMetrics::SeriesFor(const std::string& method,
+                                                      std::shared_ptr<MethodSeries>* uncached) {
   {
     absl::ReaderMutexLock lock(&mu_);
-    if (auto it = by_method_.find(method); it != by_method_.end()) return it->second;
+    if (auto it = by_method_.find(method); it != by_method_.end()) return it->second.get();
   }
-  auto series = std::make_shared<MethodSeries>();
-  series->full_method = method;
-  series->labels = LabelsForMethod(method);
-  if (series->labels.method == "unknown") return series;  // not cached: see the header
+  MethodLabels labels = LabelsForMethod(method);
+  if (labels.method == "unknown") {  // not cached: see the header
+    *uncached = std::make_shared<MethodSeries>(method, std::move(labels));
+    return uncached->get();
+  }
+  auto series = std::make_unique<MethodSeries>(method, std::move(labels));
   absl::MutexLock lock(&mu_);
-  return by_method_.try_emplace(method, std::move(series)).first->second;
+  return by_method_.try_emplace(method, std::move(series)).first->second.get();
 }
 
 void ServerMetrics::CallDenied(const std::string& method, grpc::StatusCode code) {
-  MethodSeries& series = *SeriesFor(method);
+  std::shared_ptr<MethodSeries> uncached;
+  MethodSeries& series = *SeriesFor(method, &uncached);
   series.Resolve(series.denied[CodeIndex(code)], denied_, code).Increment();
 }
 
 void ServerMetrics::CallFinished(const std::string& method, grpc::StatusCode code,
                                  double seconds) {
-  CallFinished(*SeriesFor(method), code, seconds);
+  std::shared_ptr<MethodSeries> uncached;
+  CallFinished(*SeriesFor(method, &uncached), code, seconds);
 }
 
 void ServerMetrics::CallFinished(MethodSeries& series, grpc::StatusCode code, double seconds) {

@@ -25,6 +25,7 @@ namespace cds::metrics {
 class ServerMetrics {
  public:
   explicit ServerMetrics(Registry& registry);
+  ~ServerMetrics();  // out of line: MethodSeries is complete only in the .cc
 
   // For ServerBuilder::experimental().SetInterceptorCreators; the factory borrows this.
   std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> NewInterceptorFactory();
@@ -45,9 +46,13 @@ class ServerMetrics {
   // of splitting the method name, a descriptor-pool lookup and label-vector map lookups
   // under the families' mutexes.
   struct MethodSeries;
-  // The entry for `method`: cached for the methods this server defines; a method it does
-  // not define gets a fresh "unknown" entry each time (callers cannot grow the cache).
-  std::shared_ptr<MethodSeries> SeriesFor(const std::string& method) ABSL_LOCKS_EXCLUDED(mu_);
+  // The entry for `method`. For a method this server defines, the cached one: this owns it
+  // and it lives as long as this (`*uncached` is left alone). A method it does not define
+  // gets a fresh "unknown" entry each time (callers cannot grow the cache), owned by
+  // `*uncached`, which the caller keeps as long as it uses the result. REQUIRES: `uncached`
+  // is not null.
+  MethodSeries* SeriesFor(const std::string& method, std::shared_ptr<MethodSeries>* uncached)
+      ABSL_LOCKS_EXCLUDED(mu_);
   void CallFinished(MethodSeries& series, grpc::StatusCode code, double seconds);
 
  private:
@@ -56,7 +61,8 @@ class ServerMetrics {
   Family<Counter>& denied_;
   Family<Counter>& evaluations_;
   absl::Mutex mu_;
-  absl::flat_hash_map<std::string, std::shared_ptr<MethodSeries>> by_method_ ABSL_GUARDED_BY(mu_);
+  // Never erased: the entries' addresses are handed out for the life of this.
+  absl::flat_hash_map<std::string, std::unique_ptr<MethodSeries>> by_method_ ABSL_GUARDED_BY(mu_);
 };
 
 // A gauge of the store's versions by rule set and state (AVAILABLE, REJECTED, RETIRED,
