@@ -39,6 +39,13 @@ TEST(DecisionServiceTest, EvaluationIdsAreDistinctVersion4Uuids) {
   for (int i = 0; i < 1000; ++i) {
     const std::string id = NewUuidV4();
     ASSERT_EQ(id.size(), 36u);
+    for (size_t c = 0; c < id.size(); ++c) {
+      if (c == 8 || c == 13 || c == 18 || c == 23) {
+        EXPECT_EQ(id[c], '-') << id;
+      } else {
+        EXPECT_NE(std::string("0123456789abcdef").find(id[c]), std::string::npos) << id;
+      }
+    }
     EXPECT_EQ(id[14], '4') << id;
     EXPECT_NE(std::string("89ab").find(id[19]), std::string::npos) << id;
     seen.insert(id);
