@@ -43,9 +43,31 @@ inline char* WriteVarint(uint64_t v, char* out) {
   return out;
 }
 
+// Copies `bytes` to `out`. Most fragments (a rule id, a source line, a code) are under 33
+// bytes: those are copied inline with two overlapping 8- or 16-byte moves instead of a call
+// to memcpy, which costs more than the copy at these sizes (a response has hundreds).
+// Source and destination never overlap.
 inline char* WriteBytes(absl::string_view bytes, char* out) {
-  if (!bytes.empty()) std::memcpy(out, bytes.data(), bytes.size());
-  return out + bytes.size();
+  const size_t n = bytes.size();
+  const char* in = bytes.data();
+  if (n > 32) {
+    std::memcpy(out, in, n);
+  } else if (n > 16) {
+    uint64_t head[2], tail[2];
+    std::memcpy(head, in, 16);
+    std::memcpy(tail, in + n - 16, 16);
+    std::memcpy(out, head, 16);
+    std::memcpy(out + n - 16, tail, 16);
+  } else if (n >= 8) {
+    uint64_t head, tail;
+    std::memcpy(&head, in, 8);
+    std::memcpy(&tail, in + n - 8, 8);
+    std::memcpy(out, &head, 8);
+    std::memcpy(out + n - 8, &tail, 8);
+  } else {
+    for (size_t i = 0; i < n; ++i) out[i] = in[i];
+  }
+  return out + n;
 }
 
 // A length-delimited field of `size` bytes: its tag and length prefix.
