@@ -529,7 +529,8 @@ class Evaluator {
 
   // Leaves that hold (outside any `not`), with the patient codes they matched: the reasons
   // shown for an action or a matched evidence item. The strings live in the rule set or
-  // the scratch until the next call.
+  // the scratch until the next call. With `reasons` null, only the codes (what a compact
+  // explanation shows): no lab description is built.
   void CollectReasons(ConditionId id, std::vector<const std::string*>* reasons,
                       std::vector<int>* finding_indices) const {
     const CompiledCondition& c = rs_.conditions[id];
@@ -543,37 +544,18 @@ class Evaluator {
         }
         return;
       case K::kNot:
-        reasons->push_back(&c.description);
+        if (reasons != nullptr) reasons->push_back(&c.description);
         return;
       case K::kFinding:
-        if (EvalFinding(c, finding_indices) == Tri::kTrue) reasons->push_back(&c.description);
-        return;
-      case K::kLab:
-        if (LabDetail(id) == Tri::kTrue) reasons->push_back(&s_.detail[id]);
-        return;
-      default:
-        if (Eval(id) == Tri::kTrue) reasons->push_back(&c.description);
-        return;
-    }
-  }
-
-  // The patient codes CollectReasons would collect, without the reasons: what a compact
-  // explanation of an action shows (no lab descriptions are built for it).
-  void CollectMatchedFindings(ConditionId id, std::vector<int>* finding_indices) const {
-    const CompiledCondition& c = rs_.conditions[id];
-    using K = CompiledCondition::Kind;
-    switch (c.kind) {
-      case K::kAll:
-      case K::kAny:
-      case K::kAtLeast:
-        for (ConditionId child : c.children) {
-          if (Eval(child) == Tri::kTrue) CollectMatchedFindings(child, finding_indices);
+        if (EvalFinding(c, finding_indices) == Tri::kTrue && reasons != nullptr) {
+          reasons->push_back(&c.description);
         }
         return;
-      case K::kFinding:
-        EvalFinding(c, finding_indices);
+      case K::kLab:
+        if (reasons != nullptr && LabDetail(id) == Tri::kTrue) reasons->push_back(&s_.detail[id]);
         return;
       default:
+        if (reasons != nullptr && Eval(id) == Tri::kTrue) reasons->push_back(&c.description);
         return;
     }
   }
@@ -1380,11 +1362,8 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     auto& finding_indices = scratch.finding_indices;
     reasons.clear();
     finding_indices.clear();
-    if (options.full_trace) {
-      evaluator.CollectReasons(action.condition, &reasons, &finding_indices);
-    } else {
-      evaluator.CollectMatchedFindings(action.condition, &finding_indices);
-    }
+    evaluator.CollectReasons(action.condition, options.full_trace ? &reasons : nullptr,
+                             &finding_indices);
     // Compact: the rule, where it is written and the codes it matched, in one item.
     if (!options.full_trace) out.AddItem();
     // A leaf reached through several branches is one reason.
