@@ -27,6 +27,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
+#include "tests/example_request.h"
 #include "tests/test_util.h"
 
 namespace cds {
@@ -43,13 +44,7 @@ const std::string kSourceDir = CDS_SOURCE_DIR;
 constexpr char kReference[] = "ops-ref-77a1f0";
 
 cds::v1::EvaluateRequest IpexRequest(const std::string& example) {
-  absl::StatusOr<cds::v1::EvaluateRequest> input =
-      cli::ReadEvaluateInput(kSourceDir + "/client/examples/" + example);
-  EXPECT_TRUE(input.ok()) << input.status();
-  cds::v1::EvaluateRequest request = input.ok() ? *input : cds::v1::EvaluateRequest();
-  request.set_rule_set("ipex");
-  request.mutable_patient()->set_reference(kReference);
-  return request;
+  return cds::testing::ExampleIpexRequest(example, kReference);
 }
 
 // The number after `series` (a full series name with labels) in a scrape, or -1.

@@ -18,6 +18,7 @@
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "tests/example_request.h"
 #include "tests/test_util.h"
 
 namespace cds {
@@ -33,13 +34,7 @@ const std::string kSourceDir = CDS_SOURCE_DIR;
 constexpr char kReference[] = "pseudo-ref-5c21e8";
 
 cds::v1::EvaluateRequest IpexRequest(const std::string& example) {
-  absl::StatusOr<cds::v1::EvaluateRequest> input =
-      cli::ReadEvaluateInput(kSourceDir + "/client/examples/" + example);
-  EXPECT_TRUE(input.ok()) << input.status();
-  cds::v1::EvaluateRequest request = input.ok() ? *input : cds::v1::EvaluateRequest();
-  request.set_rule_set("ipex");
-  request.mutable_patient()->set_reference(kReference);
-  return request;
+  return cds::testing::ExampleIpexRequest(example, kReference);
 }
 
 std::string OneLineJson(const google::protobuf::Message& message) {
