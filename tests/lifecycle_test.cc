@@ -671,6 +671,18 @@ TEST(LifecycleTest, ARestartLoadsOnlyKeptVersionsAndALabelLoadsAnotherAgain) {
   ASSERT_TRUE(client.Evaluate("ipex@canary", &response).ok());
   EXPECT_EQ(response.rule_set().version(), "1.0.3");
   EXPECT_EQ(client.List()["1.0.1"].state(), cds::v1::RuleSetInfo::REJECTED);
+  // It was published all the same: other content under ipex@1.0.1 is still refused.
+  cds::v1::PublishRuleSetResponse published;
+  const std::vector<compiler::SourceFile> other_content =
+      Deployment::IpexFiles("1.0.1", "# IPEX rule set", "# edited: IPEX rule set");
+  const grpc::Status republished = client.Publish(
+      bundle::SignFiles("ipex", "1.0.1", other_content, "t", deployment.key(), absl::Now())
+          .value(),
+      &published);
+  EXPECT_EQ(republished.error_code(), grpc::StatusCode::ALREADY_EXISTS)
+      << republished.error_message();
+  EXPECT_EQ(ReasonOf(republished), "VERSION_CONFLICT") << republished.error_message();
+  EXPECT_EQ(client.List()["1.0.1"].state(), cds::v1::RuleSetInfo::REJECTED);
 }
 
 TEST(LifecycleTest, SighupPicksUpACompleteBundleDroppedIntoTheRulesDirectory) {

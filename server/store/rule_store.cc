@@ -309,6 +309,17 @@ bool AfterSignature(cds::v1::RejectReason reason) {
   }
 }
 
+// The digest of a bundle's rule-set files (MANIFEST and signature excluded), as the
+// compiler computes it, without compiling them.
+std::string BundleDigest(cds::v1::Bundle bundle) {
+  std::vector<compiler::SourceFile> files;
+  files.reserve(bundle.files_size());
+  for (cds::v1::BundleFile& file : *bundle.mutable_files()) {
+    files.push_back({file.path(), std::move(*file.mutable_content())});
+  }
+  return compiler::DigestFiles(files);
+}
+
 // The RuleSetInfo fields that come from the compiled rule set itself.
 void AddRuleSetFields(const compiler::CompiledRuleSet& rs, RuleSetInfo* info) {
   const cds::v1::RuleSetMetadata& metadata = rs.definition.metadata();
@@ -497,8 +508,10 @@ std::optional<bundle::Rejection> RuleStore::Insert(Candidate c, bool* created) {
       absl::MutexLock lock(&mu_);
       auto& versions = entries_[entry.name];
       auto it = versions.find(entry.version);
-      if (it == versions.end() || it->second.state == RuleSetInfo::REJECTED ||
-          it->second.state == RuleSetInfo::LOADING) {
+      if (it == versions.end() ||
+          ((it->second.state == RuleSetInfo::REJECTED ||
+            it->second.state == RuleSetInfo::LOADING) &&
+           !ConflictLocked(label, entry.digest).has_value())) {
         versions[entry.version] = std::move(entry);
       } else {
         log::Error("rule set ", label, ": keeping the version already loaded");
@@ -509,19 +522,16 @@ std::optional<bundle::Rejection> RuleStore::Insert(Candidate c, bool* created) {
   {
     absl::MutexLock lock(&mu_);
     auto& versions = entries_[entry.name];
+    if (std::optional<bundle::Rejection> conflict = ConflictLocked(label, entry.digest)) {
+      log::Error("rule set ", label, " REJECTED (not served) ", entry.origin, ": ",
+                 conflict->ToString());
+      return conflict;
+    }
     auto it = versions.find(entry.version);
     if (it != versions.end() && (it->second.state == RuleSetInfo::AVAILABLE ||
                                  it->second.state == RuleSetInfo::RETIRED ||
                                  it->second.state == RuleSetInfo::UNLOADED)) {
-      if (it->second.digest == entry.digest) return std::nullopt;  // same content: no-op
-      bundle::Rejection conflict{
-          cds::v1::VERSION_CONFLICT,
-          absl::StrCat(label, " already exists with other content (", it->second.digest,
-                       "; this bundle is ", entry.digest,
-                       "): a published version is never edited, publish a new version")};
-      log::Error("rule set ", label, " REJECTED (not served) ", entry.origin, ": ",
-                 conflict.ToString());
-      return conflict;
+      return std::nullopt;  // same content: no-op
     }
     if (retired_.count(label) > 0 && entry.state == RuleSetInfo::AVAILABLE) {
       entry.state = RuleSetInfo::RETIRED;
@@ -536,11 +546,22 @@ std::optional<bundle::Rejection> RuleStore::Insert(Candidate c, bool* created) {
     } else {
       log::Info("rule set ", label, " RETIRED (not served) digest=", entry.digest);
     }
+    accepted_digests_.emplace(label, entry.digest);
     versions[entry.version] = std::move(entry);
     *created = true;
   }
   Changed();
   return std::nullopt;
+}
+
+std::optional<bundle::Rejection> RuleStore::ConflictLocked(const std::string& key,
+                                                          const std::string& digest) const {
+  auto known = accepted_digests_.find(key);
+  if (known == accepted_digests_.end() || known->second == digest) return std::nullopt;
+  return bundle::Rejection{
+      cds::v1::VERSION_CONFLICT,
+      absl::StrCat(key, " already exists with other content (", known->second, "; this bundle is ",
+                   digest, "): a published version is never edited, publish a new version")};
 }
 
 RuleSetInfo::State RuleStore::AddVersion(const compiler::RuleSetSource& source,
@@ -648,6 +669,10 @@ RuleStore::Candidate RuleStore::GateDir(const std::string& name, const std::stri
     verify.expected_name = name;
     verify.expected_version = version;
     c = Gate(*read, verify, origin, dir, ontology_dir);
+    // Refused before the compile computed it: the digest of the files as they are.
+    if (c.rejection.has_value() && c.entry.digest.empty()) {
+      c.entry.digest = BundleDigest(*std::move(read));
+    }
   }
   c.signature_checked = true;  // a bundle we hold: show the outcome whatever it is
   return c;
@@ -660,18 +685,14 @@ bool RuleStore::AddNotLoaded(const std::string& name, const std::string& version
     log::Error("cannot read published bundle ", dir, ": ", read.status().message());
     return false;
   }
-  std::vector<compiler::SourceFile> files;
-  files.reserve(read->files_size());
-  for (cds::v1::BundleFile& file : *read->mutable_files()) {
-    files.push_back({file.path(), std::move(*file.mutable_content())});
-  }
   VersionEntry entry;
   entry.name = name;
   entry.version = version;
   // What the gate would check first is not checked here: the digest of whatever the
   // directory holds. Loading the version (SetLabel) verifies that the signed files have
   // this same digest.
-  entry.digest = compiler::DigestFiles(files);
+  entry.digest = BundleDigest(*std::move(read));
+  accepted_digests_.emplace(Key(name, version), entry.digest);
   entry.origin = kOriginPublished;
   entry.source_dir = dir;
   entry.loaded_at = absl::InfinitePast();  // never loaded by this process
@@ -788,10 +809,15 @@ absl::StatusOr<int> RuleStore::RestoreState() {
                           (retired ? rank < keep_newest : available_rank < keep_newest);
         if (keep) {
           // Loaded from the rules directory too: the same content is a no-op, other content
-          // is logged as a conflict (the loaded version stays).
+          // is logged as a conflict (the loaded version stays). It passed the gate when it
+          // was published: its content stays the version's even if it no longer does.
+          Candidate c =
+              GateDir(name, version, dir->second, kOriginPublished, options_.ontology_dir);
+          if (!c.entry.digest.empty()) {
+            accepted_digests_.emplace(Key(name, version), c.entry.digest);
+          }
           bool created = false;
-          Insert(GateDir(name, version, dir->second, kOriginPublished, options_.ontology_dir),
-                 &created);
+          Insert(std::move(c), &created);
           ++gated;
         } else if (AddNotLoaded(name, version, dir->second)) {
           ++listed;
@@ -973,8 +999,13 @@ absl::StatusOr<PublishResult> RuleStore::PublishLocked(const cds::v1::Bundle& bu
     if (staging.ok()) fs::remove_all(*staging, ec);
   };
   if (!c.rejection.has_value()) {
-    // Same version already there: identical content is a no-op, other content a conflict
-    // (checked before anything is committed).
+    // Same version already there: identical content is a no-op, other content a conflict,
+    // also when the version was accepted once and is REJECTED now (checked before
+    // anything is committed, so its bundle is not replaced).
+    c.rejection = ConflictLocked(Key(c.entry.name, c.entry.version), c.entry.digest);
+    if (c.rejection.has_value()) c.signature_checked = false;  // leave the existing entry alone
+  }
+  if (!c.rejection.has_value()) {
     absl::ReaderMutexLock lock(&mu_);
     auto by_name = entries_.find(c.entry.name);
     if (by_name != entries_.end()) {
@@ -982,16 +1013,8 @@ absl::StatusOr<PublishResult> RuleStore::PublishLocked(const cds::v1::Bundle& bu
       if (it != by_name->second.end() && (it->second.state == RuleSetInfo::AVAILABLE ||
                                           it->second.state == RuleSetInfo::RETIRED ||
                                           it->second.state == RuleSetInfo::UNLOADED)) {
-        if (it->second.digest == c.entry.digest) {
-          drop_staged();
-          return PublishResult{InfoLocked(it->second), false};
-        }
-        c.rejection = bundle::Rejection{
-            cds::v1::VERSION_CONFLICT,
-            absl::StrCat(Key(c.entry.name, c.entry.version), " already exists with other content (",
-                         it->second.digest, "; this bundle is ", c.entry.digest,
-                         "): a published version is never edited, publish a new version")};
-        c.signature_checked = false;  // leave the existing entry alone
+        drop_staged();
+        return PublishResult{InfoLocked(it->second), false};
       }
     }
   }

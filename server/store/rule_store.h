@@ -227,10 +227,15 @@ class RuleStore {
   // the version is listed REJECTED and FAILED_PRECONDITION names it and the reason.
   absl::Status LoadAgain(const std::string& name, const std::string& version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_) ABSL_LOCKS_EXCLUDED(mu_);
-  // Adds a gated candidate. Never replaces an AVAILABLE or RETIRED version: the same
-  // content is a no-op (*created = false), other content a VERSION_CONFLICT rejection.
+  // Adds a gated candidate. Never replaces an AVAILABLE, RETIRED or UNLOADED version: the
+  // same content is a no-op (*created = false), other content a VERSION_CONFLICT rejection.
+  // A version accepted once and REJECTED since is replaced only by its own content.
   std::optional<bundle::Rejection> Insert(Candidate candidate, bool* created)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_) ABSL_LOCKS_EXCLUDED(mu_);
+  // VERSION_CONFLICT when `key` (name@version) was accepted with content other than `digest`.
+  std::optional<bundle::Rejection> ConflictLocked(const std::string& key,
+                                                  const std::string& digest) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
   absl::StatusOr<PublishResult> PublishLocked(const cds::v1::Bundle& bundle)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
   int ScanLocked(const std::string& root, bool startup) ABSL_EXCLUSIVE_LOCKS_REQUIRED(writer_mu_);
@@ -279,6 +284,11 @@ class RuleStore {
   std::string rules_root_ ABSL_GUARDED_BY(writer_mu_);
   // Rules-dir bundle directory -> fingerprint (names, sizes, mtimes) last gated.
   std::map<std::string, std::string> scanned_ ABSL_GUARDED_BY(writer_mu_);
+  // "name@version" -> digest of every version that passed the gate or was persisted by a
+  // publish (restored from the bundles at start-up): published versions are immutable, so
+  // no other content is accepted under that name@version, even once it is REJECTED (its
+  // bundle failing the gate at a restart or when loaded again).
+  std::map<std::string, std::string> accepted_digests_ ABSL_GUARDED_BY(writer_mu_);
   // "name@version" retired (persisted even when that version is not loaded).
   std::set<std::string> retired_ ABSL_GUARDED_BY(writer_mu_);
 

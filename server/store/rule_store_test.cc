@@ -566,6 +566,44 @@ TEST_F(LifecycleTest, OnlyBundlesThatPassTheGateArePersisted) {
   EXPECT_TRUE(std::filesystem::exists(root_.path() + "/state/bundles/demo/1.0.0/MANIFEST.sig"));
 }
 
+// A published version whose bundle no longer passes the gate at a restart (here: its key is
+// no longer trusted) is listed REJECTED, but it was published: other content under the
+// same name@version is still a VERSION_CONFLICT and its bundle is not replaced. Its own
+// content, signed with a trusted key, brings it back; a version whose publish was refused
+// (never persisted) can still be published fixed.
+TEST_F(LifecycleTest, AVersionRejectedAtRestartIsNeverRepublishedWithOtherContent) {
+  const bundle::PrivateKey other = bundle::PrivateKey::Generate().value();
+  root_.Write("keys/other.pub", other.public_key().ToPem());
+  ASSERT_EQ(PublishReason(Signed(Good("1.0.0"), "1.0.0", &other)), "OK");
+  ASSERT_EQ(PublishReason(Signed(Good("1.0.1"), "1.0.1")), "OK");
+  const std::string dir = root_.path() + "/state/bundles/demo/1.0.0";
+  const std::string persisted = bundle::ReadBundleDir(dir).value().manifest();
+  std::filesystem::remove(root_.path() + "/keys/other.pub");
+  store_ = std::make_unique<RuleStore>(StoreOptions());
+  ASSERT_EQ(store_->RestoreState().value(), 1);
+  ASSERT_EQ(Find(store_->List("demo"), "1.0.0")->state(), RuleSetInfo::REJECTED);
+
+  Spec changed;
+  changed.extra = "references { id: \"r\" citation: \"changed content\" }";
+  absl::Status conflict = store_->Publish(Signed(Source(changed), "1.0.0")).status();
+  EXPECT_EQ(conflict.code(), absl::StatusCode::kAlreadyExists) << conflict;
+  EXPECT_TRUE(absl::StartsWith(conflict.message(), "VERSION_CONFLICT")) << conflict;
+  EXPECT_EQ(bundle::ReadBundleDir(dir).value().manifest(), persisted);
+  EXPECT_EQ(store_->Resolve("demo", "1.0.0").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Find(store_->List("demo"), "1.0.0")->state(), RuleSetInfo::REJECTED);
+
+  absl::StatusOr<PublishResult> resigned = store_->Publish(Signed(Good("1.0.0"), "1.0.0"));
+  ASSERT_TRUE(resigned.ok()) << resigned.status();
+  EXPECT_EQ(resigned->info.state(), RuleSetInfo::AVAILABLE);
+  EXPECT_EQ(resigned->info.signer(), key_.public_key().key_id());
+
+  Spec failing;
+  failing.version = "1.1.0";
+  failing.top = "other";
+  EXPECT_EQ(PublishReason(Signed(Source(failing), "1.1.0")), "FAILING_TEST");
+  EXPECT_EQ(PublishReason(Signed(Good("1.1.0"), "1.1.0")), "OK");
+}
+
 // Keys are parsed again only when the directory changes, and every change is seen by the
 // next publish: a key added, one replaced in place (same name and size), one removed.
 TEST_F(LifecycleTest, TrustedKeyChangesApplyToTheNextPublish) {
@@ -807,6 +845,38 @@ TEST_F(RetentionTest, ACorruptedUnloadedBundleIsRefusedWhenLabelled) {
   RuleStore restarted(Options());
   ASSERT_TRUE(restarted.RestoreState().ok());
   EXPECT_EQ(restarted.Resolve("demo", "").value().rule_set->version, "1.0.2");
+}
+
+// The same when the version was unloaded and its bundle failed the gate when a label tried
+// to load it again: still VERSION_CONFLICT for other content, the damaged bundle is left as
+// it is, and the version's own content repairs it.
+TEST_F(RetentionTest, AVersionRejectedOnReloadIsNeverRepublishedWithOtherContent) {
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.2"}) Publish(version);
+  ASSERT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
+  const std::string digest = Find(store_->List("demo"), "1.0.0")->ref().digest();
+  const std::string dir = root_.path() + "/state/bundles/demo/1.0.0";
+  std::ofstream(dir + "/ruleset.textproto", std::ios::app) << "\n# edited on disk\n";
+  auto edited = [&dir] {
+    return absl::StrContains(bundle::ReadBundleDir(dir).value().DebugString(), "edited on disk");
+  };
+  ASSERT_EQ(store_->SetLabel("demo", "canary", "1.0.0").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_EQ(States(*store_)["1.0.0"], RuleSetInfo::REJECTED);
+
+  Spec changed;
+  changed.extra = "references { id: \"r\" citation: \"changed content\" }";
+  EXPECT_EQ(PublishReason(Signed(Source(changed), "1.0.0")), "VERSION_CONFLICT");
+  EXPECT_TRUE(edited());
+  const std::vector<RuleSetInfo> list = store_->List("demo");
+  EXPECT_EQ(Find(list, "1.0.0")->state(), RuleSetInfo::REJECTED);
+  EXPECT_EQ(Find(list, "1.0.0")->ref().digest(), digest);
+
+  absl::StatusOr<PublishResult> repaired = store_->Publish(Signed(Good("1.0.0"), "1.0.0"));
+  ASSERT_TRUE(repaired.ok()) << repaired.status();
+  EXPECT_TRUE(repaired->created);
+  EXPECT_FALSE(edited());
+  ASSERT_TRUE(store_->SetLabel("demo", "canary", "1.0.0").ok());
+  EXPECT_EQ(store_->Resolve("demo", "", "canary").value().rule_set->digest, digest);
 }
 
 // A server with a long history compiles, at start-up, only the versions it keeps: labelled
