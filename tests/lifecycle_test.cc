@@ -125,6 +125,14 @@ struct Client {
     cds::v1::SetLabelResponse response;
     return admin->SetLabel(&context, request, &response);
   }
+  grpc::Status Retire(const std::string& version, cds::v1::RetireRuleSetResponse* response) {
+    grpc::ClientContext context;
+    context.set_deadline(Deadline());
+    cds::v1::RetireRuleSetRequest request;
+    request.set_name("ipex");
+    request.set_version(version);
+    return admin->RetireRuleSet(&context, request, response);
+  }
   grpc::Status Evaluate(const std::string& rule_set, cds::v1::EvaluateResponse* response) {
     grpc::ClientContext context;
     context.set_deadline(Deadline());
@@ -683,6 +691,13 @@ TEST(LifecycleTest, ARestartLoadsOnlyKeptVersionsAndALabelLoadsAnotherAgain) {
       << republished.error_message();
   EXPECT_EQ(ReasonOf(republished), "VERSION_CONFLICT") << republished.error_message();
   EXPECT_EQ(client.List()["1.0.1"].state(), cds::v1::RuleSetInfo::REJECTED);
+
+  // An unloaded version is retired like any other (without loading it).
+  cds::v1::RetireRuleSetResponse retired;
+  const grpc::Status retire = client.Retire("1.0.0", &retired);
+  ASSERT_TRUE(retire.ok()) << retire.error_message();
+  EXPECT_EQ(retired.info().state(), cds::v1::RuleSetInfo::RETIRED);
+  EXPECT_EQ(client.List()["1.0.0"].state(), cds::v1::RuleSetInfo::RETIRED);
 }
 
 TEST(LifecycleTest, SighupPicksUpACompleteBundleDroppedIntoTheRulesDirectory) {

@@ -1195,7 +1195,9 @@ absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std
   }
   {
     absl::ReaderMutexLock lock(&mu_);
-    if (AvailableLocked(name, version) == nullptr) {
+    // An UNLOADED version is retired without loading it (a restart lists it so as well).
+    const bool unloaded = UnloadedLocked(name, version);
+    if (AvailableLocked(name, version) == nullptr && !unloaded) {
       return absl::NotFoundError(absl::StrCat("version '", Echo(version), "' of rule set '",
                                               Echo(name), "' is not available"));
     }
@@ -1215,7 +1217,7 @@ absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std
       available += entry.state == RuleSetInfo::AVAILABLE;
       any_unloaded |= entry.state == RuleSetInfo::UNLOADED;
     }
-    if (available == 1 && any_unloaded) {
+    if (!unloaded && available == 1 && any_unloaded) {
       return absl::FailedPreconditionError(absl::StrCat(
           name, "@", version, " is the only version of ", name,
           " still served (older ones were unloaded by the retention policy): publish "

@@ -159,7 +159,9 @@ class RuleStore {
   absl::StatusOr<std::string> SetLabel(const std::string& name, const std::string& label,
                                        const std::string& version) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Stops serving an AVAILABLE version. FAILED_PRECONDITION while a label points at it.
+  // Stops serving an AVAILABLE version; an UNLOADED one is listed RETIRED without being
+  // loaded. FAILED_PRECONDITION while a label points at it, or for the last version of its
+  // rule set still served once older ones were unloaded.
   absl::StatusOr<cds::v1::RuleSetInfo> Retire(const std::string& name,
                                               const std::string& version)
       ABSL_LOCKS_EXCLUDED(mu_);

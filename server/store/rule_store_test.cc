@@ -879,6 +879,35 @@ TEST_F(RetentionTest, AVersionRejectedOnReloadIsNeverRepublishedWithOtherContent
   EXPECT_EQ(store_->Resolve("demo", "", "canary").value().rule_set->digest, digest);
 }
 
+// An unloaded version is still a version the server holds: retiring it lists it RETIRED
+// without loading it, even when only one version is left serving, and a restart keeps it so.
+TEST_F(RetentionTest, RetiringAnUnloadedVersionRetiresItWithoutLoadingIt) {
+  RuleStore::Options options = Options();
+  options.keep_versions = 1;
+  store_ = std::make_unique<RuleStore>(options);
+  for (const char* version : {"1.0.0", "1.0.1", "1.0.2"}) Publish(version);
+  ASSERT_EQ(States(*store_)["1.0.0"], RuleSetInfo::UNLOADED);
+  const int64_t compiles = store_->CompileCount();
+
+  absl::StatusOr<RuleSetInfo> retired = store_->Retire("demo", "1.0.0");
+  ASSERT_TRUE(retired.ok()) << retired.status();
+  EXPECT_EQ(retired->state(), RuleSetInfo::RETIRED);
+  EXPECT_EQ(retired->title(), "Demo");
+  EXPECT_EQ(store_->CompileCount(), compiles);
+  EXPECT_EQ(store_->LoadedCount(), 1);
+  EXPECT_EQ(store_->Resolve("demo", "").value().rule_set->version, "1.0.2");
+  EXPECT_EQ(store_->Resolve("demo", "1.0.0").status().code(), absl::StatusCode::kNotFound);
+  // The last served one (1.0.1 is still unloaded): refused as before.
+  EXPECT_EQ(store_->Retire("demo", "1.0.2").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  RuleStore restarted(options);
+  ASSERT_TRUE(restarted.RestoreState().ok());
+  EXPECT_EQ(States(restarted)["1.0.0"], RuleSetInfo::RETIRED);
+  EXPECT_EQ(States(restarted)["1.0.1"], RuleSetInfo::UNLOADED);
+  EXPECT_EQ(restarted.Resolve("demo", "").value().rule_set->version, "1.0.2");
+}
+
 // A server with a long history compiles, at start-up, only the versions it keeps: labelled
 // ones and the newest. The others are listed UNLOADED straight away and loaded only when
 // labelled; a bundle damaged on disk among them is found out then.
