@@ -206,6 +206,10 @@ struct CompiledEvidence {
   // explanation compares two integers instead of two |log LR|s and then two id ranks.
   int32_t explain_rank_positive = 0;
   int32_t explain_rank_negative = 0;
+  // The likelihood ratio an explanation shows for each outcome: exp of the log above (the
+  // score's own value, computed once here rather than per explained item).
+  double shown_lr_positive = 1;
+  double shown_lr_negative = 1;
 };
 
 // A fact a test's result makes known.
@@ -256,6 +260,7 @@ struct AppliedEvidence {
   bool matched = false;     // condition TRUE (else FALSE)
   bool superseded = false;  // a stronger item of its correlated group counts instead
   double log_lr = 0;
+  double shown_lr = 1;      // the outcome's CompiledEvidence::shown_lr_*
 };
 
 // The applied item for evidence `e` (`ev`) whose condition was decided `matched`.
@@ -266,6 +271,7 @@ inline AppliedEvidence ApplyEvidence(int32_t e, const CompiledEvidence& ev, bool
   item.matched = matched;
   item.explain_rank = matched ? ev.explain_rank_positive : ev.explain_rank_negative;
   item.log_lr = matched ? ev.log_lr_positive : ev.log_lr_negative;
+  item.shown_lr = matched ? ev.shown_lr_positive : ev.shown_lr_negative;
   return item;
 }
 

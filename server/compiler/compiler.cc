@@ -1664,6 +1664,8 @@ class Compilation {
       ev.log_lr_positive = std::log(ev.lr_positive);
       ev.log_lr_negative = std::log(ev.lr_negative);
       ev.strength = std::fabs(ev.log_lr_positive) + std::fabs(ev.log_lr_negative);
+      ev.shown_lr_positive = std::exp(ev.log_lr_positive);
+      ev.shown_lr_negative = std::exp(ev.log_lr_negative);
     }
     {
       // Every (item, outcome) in explanation order: |log LR| descending, then id rank.
