@@ -1422,9 +1422,13 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       auto& finding_indices = scratch.finding_indices;
       finding_indices.clear();
       evaluator.CollectFindingCodes(ev.condition, &finding_indices);
-      std::sort(finding_indices.begin(), finding_indices.end());
-      finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
-                            finding_indices.end());
+      // A single finding leaf (most evidence) lists its concept's facts, which are in
+      // patient order and distinct already.
+      if (rs.conditions[ev.condition].kind != CompiledCondition::Kind::kFinding) {
+        std::sort(finding_indices.begin(), finding_indices.end());
+        finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
+                              finding_indices.end());
+      }
       out.SetCodes(item, finding_indices);
     }
   }
