@@ -38,7 +38,7 @@ bool IsCanonicalSystem(absl::string_view system);
 struct AgeDays {
   bool set = false;
   double days = 0;
-  std::string error;  // non-empty when malformed
+  absl::string_view error;  // non-empty when malformed (a literal: no allocation per call)
 };
 AgeDays ToDays(const cds::v1::Age& age);
 

@@ -29,12 +29,11 @@ bool AllDigits(absl::string_view s) {
 
 std::string TooLong(size_t limit) { return absl::StrCat("is longer than ", limit, " characters"); }
 
-// Age problems ("" when none): finite, 0 to 150 years, well-formed ISO 8601.
-std::string AgeProblem(const cds::v1::Age& age) {
-  if (age.value_case() == cds::v1::Age::VALUE_NOT_SET) return "";
-  const compiler::AgeDays days = compiler::ToDays(age);
-  if (!days.error.empty()) return days.error;
-  if (days.days > kMaxAgeDays) return "is beyond a plausible human age (150 years)";
+// Problems of an age converted by compiler::ToDays ("" when none): finite, 0 to 150
+// years, well-formed ISO 8601. Unset is no problem.
+std::string AgeProblem(const compiler::AgeDays& days) {
+  if (!days.error.empty()) return std::string(days.error);
+  if (days.set && days.days > kMaxAgeDays) return "is beyond a plausible human age (150 years)";
   return "";
 }
 
@@ -88,14 +87,12 @@ void CheckFinding(const Finding& f, int i, const compiler::AgeDays& age, Violati
     out.Add(field(".status"), "is required (PRESENT, EXCLUDED or UNKNOWN)");
   }
   if (f.has_onset()) {
-    const std::string problem = AgeProblem(f.onset());
+    const compiler::AgeDays onset = compiler::ToDays(f.onset());
+    const std::string problem = AgeProblem(onset);
     if (!problem.empty()) {
       out.Add(field(".onset"), problem);
-    } else {
-      const compiler::AgeDays onset = compiler::ToDays(f.onset());
-      if (onset.set && age.set && age.error.empty() && onset.days > age.days + 1) {
-        out.Add(field(".onset"), "is later than patient.age");
-      }
+    } else if (onset.set && age.set && age.error.empty() && onset.days > age.days + 1) {
+      out.Add(field(".onset"), "is later than patient.age");
     }
   }
 }
@@ -118,7 +115,7 @@ void CheckMeasurement(const cds::v1::Measurement& m, int i, Violations& out) {
   } else if (m.unit().size() > kMaxNameChars) {
     out.Add(field(".unit"), TooLong(kMaxNameChars));
   }
-  if (const std::string problem = AgeProblem(m.age()); !problem.empty()) {
+  if (const std::string problem = AgeProblem(compiler::ToDays(m.age())); !problem.empty()) {
     out.Add(field(".age"), problem);
   }
   if (m.has_reference_range()) {
@@ -183,9 +180,9 @@ void CheckPatient(const cds::v1::Patient& patient, Violations& out) {
   } else if (!cds::v1::Sex_IsValid(patient.sex())) {
     out.Add("patient.sex", "is not a known value");
   }
-  const std::string age_problem = AgeProblem(patient.age());
-  if (!age_problem.empty()) out.Add("patient.age", age_problem);
   compiler::AgeDays age = compiler::ToDays(patient.age());
+  const std::string age_problem = AgeProblem(age);
+  if (!age_problem.empty()) out.Add("patient.age", age_problem);
   if (!age_problem.empty()) age.set = false;
 
   if (patient.findings_size() > kMaxFindings) {
