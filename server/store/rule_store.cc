@@ -1198,6 +1198,17 @@ absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std
     // An UNLOADED version is retired without loading it (a restart lists it so as well).
     const bool unloaded = UnloadedLocked(name, version);
     if (AvailableLocked(name, version) == nullptr && !unloaded) {
+      if (const auto by_name = entries_.find(name); by_name != entries_.end()) {
+        if (const auto it = by_name->second.find(version); it != by_name->second.end()) {
+          // Already retired: the same answer again, so a client may retry a call whose
+          // response it lost.
+          if (it->second.state == RuleSetInfo::RETIRED) return InfoLocked(it->second);
+          if (it->second.state == RuleSetInfo::REJECTED) {
+            return absl::FailedPreconditionError(
+                absl::StrCat(name, "@", version, " is REJECTED (not served): nothing to retire"));
+          }
+        }
+      }
       return absl::NotFoundError(absl::StrCat("version '", Echo(version), "' of rule set '",
                                               Echo(name), "' is not available"));
     }

@@ -160,8 +160,9 @@ class RuleStore {
                                        const std::string& version) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Stops serving an AVAILABLE version; an UNLOADED one is listed RETIRED without being
-  // loaded. FAILED_PRECONDITION while a label points at it, or for the last version of its
-  // rule set still served once older ones were unloaded.
+  // loaded; a RETIRED one is answered as it is (retiring is idempotent). FAILED_PRECONDITION
+  // while a label points at it, for a REJECTED version, or for the last version of its rule
+  // set still served once older ones were unloaded; NOT_FOUND for a version never seen.
   absl::StatusOr<cds::v1::RuleSetInfo> Retire(const std::string& name,
                                               const std::string& version)
       ABSL_LOCKS_EXCLUDED(mu_);

@@ -519,6 +519,16 @@ TEST_F(LifecycleTest, LabelsPickTheDefaultAndRollBack) {
   ASSERT_TRUE(store_->Retire("demo", "1.0.1").ok());
   EXPECT_EQ(store_->Resolve("demo", "1.0.1").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(Find(store_->List("demo"), "1.0.1")->state(), RuleSetInfo::RETIRED);
+  // Retiring again (a retry after a lost response) answers the same; an unknown version
+  // is NOT_FOUND.
+  absl::StatusOr<RuleSetInfo> again = store_->Retire("demo", "1.0.1");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->state(), RuleSetInfo::RETIRED);
+  EXPECT_EQ(store_->Retire("demo", "9.9.9").status().code(), absl::StatusCode::kNotFound);
+  // A REJECTED version is not served: nothing to retire.
+  ASSERT_EQ(store_->AddVersion(Broken("7.0.0"), "mem"), RuleSetInfo::REJECTED);
+  EXPECT_EQ(store_->Retire("demo", "7.0.0").status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 TEST_F(LifecycleTest, ARestartRestoresVersionsLabelsAndRetirements) {
