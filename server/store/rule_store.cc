@@ -1195,20 +1195,17 @@ absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std
   }
   {
     absl::ReaderMutexLock lock(&mu_);
+    const VersionEntry* const found = EntryLocked(name, version);
+    // Already retired: the same answer again, so a client may retry a call whose response
+    // it lost.
+    if (found != nullptr && found->state == RuleSetInfo::RETIRED) return InfoLocked(*found);
+    if (found != nullptr && found->state == RuleSetInfo::REJECTED) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(name, "@", version, " is REJECTED (not served): nothing to retire"));
+    }
     // An UNLOADED version is retired without loading it (a restart lists it so as well).
-    const bool unloaded = UnloadedLocked(name, version);
-    if (AvailableLocked(name, version) == nullptr && !unloaded) {
-      if (const auto by_name = entries_.find(name); by_name != entries_.end()) {
-        if (const auto it = by_name->second.find(version); it != by_name->second.end()) {
-          // Already retired: the same answer again, so a client may retry a call whose
-          // response it lost.
-          if (it->second.state == RuleSetInfo::RETIRED) return InfoLocked(it->second);
-          if (it->second.state == RuleSetInfo::REJECTED) {
-            return absl::FailedPreconditionError(
-                absl::StrCat(name, "@", version, " is REJECTED (not served): nothing to retire"));
-          }
-        }
-      }
+    const bool unloaded = found != nullptr && found->state == RuleSetInfo::UNLOADED;
+    if (!unloaded && (found == nullptr || found->state != RuleSetInfo::AVAILABLE)) {
       return absl::NotFoundError(absl::StrCat("version '", Echo(version), "' of rule set '",
                                               Echo(name), "' is not available"));
     }
@@ -1252,13 +1249,18 @@ absl::StatusOr<RuleSetInfo> RuleStore::Retire(const std::string& name, const std
   return info;
 }
 
-const VersionEntry* RuleStore::AvailableLocked(const std::string& name,
-                                               const std::string& version) const {
+const VersionEntry* RuleStore::EntryLocked(const std::string& name,
+                                           const std::string& version) const {
   auto by_name = entries_.find(name);
   if (by_name == entries_.end()) return nullptr;
   auto it = by_name->second.find(version);
-  if (it == by_name->second.end() || it->second.state != RuleSetInfo::AVAILABLE) return nullptr;
-  return &it->second;
+  return it == by_name->second.end() ? nullptr : &it->second;
+}
+
+const VersionEntry* RuleStore::AvailableLocked(const std::string& name,
+                                               const std::string& version) const {
+  const VersionEntry* entry = EntryLocked(name, version);
+  return entry != nullptr && entry->state == RuleSetInfo::AVAILABLE ? entry : nullptr;
 }
 
 absl::StatusOr<Resolved> RuleStore::Resolve(const std::string& name, const std::string& version,
@@ -1305,10 +1307,8 @@ absl::StatusOr<Resolved> RuleStore::Resolve(const std::string& name, const std::
 }
 
 bool RuleStore::UnloadedLocked(const std::string& name, const std::string& version) const {
-  auto by_name = entries_.find(name);
-  if (by_name == entries_.end()) return false;
-  auto it = by_name->second.find(version);
-  return it != by_name->second.end() && it->second.state == RuleSetInfo::UNLOADED;
+  const VersionEntry* entry = EntryLocked(name, version);
+  return entry != nullptr && entry->state == RuleSetInfo::UNLOADED;
 }
 
 std::string RuleStore::UnloadedNoteLocked(const std::string& name,

@@ -269,6 +269,9 @@ class RuleStore {
   // " (unloaded by the retention policy ...)" when that version was unloaded, else "".
   std::string UnloadedNoteLocked(const std::string& name, const std::string& version) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The entry of name@version in any state, or null.
+  const VersionEntry* EntryLocked(const std::string& name, const std::string& version) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
   const VersionEntry* AvailableLocked(const std::string& name, const std::string& version) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
