@@ -260,7 +260,6 @@ struct AppliedEvidence {
   bool matched = false;     // condition TRUE (else FALSE)
   bool superseded = false;  // a stronger item of its correlated group counts instead
   double log_lr = 0;
-  double shown_lr = 1;      // the outcome's CompiledEvidence::shown_lr_*
 };
 
 // The applied item for evidence `e` (`ev`) whose condition was decided `matched`.
@@ -271,7 +270,6 @@ inline AppliedEvidence ApplyEvidence(int32_t e, const CompiledEvidence& ev, bool
   item.matched = matched;
   item.explain_rank = matched ? ev.explain_rank_positive : ev.explain_rank_negative;
   item.log_lr = matched ? ev.log_lr_positive : ev.log_lr_negative;
-  item.shown_lr = matched ? ev.shown_lr_positive : ev.shown_lr_negative;
   return item;
 }
 

@@ -1409,7 +1409,9 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       item.evidence = applied_item.evidence;
       item.effect = applied_item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED;
       item.has_likelihood_ratio = true;
-      item.likelihood_ratio = applied_item.superseded ? 1.0 : applied_item.shown_lr;
+      item.likelihood_ratio = applied_item.superseded ? 1.0
+                              : applied_item.matched  ? ev.shown_lr_positive
+                                                      : ev.shown_lr_negative;
       item.superseded = applied_item.superseded;
       if (options.full_trace) {
         item.description = EvaluationBuilder::Description::kLabs;
