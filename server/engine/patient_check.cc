@@ -182,8 +182,10 @@ void CheckPatient(const cds::v1::Patient& patient, Violations& out) {
   }
   compiler::AgeDays age = compiler::ToDays(patient.age());
   const std::string age_problem = AgeProblem(age);
-  if (!age_problem.empty()) out.Add("patient.age", age_problem);
-  if (!age_problem.empty()) age.set = false;
+  if (!age_problem.empty()) {
+    out.Add("patient.age", age_problem);
+    age.set = false;
+  }
 
   if (patient.findings_size() > kMaxFindings) {
     out.Add("patient.findings", absl::StrCat("has more than ", kMaxFindings, " entries"));
