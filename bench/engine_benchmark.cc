@@ -157,10 +157,6 @@ BENCHMARK(BM_EvaluateScaledRuleSet)
     ->Args({10, kCompact, 1})
     ->Args({100, kCompact, 1});
 
-// The server's path: the evaluation into a reused engine::Evaluation, rendered straight to
-// wire format from the rule set's precompiled fragments into a buffer allocated per call
-// (the server writes into a gRPC slice it allocates per call). The same bytes as the
-// protobuf response above serialized.
 // Evicts the caches a server call finds cold: between two calls a server runs gRPC and the
 // kernel, which displace the engine's data from L1 and L2 (a few hundred KB here). Sweeping
 // 2 MiB outside the timed region models that, so the cold figure is what a call pays in situ.
@@ -170,6 +166,10 @@ void EvictCaches() {
   benchmark::ClobberMemory();
 }
 
+// The server's path: the evaluation into a reused engine::Evaluation, rendered straight to
+// wire format from the rule set's precompiled fragments into a buffer allocated per call
+// (the server writes into a gRPC slice it allocates per call). The same bytes as the
+// protobuf response above serialized.
 void EvaluateToWire(benchmark::State& state, const compiler::CompiledRuleSet& rs,
                     const engine::EvaluateOptions& options, bool cold = false) {
   engine::Evaluation evaluation;
