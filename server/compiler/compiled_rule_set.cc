@@ -194,6 +194,11 @@ DemographicContext BuildContext(const CompiledRuleSet& rs, const std::vector<int
 
 }  // namespace
 
+double BernoulliEntropyBits(double p) {
+  if (p <= 0 || p >= 1) return 0;
+  return -(p * std::log2(p) + (1 - p) * std::log2(1 - p));
+}
+
 std::string CodeKey(const std::string& system, const std::string& code) {
   return absl::StrCat(system, "|", code);
 }

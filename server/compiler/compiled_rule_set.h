@@ -219,6 +219,23 @@ struct FactKey {
   int32_t index;  // concept or lab index; 0 for family
 };
 
+// How often one fact is positive in each hypothesis that single-leaf evidence with a
+// frequency weighs it in, and in the comparison population; with each Bernoulli's entropy
+// (bits), so that the value of a test needs no logarithm of a rule set constant per call.
+struct FactFrequencies {
+  struct InHypothesis {
+    int32_t hypothesis;
+    double p;             // P(positive | hypothesis), from its strongest item on the fact
+    double entropy_bits;  // of that Bernoulli
+  };
+  std::vector<InHypothesis> hypotheses;  // ascending hypothesis index; empty: none weighs it
+  double p_comparison = 0;  // mean of those items' comparison frequencies
+  double comparison_entropy_bits = 0;
+};
+
+// Entropy in bits of a Bernoulli(p): 0 at p = 0 or 1.
+double BernoulliEntropyBits(double p);
+
 struct CompiledHypothesis {
   std::string id;
   std::string title;
@@ -362,19 +379,18 @@ struct CompiledRuleSet {
   std::vector<int32_t> labs_weighed_by_evidence;
   // Actions with an information value: always considered, since their point is missing data.
   std::vector<int32_t> information_actions;
-  // Evidence whose whole condition is one leaf on the fact (the items a test's result
-  // would decide), for computing information value.
-  std::vector<std::vector<int32_t>> leaf_evidence_by_concept;
-  std::vector<std::vector<int32_t>> leaf_evidence_by_lab;
-  std::vector<int32_t> leaf_evidence_on_family;
-  // The single-leaf evidence on one fact.
-  const std::vector<int32_t>& LeafEvidenceOn(const FactKey& key) const {
+  // What learning each fact would tell, from the evidence whose whole condition is one leaf
+  // on it (the items a test's result would decide): for the value of tests.
+  std::vector<FactFrequencies> frequencies_by_concept;
+  std::vector<FactFrequencies> frequencies_by_lab;
+  FactFrequencies frequencies_on_family;
+  const FactFrequencies& FrequenciesOn(const FactKey& key) const {
     switch (key.kind) {
-      case FactKey::Kind::kConcept: return leaf_evidence_by_concept[key.index];
-      case FactKey::Kind::kLab: return leaf_evidence_by_lab[key.index];
+      case FactKey::Kind::kConcept: return frequencies_by_concept[key.index];
+      case FactKey::Kind::kLab: return frequencies_by_lab[key.index];
       case FactKey::Kind::kFamily: break;
     }
-    return leaf_evidence_on_family;
+    return frequencies_on_family;
   }
   // Per hypothesis, the information actions whose result would move it.
   std::vector<std::vector<int32_t>> information_actions_by_hypothesis;

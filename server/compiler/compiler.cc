@@ -1561,7 +1561,7 @@ class Compilation {
       if (action.reveals.empty()) continue;
       bool weighed = false;
       for (const FactKey& key : action.reveals) {
-        weighed = weighed || !out_->LeafEvidenceOn(key).empty();
+        weighed = weighed || !out_->FrequenciesOn(key).hypotheses.empty();
       }
       if (!weighed) {
         Warn(kRuleSetFile, action_locations_[a], action.id,
@@ -1691,8 +1691,11 @@ class Compilation {
             static_cast<int32_t>(r);
       }
     }
-    out_->leaf_evidence_by_concept.assign(out_->concepts.size(), {});
-    out_->leaf_evidence_by_lab.assign(out_->labs.size(), {});
+    // Per fact, the single-leaf evidence with a frequency, in evidence order (so each
+    // hypothesis' items are contiguous).
+    std::vector<std::vector<int32_t>> leaf_by_concept(out_->concepts.size());
+    std::vector<std::vector<int32_t>> leaf_by_lab(out_->labs.size());
+    std::vector<int32_t> leaf_on_family;
     for (size_t i = 0; i < out_->evidence.size(); ++i) {
       const CompiledEvidence& ev = out_->evidence[i];
       if (ev.p_hypothesis < 0) continue;
@@ -1700,27 +1703,58 @@ class Compilation {
       const int32_t index = static_cast<int32_t>(i);
       switch (c.kind) {
         case CompiledCondition::Kind::kFinding:
-          out_->leaf_evidence_by_concept[c.ref].push_back(index);
+          leaf_by_concept[c.ref].push_back(index);
           break;
         case CompiledCondition::Kind::kLab:
-          out_->leaf_evidence_by_lab[c.ref].push_back(index);
+          leaf_by_lab[c.ref].push_back(index);
           break;
         case CompiledCondition::Kind::kFamily:
-          out_->leaf_evidence_on_family.push_back(index);
+          leaf_on_family.push_back(index);
           break;
         default:
           break;
       }
     }
+    out_->frequencies_by_concept.clear();
+    for (const auto& items : leaf_by_concept) {
+      out_->frequencies_by_concept.push_back(Frequencies(items));
+    }
+    out_->frequencies_by_lab.clear();
+    for (const auto& items : leaf_by_lab) out_->frequencies_by_lab.push_back(Frequencies(items));
+    out_->frequencies_on_family = Frequencies(leaf_on_family);
     out_->information_actions_by_hypothesis.assign(out_->hypotheses.size(), {});
     for (int32_t a : out_->information_actions) {
       absl::flat_hash_set<int32_t> moved;
       for (const FactKey& key : out_->actions[a].reveals) {
-        for (int32_t e : out_->LeafEvidenceOn(key)) moved.insert(out_->evidence[e].hypothesis);
+        for (const auto& in : out_->FrequenciesOn(key).hypotheses) moved.insert(in.hypothesis);
       }
       for (int32_t h : moved) out_->information_actions_by_hypothesis[h].push_back(a);
     }
     for (auto& list : out_->information_actions_by_hypothesis) std::sort(list.begin(), list.end());
+  }
+
+  // A fact's frequencies from its single-leaf `items` (evidence order): per hypothesis its
+  // strongest item (the first of equals), and the comparison population's frequency as the
+  // mean of those items' own (facts are taken as independent given the diagnosis).
+  FactFrequencies Frequencies(const std::vector<int32_t>& items) const {
+    FactFrequencies out;
+    double q_sum = 0;
+    for (size_t i = 0; i < items.size();) {
+      const int32_t h = out_->evidence[items[i]].hypothesis;
+      const CompiledEvidence* best = &out_->evidence[items[i]];
+      size_t j = i + 1;
+      for (; j < items.size() && out_->evidence[items[j]].hypothesis == h; ++j) {
+        if (out_->evidence[items[j]].strength > best->strength) best = &out_->evidence[items[j]];
+      }
+      q_sum += best->p_comparison;
+      out.hypotheses.push_back({h, best->p_hypothesis, BernoulliEntropyBits(best->p_hypothesis)});
+      i = j;
+    }
+    if (!out.hypotheses.empty()) {
+      out.p_comparison = q_sum / static_cast<double>(out.hypotheses.size());
+      out.comparison_entropy_bits = BernoulliEntropyBits(out.p_comparison);
+    }
+    return out;
   }
 
   // A fact the trigger index lists rules under: (kind, index) as in IndexRule.

@@ -297,9 +297,8 @@ struct Scratch {
   std::vector<InformationValue> values;
   // ValueOfTest's working arrays.
   std::vector<int32_t> value_classes;
-  std::vector<std::pair<int32_t, double>> value_pairs;
-  std::vector<size_t> value_fact_end;
-  std::vector<double> value_q, value_p_positive, value_belief, value_post, value_likes;
+  std::vector<const compiler::FactFrequencies*> value_facts;
+  std::vector<double> value_p_positive, value_entropy, value_belief, value_likes;
   // Explanations.
   std::vector<const std::string*> reasons;
   std::vector<int> finding_indices;
@@ -940,14 +939,6 @@ void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts, Evaluatio
 
 int UrgencyOrder(cds::v1::Urgency u) { return -static_cast<int>(u); }
 
-double Entropy(const std::vector<double>& p) {
-  double h = 0;
-  for (double x : p) {
-    if (x > 0) h -= x * std::log2(x);
-  }
-  return h;
-}
-
 bool FactKnown(const Facts& facts, const compiler::FactKey& key) {
   switch (key.kind) {
     case compiler::FactKey::Kind::kConcept: return facts.HasFindings(key.index);
@@ -960,10 +951,14 @@ bool FactKnown(const Facts& facts, const compiler::FactKey& key) {
 // Expected information gain (bits) over the differential {hypotheses, none of these} of
 // learning the test's unknown facts, each a binary outcome whose frequency in each
 // hypothesis and in the comparison population comes from the rule set's single-leaf
-// evidence on it (facts taken as independent given the diagnosis; correlated-group
-// capping is not modelled). Hypotheses without evidence on the facts behave like the
-// comparison population, so they are lumped with "none of these" into one class: the
-// gain is the same, and the work follows the evidence on the facts, not the rule set.
+// evidence on it (compiler::FactFrequencies; facts taken as independent given the
+// diagnosis; correlated-group capping is not modelled). Hypotheses without evidence on the
+// facts behave like the comparison population, so they are lumped with "none of these" into
+// one class: the gain is the same, and the work follows the evidence on the facts, not the
+// rule set. The gain is the mutual information of class C and outcome O, computed as
+// H(O) - H(O | C): with the facts independent given the class, H(O | C = c) is the sum of
+// the facts' Bernoulli entropies in c, which the compiler tabulates, so a call takes one
+// logarithm per outcome instead of one per outcome and class (H(C) - E[H(C | O)], equal).
 // nullopt when every fact is known or none is informative.
 std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Facts& facts,
                                             const Scores& scores, int32_t lead,
@@ -976,71 +971,59 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
   auto class_of = [&classes](int32_t h) -> size_t {
     return static_cast<size_t>(std::find(classes.begin(), classes.end(), h) - classes.begin());
   };
-  // Per informative unknown fact f: its (hypothesis, p) pairs are
-  // value_pairs[value_fact_end[f - 1], value_fact_end[f]), and q its comparison frequency.
-  auto& pairs = s.value_pairs;
-  auto& fact_end = s.value_fact_end;
-  auto& q_of_fact = s.value_q;
-  pairs.clear();
-  fact_end.clear();
-  q_of_fact.clear();
+  // The informative unknown facts.
+  std::vector<const compiler::FactFrequencies*>& unknown = s.value_facts;
+  unknown.clear();
   for (const compiler::FactKey& key : action.reveals) {
     if (FactKnown(facts, key)) continue;
-    const std::vector<int32_t>* items = &rs.LeafEvidenceOn(key);
-    if (items->empty()) continue;
-    // Per hypothesis, its most informative item on this fact. The items are in evidence
-    // order, so each hypothesis' items are contiguous.
-    auto strength = [&](int32_t e) { return rs.evidence[e].strength; };
-    double q_sum = 0;
-    const size_t first = pairs.size();
-    for (size_t i = 0; i < items->size();) {
-      const int32_t h = rs.evidence[(*items)[i]].hypothesis;
-      int32_t best = (*items)[i];
-      size_t j = i + 1;
-      for (; j < items->size() && rs.evidence[(*items)[j]].hypothesis == h; ++j) {
-        if (strength((*items)[j]) > strength(best)) best = (*items)[j];
-      }
-      q_sum += rs.evidence[best].p_comparison;
-      pairs.emplace_back(h, rs.evidence[best].p_hypothesis);
-      if (class_of(h) == classes.size()) classes.push_back(h);
-      i = j;
+    const compiler::FactFrequencies& fact = rs.FrequenciesOn(key);
+    if (fact.hypotheses.empty()) continue;
+    unknown.push_back(&fact);
+    for (const auto& in : fact.hypotheses) {
+      if (class_of(in.hypothesis) == classes.size()) classes.push_back(in.hypothesis);
     }
-    q_of_fact.push_back(q_sum / static_cast<double>(pairs.size() - first));
-    fact_end.push_back(pairs.size());
   }
-  if (fact_end.empty()) return std::nullopt;
-  const size_t k = fact_end.size();
+  if (unknown.empty()) return std::nullopt;
+  const size_t k = unknown.size();
   const size_t m = classes.size() + 1;  // + the lumped rest
-  // P(positive | class) of fact f at p_positive[f * m + class], the rest's last.
+  // P(positive | class) of fact f at p_positive[f * m + class], the rest's last, and its
+  // Bernoulli entropy at entropy[f * m + class].
   auto& p_positive = s.value_p_positive;
-  p_positive.assign(k * m, 0);
+  auto& entropy = s.value_entropy;
+  p_positive.resize(k * m);
+  entropy.resize(k * m);
   for (size_t f = 0; f < k; ++f) {
-    std::fill(p_positive.begin() + static_cast<ptrdiff_t>(f * m),
-              p_positive.begin() + static_cast<ptrdiff_t>((f + 1) * m), q_of_fact[f]);
-    for (size_t i = f == 0 ? 0 : fact_end[f - 1]; i < fact_end[f]; ++i) {
-      p_positive[f * m + class_of(pairs[i].first)] = pairs[i].second;
+    const compiler::FactFrequencies& fact = *unknown[f];
+    std::fill(&p_positive[f * m], &p_positive[f * m] + m, fact.p_comparison);
+    std::fill(&entropy[f * m], &entropy[f * m] + m, fact.comparison_entropy_bits);
+    for (const auto& in : fact.hypotheses) {
+      const size_t c = class_of(in.hypothesis);
+      p_positive[f * m + c] = in.p;
+      entropy[f * m + c] = in.entropy_bits;
     }
   }
   auto& belief = s.value_belief;
-  belief.assign(m, 0);
+  belief.resize(m);
   double involved = 0;
   for (size_t c = 0; c + 1 < m; ++c) {
     belief[c] = scores.Belief(classes[c]);
     involved += belief[c];
   }
   belief[m - 1] = std::max(0.0, 1.0 - involved);
+  double outcome_given_class = 0;  // H(O | C): sum over classes and facts
+  for (size_t c = 0; c < m; ++c) {
+    double h = 0;
+    for (size_t f = 0; f < k; ++f) h += entropy[f * m + c];
+    outcome_given_class += belief[c] * h;
+  }
   // The leading hypothesis' own class, or the rest when no fact moves it.
   const size_t lead_class = class_of(lead);  // classes.size() when in the lumped rest
   InformationValue value;
   value.lead = lead;
   value.lead_now = scores.Belief(lead);
-  double expected_posterior_entropy = 0;
-  auto& post = s.value_post;
-  post.assign(m, 0);
   // P(outcome | class) for every outcome (bit f of the mask: fact f positive), at
   // likes[mask * m + class]: products over facts 0..k-1 in that order, built prefix by
-  // prefix (the outcomes that agree on facts 0..j share the product up to j), so each is
-  // the same double as multiplying fact by fact, with half the multiplications.
+  // prefix (the outcomes that agree on facts 0..j share the product up to j).
   auto& likes = s.value_likes;
   likes.assign((size_t{1} << k) * m, 1.0);
   for (size_t f = 0; f < k; ++f) {
@@ -1054,24 +1037,25 @@ std::optional<InformationValue> ValueOfTest(const CompiledRuleSet& rs, const Fac
       }
     }
   }
-  for (uint32_t mask = 0; mask < (1u << k); ++mask) {
-    double p_outcome = 0;
+  // The leading hypothesis' probability once the outcome is known. Within the lumped rest
+  // every member moves by the same factor.
+  auto lead_after = [&](const double* like, double p_outcome) {
+    if (lead_class < classes.size()) return belief[lead_class] * like[lead_class] / p_outcome;
+    if (belief[m - 1] <= 0) return 0.0;
+    return value.lead_now * (belief[m - 1] * like[m - 1] / p_outcome) / belief[m - 1];
+  };
+  const uint32_t all_positive = (1u << k) - 1;
+  double outcome_entropy = 0;  // H(O)
+  for (uint32_t mask = 0; mask <= all_positive; ++mask) {
     const double* like = &likes[mask * m];
-    for (size_t c = 0; c < m; ++c) {
-      post[c] = belief[c] * like[c];
-      p_outcome += post[c];
-    }
+    double p_outcome = 0;
+    for (size_t c = 0; c < m; ++c) p_outcome += belief[c] * like[c];
     if (p_outcome <= 0) continue;
-    for (double& x : post) x /= p_outcome;
-    expected_posterior_entropy += p_outcome * Entropy(post);
-    // Within the lumped rest every member moves by the same factor.
-    const double lead_after = lead_class < classes.size()
-                                  ? post[lead_class]
-                                  : (belief[m - 1] > 0 ? value.lead_now * post[m - 1] / belief[m - 1] : 0);
-    if (mask == 0) value.lead_if_negative = lead_after;
-    if (mask == (1u << k) - 1) value.lead_if_positive = lead_after;
+    outcome_entropy -= p_outcome * std::log2(p_outcome);
+    if (mask == 0) value.lead_if_negative = lead_after(like, p_outcome);
+    if (mask == all_positive) value.lead_if_positive = lead_after(like, p_outcome);
   }
-  value.gain_bits = std::max(0.0, Entropy(belief) - expected_posterior_entropy);
+  value.gain_bits = std::max(0.0, outcome_entropy - outcome_given_class);
   return value;
 }
 

@@ -398,6 +398,54 @@ TEST(EngineTest, TestsAreRankedByExpectedInformationGain) {
   for (const auto& s : known.suggestions()) EXPECT_NE(s.rule_id(), "ask_diarrhoea");
 }
 
+// A test revealing two facts: the gain is the mutual information of the differential and
+// the four joint outcomes, here computed the other way round (entropy of the differential
+// minus its expected entropy once the outcome is known) by enumerating them.
+TEST(EngineTest, InformationGainOfSeveralFactsIsTheirJointOutcomes) {
+  auto rs = Build(R"pb(
+    hypotheses {
+      id: "a" title: "A" pretest_probability: 0.2 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "d" when { finding { concept: "diarrhoea" } } frequencies { in_hypothesis: 0.9 in_comparison: 0.1 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e" when { finding { concept: "eczema" } } frequencies { in_hypothesis: 0.6 in_comparison: 0.2 } provenance { reference_ids: "SRC" } }
+    }
+    hypotheses {
+      id: "b" title: "B" pretest_probability: 0.3 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "e" when { finding { concept: "eczema" } } frequencies { in_hypothesis: 0.7 in_comparison: 0.3 } provenance { reference_ids: "SRC" } }
+    }
+    actions { id: "both" kind: TEST title: "Both" urgency: WARNING information { concepts: "diarrhoea" concepts: "eczema" } }
+  )pb");
+  const auto r = EvaluateText(*rs, "sex: MALE");
+  const cds::v1::Suggestion* test = nullptr;
+  for (const auto& s : r.suggestions()) {
+    if (s.rule_id() == "both") test = &s;
+  }
+  ASSERT_NE(test, nullptr);
+  // Classes (a, b, none) with beliefs (0.2, 0.3, 0.5). P(diarrhoea): a 0.9, else 0.1 (the
+  // comparison's). P(eczema): a 0.6, b 0.7, else the mean comparison frequency 0.25.
+  const std::vector<double> belief = {0.2, 0.3, 0.5};
+  const std::vector<double> p_d = {0.9, 0.1, 0.1};
+  const std::vector<double> p_e = {0.6, 0.7, 0.25};
+  auto entropy = [](const std::vector<double>& p) {
+    double h = 0;
+    for (double x : p) h -= x > 0 ? x * std::log2(x) : 0;
+    return h;
+  };
+  double expected = entropy(belief);
+  for (int d = 0; d < 2; ++d) {
+    for (int e = 0; e < 2; ++e) {
+      std::vector<double> joint(3);
+      double p_outcome = 0;
+      for (int c = 0; c < 3; ++c) {
+        joint[c] = belief[c] * (d ? p_d[c] : 1 - p_d[c]) * (e ? p_e[c] : 1 - p_e[c]);
+        p_outcome += joint[c];
+      }
+      for (double& x : joint) x /= p_outcome;
+      expected -= p_outcome * entropy(joint);
+    }
+  }
+  EXPECT_NEAR(test->expected_information_gain(), expected, 1e-12);
+}
+
 TEST(EngineTest, ExplanationsCanBeTurnedOff) {
   auto rs = OneRule("finding { concept: \"diarrhoea\" }");
   EvaluateOptions options;
