@@ -201,14 +201,14 @@ size_t Evaluation::ItemSize(Item& item, const Entry& entry) const {
   size += Int32FieldSize(item.effect);
   if (item.has_likelihood_ratio) size += kDoubleFieldSize;
   for (uint32_t c = item.codes_begin; c < item.codes_end; ++c) {
-    size += LengthDelimitedSize(code_sizes_[c]);
+    size += LengthDelimitedSize(code_sizes_[codes_[c]]);
   }
   if (item.superseded) size += 2;
   item.size = size;
   return size;
 }
 
-char* Evaluation::WriteItem(const Item& item, const Entry& entry, char* out) const {
+char* Evaluation::WriteItem(const Item& item, const Entry& entry, char* out) {
   const compiler::WireFragments& w = rs_->wire;
   compiler::Fragment rule_id, source;
   if (item.evidence >= 0) {
@@ -226,8 +226,15 @@ char* Evaluation::WriteItem(const Item& item, const Entry& entry, char* out) con
   out = WriteInt32Field(3, item.effect, out);                                 // 3
   if (item.has_likelihood_ratio) out = wire::WriteDouble(4, item.likelihood_ratio, out);  // 4
   for (uint32_t c = item.codes_begin; c < item.codes_end; ++c) {              // 5
-    out = WriteLengthPrefix(5, code_sizes_[c], out);
-    out = WriteCode(patient_->findings(codes_[c]).term(), code_sizes_[c], out);
+    const int32_t finding = codes_[c];
+    const uint32_t size = code_sizes_[finding];
+    out = WriteLengthPrefix(5, size, out);
+    if (code_written_at_[finding] != nullptr) {
+      out = wire::WriteBytes(absl::string_view(code_written_at_[finding], size), out);
+    } else {
+      code_written_at_[finding] = out;
+      out = WriteCode(patient_->findings(finding).term(), size, out);
+    }
   }
   out = wire::WriteBytes(w[source], out);                                     // 6
   if (item.superseded) {                                                      // 7
@@ -253,10 +260,12 @@ size_t Evaluation::TimestampSize(const WireExtras& extras) const {
 size_t Evaluation::WireSize(const WireExtras& extras) {
   const compiler::CompiledRuleSet& rs = *rs_;
   const compiler::WireFragments& w = rs.wire;
-  code_sizes_.resize(codes_.size());
-  for (size_t c = 0; c < codes_.size(); ++c) {
+  code_sizes_.assign(static_cast<size_t>(patient_->findings_size()), kUnsized);
+  for (int32_t finding : codes_) {
+    if (code_sizes_[finding] != kUnsized) continue;
     // ByteSizeLong also caches the size protobuf's serializer reads (WriteCode).
-    code_sizes_[c] = static_cast<uint32_t>(patient_->findings(codes_[c]).term().ByteSizeLong());
+    code_sizes_[finding] =
+        static_cast<uint32_t>(patient_->findings(finding).term().ByteSizeLong());
   }
   size_t size = StringFieldSize(extras.evaluation_id.size());  // 1
   size += LengthDelimitedSize(RuleSetRefSize(extras));       // 2
@@ -297,8 +306,9 @@ size_t Evaluation::WireSize(const WireExtras& extras) {
   return size;
 }
 
-void Evaluation::WriteWire(const WireExtras& extras, char* out) const {
+void Evaluation::WriteWire(const WireExtras& extras, char* out) {
   const compiler::CompiledRuleSet& rs = *rs_;
+  code_written_at_.assign(code_sizes_.size(), nullptr);
   const compiler::WireFragments& w = rs.wire;
   out = WriteStringField(1, extras.evaluation_id, out);
   out = WriteLengthPrefix(2, RuleSetRefSize(extras), out);

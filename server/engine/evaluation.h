@@ -51,7 +51,7 @@ class Evaluation {
   // then WriteWire with the same extras writes exactly that many bytes to `out`.
   // REQUIRES: the rule set has its wire fragments (compiled by compiler::Compile).
   size_t WireSize(const WireExtras& extras);
-  void WriteWire(const WireExtras& extras, char* out) const;
+  void WriteWire(const WireExtras& extras, char* out);
   // Both, appending to `out`.
   void AppendWire(const WireExtras& extras, std::string* out);
 
@@ -112,7 +112,7 @@ class Evaluation {
   char* WriteDescription(const Item& item, char* out) const;
   absl::string_view ItemRuleId(const Item& item, const Entry& entry) const;
   size_t ItemSize(Item& item, const Entry& entry) const;
-  char* WriteItem(const Item& item, const Entry& entry, char* out) const;
+  char* WriteItem(const Item& item, const Entry& entry, char* out);
   size_t RuleSetRefSize(const WireExtras& extras) const;
   size_t TimestampSize(const WireExtras& extras) const;
 
@@ -124,8 +124,12 @@ class Evaluation {
   std::vector<int32_t> codes_;
   std::vector<Warning> warnings_;
   std::string text_;  // per-call text: warnings, test values, lab details
-  // Serialized sizes of the patient codes in codes_ (WireSize).
+  // Per patient finding: its code's serialized size (WireSize; kUnsized when no item
+  // matched it), and where WriteWire first wrote it (a finding matched by several items is
+  // serialized once, then copied).
+  static constexpr uint32_t kUnsized = UINT32_MAX;
   std::vector<uint32_t> code_sizes_;
+  std::vector<const char*> code_written_at_;
 };
 
 }  // namespace cds::engine
