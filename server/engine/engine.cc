@@ -129,7 +129,7 @@ using Applied = compiler::AppliedEvidence;
 // Where a touched hypothesis' applied items are.
 enum class ItemSource : uint8_t {
   kApplied,  // Scratch::applied: evaluated this call
-  kMerged,   // Scratch::merged: evaluated this call and folded, merged in evidence order
+  kBoth,     // evaluated this call and folded into the demographic context
   kContext,  // the demographic context's items: folded only
 };
 
@@ -173,6 +173,8 @@ struct Scratch {
     Grow(&range_begin, rs.hypotheses.size());
     Grow(&range_end, rs.hypotheses.size());
     Grow(&range_source, rs.hypotheses.size());
+    Grow(&context_begin, rs.hypotheses.size());
+    Grow(&context_end, rs.hypotheses.size());
     Grow(&condition_stamp, rs.conditions.size());
     Grow(&condition_value, rs.conditions.size());
     Grow(&detail_stamp, rs.conditions.size());
@@ -190,7 +192,6 @@ struct Scratch {
     evidence_candidates.clear();
     action_candidates.clear();
     applied.clear();
-    merged.clear();
     touched.clear();
     ranked.clear();
     information_candidates.clear();
@@ -274,12 +275,13 @@ struct Scratch {
   // (TakeBits) lists them in ascending order without sorting, and clears them.
   std::vector<uint64_t> evidence_bits, action_bits;
   std::vector<int32_t> evidence_candidates, action_candidates;
-  // Per hypothesis touched by evidence: its weight and its applied items [begin, end).
+  // Per hypothesis touched by evidence: its weight, its items in `applied` [range_begin,
+  // range_end) and in the demographic context's [context_begin, context_end).
   std::vector<uint32_t> hypothesis_stamp;
   std::vector<double> weight;
-  std::vector<uint32_t> range_begin, range_end;
+  std::vector<uint32_t> range_begin, range_end, context_begin, context_end;
   std::vector<ItemSource> range_source;
-  std::vector<Applied> applied, merged;
+  std::vector<Applied> applied;
   // The ranked uncapped hypotheses only folded evidence touched, and the merge buffer.
   std::vector<int32_t> folded_ranked, merge_buffer;
   std::vector<std::pair<int32_t, size_t>> group_best;  // (group, applied index), one hypothesis
@@ -1161,15 +1163,14 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   }
   // Applied items are already grouped by hypothesis: the compiler numbers evidence
   // hypothesis by hypothesis, and the candidates were taken in evidence order. The folded
-  // items are too, so both walk in hypothesis order; a hypothesis with both gets them merged
-  // in evidence order, so that its weight and the total are summed in the same order as
-  // if every item had been evaluated here.
+  // items are too, so both walk in hypothesis order; a hypothesis with both has them summed
+  // in evidence order (merged as they are read, not copied), so that its weight and the
+  // total are summed in the same order as if every item had been evaluated here.
   double total = 1.0;  // none (1 - sum of pretests) + every hypothesis at its pretest
   const compiler::DemographicHypothesis* folded =
       context == nullptr ? nullptr : context->hypotheses.data();
   const compiler::DemographicHypothesis* folded_end =
       context == nullptr ? nullptr : folded + context->hypotheses.size();
-  std::vector<Applied>& merged = scratch.merged;
   auto sum_of = [](const Applied* begin, const Applied* end) {
     double sum = 0;
     for (const Applied* a = begin; a != end; ++a) {
@@ -1189,35 +1190,33 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     const double prior = rs.hypotheses[h].pretest_probability;
     double w;
     bool rank_here = true;
+    scratch.range_begin[h] = static_cast<uint32_t>(i);
+    scratch.range_end[h] = static_cast<uint32_t>(j);
+    scratch.context_begin[h] = scratch.context_end[h] = 0;
     if (from_folded != h) {
       w = prior * std::exp(sum_of(applied.data() + i, applied.data() + j));
       scratch.range_source[h] = ItemSource::kApplied;
-      scratch.range_begin[h] = static_cast<uint32_t>(i);
-      scratch.range_end[h] = static_cast<uint32_t>(j);
-    } else if (from_applied != h) {
-      w = folded->weight;
-      scratch.range_source[h] = ItemSource::kContext;
-      scratch.range_begin[h] = folded->begin;
-      scratch.range_end[h] = folded->end;
-      rank_here = rs.hypotheses[h].max_probability.has_value();  // else in context->order
-      ++folded;
     } else {
-      const size_t begin = merged.size();
-      const Applied* a = applied.data() + i;
-      const Applied* a_end = applied.data() + j;
-      const Applied* f = context->items.data() + folded->begin;
-      const Applied* f_end = context->items.data() + folded->end;
-      while (a != a_end || f != f_end) {
-        if (f == f_end || (a != a_end && a->evidence < f->evidence)) {
-          merged.push_back(*a++);
-        } else {
-          merged.push_back(*f++);
+      scratch.context_begin[h] = folded->begin;
+      scratch.context_end[h] = folded->end;
+      if (from_applied != h) {
+        w = folded->weight;
+        scratch.range_source[h] = ItemSource::kContext;
+        rank_here = rs.hypotheses[h].max_probability.has_value();  // else in context->order
+      } else {
+        double sum = 0;
+        const Applied* a = applied.data() + i;
+        const Applied* a_end = applied.data() + j;
+        const Applied* f = context->items.data() + folded->begin;
+        const Applied* f_end = context->items.data() + folded->end;
+        while (a != a_end || f != f_end) {
+          const Applied* next =
+              f == f_end || (a != a_end && a->evidence < f->evidence) ? a++ : f++;
+          if (!next->superseded) sum += next->log_lr;
         }
+        w = prior * std::exp(sum);
+        scratch.range_source[h] = ItemSource::kBoth;
       }
-      w = prior * std::exp(sum_of(merged.data() + begin, merged.data() + merged.size()));
-      scratch.range_source[h] = ItemSource::kMerged;
-      scratch.range_begin[h] = static_cast<uint32_t>(begin);
-      scratch.range_end[h] = static_cast<uint32_t>(merged.size());
       ++folded;
     }
     scratch.hypothesis_stamp[h] = scratch.epoch;
@@ -1226,14 +1225,6 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     total += w - prior;
     i = j;
   }
-  auto items_of = [&](int32_t h) -> const Applied* {
-    switch (scratch.range_source[h]) {
-      case ItemSource::kApplied: return applied.data();
-      case ItemSource::kMerged: return merged.data();
-      case ItemSource::kContext: break;
-    }
-    return context->items.data();
-  };
 
   // 3. Posterior over the differential plus "none of these".
   const Scores scores(rs, scratch, total, context);
@@ -1383,8 +1374,11 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     auto& items = scratch.items;
     items.clear();
     if (scores.Touched(h)) {
-      const Applied* base = items_of(h);
-      items.assign(base + scratch.range_begin[h], base + scratch.range_end[h]);
+      items.assign(applied.data() + scratch.range_begin[h], applied.data() + scratch.range_end[h]);
+      if (context != nullptr) {
+        items.insert(items.end(), context->items.data() + scratch.context_begin[h],
+                     context->items.data() + scratch.context_end[h]);
+      }
     }
     std::sort(items.begin(), items.end(), compiler::ExplainsBefore);
     for (const Applied& applied_item : items) {
