@@ -1171,30 +1171,24 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       context == nullptr ? nullptr : context->hypotheses.data();
   const compiler::DemographicHypothesis* folded_end =
       context == nullptr ? nullptr : folded + context->hypotheses.size();
-  auto sum_of = [](const Applied* begin, const Applied* end) {
-    double sum = 0;
-    for (const Applied* a = begin; a != end; ++a) {
-      if (!a->superseded) sum += a->log_lr;
-    }
-    return sum;
-  };
   constexpr int32_t kNone = std::numeric_limits<int32_t>::max();
-  for (size_t i = 0; i < applied.size() || folded != folded_end;) {
-    const int32_t from_applied = i < applied.size() ? applied[i].hypothesis : kNone;
+  const Applied* a = applied.data();
+  const Applied* const applied_end = a + applied.size();
+  while (a != applied_end || folded != folded_end) {
+    const int32_t from_applied = a != applied_end ? a->hypothesis : kNone;
     const int32_t from_folded = folded != folded_end ? folded->hypothesis : kNone;
     const int32_t h = std::min(from_applied, from_folded);
-    size_t j = i;
-    if (from_applied == h) {
-      while (j < applied.size() && applied[j].hypothesis == h) ++j;
-    }
+    const Applied* const a_begin = a;
     const double prior = rs.hypotheses[h].pretest_probability;
+    double sum = 0;  // of the log likelihood ratios, in evidence order
     double w;
     bool rank_here = true;
-    scratch.range_begin[h] = static_cast<uint32_t>(i);
-    scratch.range_end[h] = static_cast<uint32_t>(j);
     scratch.context_begin[h] = scratch.context_end[h] = 0;
     if (from_folded != h) {
-      w = prior * std::exp(sum_of(applied.data() + i, applied.data() + j));
+      for (; a != applied_end && a->hypothesis == h; ++a) {
+        if (!a->superseded) sum += a->log_lr;
+      }
+      w = prior * std::exp(sum);
       scratch.range_source[h] = ItemSource::kApplied;
     } else {
       scratch.context_begin[h] = folded->begin;
@@ -1204,14 +1198,12 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
         scratch.range_source[h] = ItemSource::kContext;
         rank_here = rs.hypotheses[h].max_probability.has_value();  // else in context->order
       } else {
-        double sum = 0;
-        const Applied* a = applied.data() + i;
-        const Applied* a_end = applied.data() + j;
         const Applied* f = context->items.data() + folded->begin;
-        const Applied* f_end = context->items.data() + folded->end;
-        while (a != a_end || f != f_end) {
-          const Applied* next =
-              f == f_end || (a != a_end && a->evidence < f->evidence) ? a++ : f++;
+        const Applied* const f_end = context->items.data() + folded->end;
+        for (;;) {
+          const bool have_a = a != applied_end && a->hypothesis == h;
+          if (!have_a && f == f_end) break;
+          const Applied* next = f == f_end || (have_a && a->evidence < f->evidence) ? a++ : f++;
           if (!next->superseded) sum += next->log_lr;
         }
         w = prior * std::exp(sum);
@@ -1219,11 +1211,12 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       }
       ++folded;
     }
+    scratch.range_begin[h] = static_cast<uint32_t>(a_begin - applied.data());
+    scratch.range_end[h] = static_cast<uint32_t>(a - applied.data());
     scratch.hypothesis_stamp[h] = scratch.epoch;
     scratch.weight[h] = w;
     if (rank_here) scratch.touched.push_back(h);
     total += w - prior;
-    i = j;
   }
 
   // 3. Posterior over the differential plus "none of these".
