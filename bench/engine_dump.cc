@@ -13,6 +13,7 @@
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
 #include "server/engine/engine.h"
+#include "server/engine/testing/scaled_rule_set.h"
 
 namespace {
 std::string Read(const std::string& p) { std::ifstream in(p); std::stringstream s; s << in.rdbuf(); return s.str(); }
@@ -41,7 +42,7 @@ int main(int argc, char** argv) {
   if (!corpus.ok()) { std::cerr << corpus.status() << "\n"; return 1; }
   cds::v1::Patient typical;
   google::protobuf::TextFormat::ParseFromString(Read(src + "/bench/typical_patient.textproto"), &typical);
-  for (const char* v : {"1.0.0", "1.1.0"}) {
+  for (const char* v : {"1.0.0", "1.1.0", "1.1.1"}) {
     auto loaded = cds::compiler::LoadRuleSetDir(src + "/rules/ipex/" + v);
     if (!loaded.ok()) { std::cerr << loaded.status() << "\n"; return 1; }
     auto result = cds::compiler::Compile(*loaded);
@@ -50,5 +51,11 @@ int main(int argc, char** argv) {
     Dump(rs, "typical", typical);
     for (const auto& c : rs.tests.cases()) Dump(rs, c.name(), c.patient());
     for (const auto& e : *corpus) Dump(rs, e.source.id(), e.patient);
+    // Ten copies of the rule set (bench/engine_benchmark's scaling): rankings, triggers and
+    // folding over many hypotheses.
+    auto scaled = cds::compiler::Compile(cds::engine::testing::Scaled(*loaded, 10));
+    if (!scaled.ok()) { std::cerr << scaled.IssuesToString(); return 1; }
+    Dump(*scaled.rule_set, "typical x10", typical);
+    for (const auto& c : rs.tests.cases()) Dump(*scaled.rule_set, c.name() + " x10", c.patient());
   }
 }
