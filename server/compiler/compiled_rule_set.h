@@ -9,6 +9,7 @@
 // not the size of the rule set).
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -328,6 +329,15 @@ struct RuleRef {
   int32_t index;
 };
 
+// An action listed under a hypothesis: its condition cannot be TRUE unless a probability
+// leaf on the hypothesis is, so it is worth evaluating only once the hypothesis ranks this
+// well (at_least 0 and in_top 0: whenever the ranking reaches the hypothesis).
+struct ProbabilityTrigger {
+  int32_t action;
+  double at_least;  // posterior the leaf needs
+  int32_t in_top;   // 0: any rank; otherwise the 0-based rank must be below it
+};
+
 struct CompiledRuleSet {
   std::string name;
   std::string version;
@@ -362,7 +372,13 @@ struct CompiledRuleSet {
   // Trigger index: the rules to evaluate when a fact of this kind is known.
   std::vector<std::vector<RuleRef>> rules_by_concept;     // per concept
   std::vector<std::vector<RuleRef>> rules_by_lab;         // per lab
-  std::vector<std::vector<RuleRef>> actions_by_hypothesis;  // per hypothesis (probability leaves)
+  std::vector<std::vector<ProbabilityTrigger>> actions_by_hypothesis;  // per hypothesis
+  // Walking the ranking for actions_by_hypothesis can stop at the first hypothesis at a rank
+  // >= trigger_max_in_top whose posterior is below trigger_floor: no trigger holds there or
+  // further down (posteriors only fall along the ranking). trigger_floor is the least
+  // at_least of the triggers without in_top (+inf when none).
+  double trigger_floor = std::numeric_limits<double>::infinity();
+  int32_t trigger_max_in_top = 0;
   std::vector<RuleRef> rules_on_sex;
   std::vector<RuleRef> rules_on_age;
   // What the engine evaluates when sex / age / family history / consanguinity is known:

@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "absl/base/casts.h"
@@ -1600,9 +1602,29 @@ class Compilation {
       for (const TriggerKey& key : support) {
         if (key.first >= 3) {
           support_kinds[i] |= 1 << key.first;
+        } else if (key.first == 2) {
+          const CompiledCondition& leaf = out_->conditions[key.second];
+          out_->actions_by_hypothesis[leaf.ref].push_back({ref.index, leaf.value, leaf.count});
         } else if (std::vector<RuleRef>* list = TriggerList(key); list != nullptr) {
           list->push_back(ref);
         }
+      }
+    }
+    out_->trigger_floor = std::numeric_limits<double>::infinity();
+    out_->trigger_max_in_top = 0;
+    for (auto& triggers : out_->actions_by_hypothesis) {
+      std::sort(triggers.begin(), triggers.end(), [](const auto& a, const auto& b) {
+        return std::tie(a.action, a.at_least, a.in_top) < std::tie(b.action, b.at_least, b.in_top);
+      });
+      triggers.erase(std::unique(triggers.begin(), triggers.end(),
+                                 [](const auto& a, const auto& b) {
+                                   return a.action == b.action && a.at_least == b.at_least &&
+                                          a.in_top == b.in_top;
+                                 }),
+                     triggers.end());
+      for (const ProbabilityTrigger& t : triggers) {
+        if (t.in_top == 0) out_->trigger_floor = std::min(out_->trigger_floor, t.at_least);
+        out_->trigger_max_in_top = std::max(out_->trigger_max_in_top, t.in_top);
       }
     }
     // What the engine evaluates when the patient-level fact is known.
@@ -1773,8 +1795,10 @@ class Compilation {
   }
 
   // The facts at least one of which must be known for condition `id` to be TRUE (or, with
-  // !want_true, FALSE), as a sorted set in `out`; false when there is no such set (a
-  // probability leaf needs no fact). Sound, not minimal: `all` takes one child's set.
+  // !want_true, FALSE), as a sorted set in `out`; false when there is no such set. A
+  // probability leaf counts as a fact for TRUE (key {2, its condition id}: the ranking must
+  // reach its hypothesis); it needs none to be FALSE. Sound, not minimal: `all` takes one
+  // child's set.
   bool Support(ConditionId id, bool want_true, std::vector<TriggerKey>* out) {
     const CompiledCondition& c = out_->conditions[id];
     using K = CompiledCondition::Kind;
@@ -1786,7 +1810,10 @@ class Compilation {
       case K::kAge: out->push_back({4, 0}); return true;
       case K::kFamily: out->push_back({5, 0}); return true;
       case K::kConsanguinity: out->push_back({6, 0}); return true;
-      case K::kProbability: return false;
+      case K::kProbability:
+        if (!want_true) return false;
+        out->push_back({2, id});
+        return true;
       case K::kNot: return Support(c.children[0], !want_true, out);
       case K::kAll:
       case K::kAny:
@@ -1839,7 +1866,14 @@ class Compilation {
       switch (c.kind) {
         case K::kFinding: list = &out_->rules_by_concept[c.ref]; key = {0, c.ref}; break;
         case K::kLab: list = &out_->rules_by_lab[c.ref]; key = {1, c.ref}; break;
-        case K::kProbability: list = &out_->actions_by_hypothesis[c.ref]; key = {2, c.ref}; break;
+        case K::kProbability:
+          // Evaluated whenever the ranking reaches the hypothesis (a rule without a support
+          // set: e.g. a negated probability leaf).
+          if (!patient_level_only && ref.kind == RuleRef::Kind::kAction &&
+              seen.insert({2, c.ref}).second) {
+            out_->actions_by_hypothesis[c.ref].push_back({ref.index, 0.0, 0});
+          }
+          break;
         case K::kSex: list = &out_->rules_on_sex; key = {3, 0}; break;
         case K::kAge: list = &out_->rules_on_age; key = {4, 0}; break;
         case K::kFamily: list = &out_->rules_on_family; key = {5, 0}; break;

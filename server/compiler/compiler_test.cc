@@ -144,10 +144,15 @@ TEST(CompilerTest, ActionsAreCandidatesOnlyUnderWhatTheyNeed) {
     }
     return ids;
   };
-  // "infant and diarrhoea" needs diarrhoea; "likely and infant" needs the age (the
-  // probability leaf needs no fact).
+  // "infant and diarrhoea" needs diarrhoea; "likely and infant" needs the ranking to reach
+  // ipex with P >= 0.2 (rather than the age every patient has).
   EXPECT_EQ(names(rs.rules_on_age), (std::set<std::string>{"infant_gut", "likely_infant"}));
-  EXPECT_EQ(names(rs.candidates_on_age), (std::set<std::string>{"likely_infant"}));
+  EXPECT_TRUE(rs.candidates_on_age.empty());
+  ASSERT_EQ(rs.actions_by_hypothesis[0].size(), 2u);  // kValidBody's action, and this one
+  const ProbabilityTrigger& likely = rs.actions_by_hypothesis[0][1];
+  EXPECT_EQ(rs.actions[likely.action].id, "likely_infant");
+  EXPECT_DOUBLE_EQ(likely.at_least, 0.2);
+  EXPECT_EQ(likely.in_top, 0);
   EXPECT_EQ(names(rs.candidates_on_sex), (std::set<std::string>{"boy_or_gut"}));
   EXPECT_EQ(names(rs.rules_by_concept[0]),
             (std::set<std::string>{"ipex/diarrhoea", "infant_gut", "boy_or_gut"}));

@@ -1231,8 +1231,17 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
 
   // 4. Actions whose conditions hold; tests with an information value only while their
   // result is unknown and would move a leading hypothesis enough to be worth having.
-  for (int32_t h : scratch.touched) {
-    for (const RuleRef& r : rs.actions_by_hypothesis[h]) add_action(r.index);
+  // Actions that need a hypothesis ranked well enough: walk the ranking while some trigger
+  // can still hold (the work follows the likely hypotheses, not the touched ones).
+  for (size_t r = 0; r < rs.hypotheses.size(); ++r) {
+    const int32_t h = scores.Top(r + 1)[r];
+    const double posterior = scores.Posterior(h);
+    if (r >= static_cast<size_t>(rs.trigger_max_in_top) && posterior < rs.trigger_floor) break;
+    for (const compiler::ProbabilityTrigger& t : rs.actions_by_hypothesis[h]) {
+      if (posterior >= t.at_least && (t.in_top == 0 || r < static_cast<size_t>(t.in_top))) {
+        add_action(t.action);
+      }
+    }
   }
   auto& information_candidates = scratch.information_candidates;
   for (size_t i = 0; i < leading.size(); ++i) {

@@ -355,6 +355,38 @@ TEST(EngineTest, ProbabilityConditionsDriveActions) {
   for (const auto& s : female.suggestions()) EXPECT_NE(s.rule_id(), "test_h");
 }
 
+// Actions keyed on a probability are found by walking the ranking: the hypothesis need not
+// have been moved by any evidence (its pretest may be enough), and in_top is a rank.
+TEST(EngineTest, ProbabilityTriggersFollowTheRanking) {
+  auto rs = Build(R"pb(
+    hypotheses {
+      id: "a" title: "A" pretest_probability: 0.3 pretest_provenance { assumption: true note: "t" }
+      evidence { id: "d" when { finding { concept: "diarrhoea" } } likelihood_ratios { positive: 20 negative: 0.1 } provenance { reference_ids: "SRC" } }
+    }
+    hypotheses { id: "b" title: "B" pretest_probability: 0.25 pretest_provenance { assumption: true note: "t" } }
+    actions { id: "b_likely" kind: TEST title: "B" urgency: INFO when { probability { hypothesis: "b" at_least: 0.2 } } }
+    actions { id: "b_very_likely" kind: TEST title: "B!" urgency: INFO when { probability { hypothesis: "b" at_least: 0.5 } } }
+    actions { id: "b_first" kind: TEST title: "B first" urgency: INFO when { probability { hypothesis: "b" at_least: 0 in_top: 1 } } }
+  )pb");
+  ASSERT_NE(rs, nullptr);
+  auto fired = [&](const std::string& patient) {
+    std::vector<std::string> ids;
+    const cds::v1::EvaluateResponse response = EvaluateText(*rs, patient);
+    for (const auto& s : response.suggestions()) {
+      if (s.kind() != cds::v1::DIAGNOSIS) ids.push_back(s.rule_id());
+    }
+    return ids;
+  };
+  // No evidence at all: b at its pretest (0.25) ranks second.
+  EXPECT_THAT(fired("sex: MALE"), ::testing::ElementsAre("b_likely"));
+  // Diarrhoea excluded: a falls (LR- 0.1) and b, still untouched, ranks first.
+  EXPECT_THAT(fired(R"pb(sex: MALE findings { term { code: "HP:0002028" } status: EXCLUDED })pb"),
+              ::testing::UnorderedElementsAre("b_likely", "b_first"));
+  // Diarrhoea present: a rises and b falls below 0.2.
+  EXPECT_THAT(fired(R"pb(sex: MALE findings { term { code: "HP:0002028" } status: PRESENT })pb"),
+              IsEmpty());
+}
+
 TEST(EngineTest, TestsAreRankedByExpectedInformationGain) {
   auto rs = Build(R"pb(
     hypotheses {
