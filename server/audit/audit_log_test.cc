@@ -1,13 +1,18 @@
 #include "server/audit/audit_log.h"
 
+#include <signal.h>
 #include <sqlite3.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -273,6 +278,90 @@ TEST(SqliteAuditTest, TheJournalMovesToANewFileAndTheOldOneGoesOnceImported) {
   sink->reset();
   EXPECT_EQ(DatabaseRows(db.path()), 150);
   EXPECT_EQ(FileSize(JournalPath(db.path())), 0);
+}
+
+// The rule sets of the database's records that start with `prefix`.
+std::multiset<std::string> RuleSetsIn(const std::string& path, const std::string& prefix) {
+  std::multiset<std::string> rule_sets;
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK) {
+    sqlite3_stmt* stmt = nullptr;
+    const std::string sql =
+        absl::StrCat("SELECT rule_set FROM audit WHERE rule_set LIKE '", prefix, "%'");
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK) {
+      while (sqlite3_step(stmt) == SQLITE_ROW) {
+        rule_sets.insert(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0)));
+      }
+    }
+    sqlite3_finalize(stmt);
+  }
+  sqlite3_close(db);
+  return rule_sets;
+}
+
+// A server killed (SIGKILL: no destructor, no flush) while it records, its journal moving
+// to new files and the importer and syncer at work: opened again, the store holds every
+// record that was answered OK, once.
+TEST(SqliteAuditTest, EveryRecordAnsweredBeforeASigkillIsReplayed) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  options.sync_interval = absl::Milliseconds(5);
+  options.journal_rotate_bytes = 16 << 10;  // some 50 records
+  for (int round = 0; round < 3; ++round) {
+    const std::string prefix = absl::StrCat("kill@", round, ".");
+    int answered[2];
+    ASSERT_EQ(pipe(answered), 0);
+    const pid_t child = fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      // Reports the rule set of each record answered OK, and goes on until killed.
+      close(answered[0]);
+      absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+      if (!sink.ok()) _exit(2);
+      for (int i = 0;; ++i) {
+        const std::string rule_set = absl::StrCat(prefix, i);
+        if (!(*sink)->Record(MakeRecord(rule_set, std::string(64, 'p'))).ok()) _exit(3);
+        const std::string line = rule_set + "\n";
+        if (write(answered[1], line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
+          _exit(4);
+        }
+      }
+    }
+    close(answered[1]);
+    // Some 2000 records (dozens of journal files), then the kill, mid-stream.
+    std::string reported;
+    char buffer[4096];
+    const absl::Time deadline = absl::Now() + absl::Seconds(60);
+    while (std::count(reported.begin(), reported.end(), '\n') < 2000 && absl::Now() < deadline) {
+      const ssize_t n = read(answered[0], buffer, sizeof buffer);
+      if (n <= 0) break;
+      reported.append(buffer, static_cast<size_t>(n));
+    }
+    kill(child, SIGKILL);
+    // What it reported before dying was answered before the kill.
+    for (ssize_t n; (n = read(answered[0], buffer, sizeof buffer)) > 0;) {
+      reported.append(buffer, static_cast<size_t>(n));
+    }
+    close(answered[0]);
+    int status = 0;
+    ASSERT_EQ(waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "the child stopped on its own: " << status;
+    std::set<std::string> want;
+    std::istringstream lines(reported);
+    for (std::string line; std::getline(lines, line);) want.insert(line);
+    ASSERT_GE(want.size(), 2000u);
+
+    absl::StatusOr<std::unique_ptr<AuditSink>> sink = OpenSqliteAudit(options);
+    ASSERT_TRUE(sink.ok()) << sink.status();
+    const std::multiset<std::string> got = RuleSetsIn(db.path(), prefix);
+    int missing = 0;
+    for (const std::string& rule_set : want) missing += got.count(rule_set) == 0;
+    EXPECT_EQ(missing, 0) << "answered OK but not in the store, round " << round;
+    EXPECT_EQ(std::set<std::string>(got.begin(), got.end()).size(), got.size()) << "twice";
+    // At most the one record journaled but not yet reported when the kill came.
+    EXPECT_LE(got.size(), want.size() + 1);
+  }
 }
 
 TEST(SqliteAuditTest, OpeningReplaysBothJournalFiles) {
