@@ -282,8 +282,8 @@ struct Scratch {
   std::vector<uint32_t> range_begin, range_end, context_begin, context_end;
   std::vector<ItemSource> range_source;
   std::vector<Applied> applied;
-  // The ranked uncapped hypotheses only folded evidence touched, and the merge buffer.
-  std::vector<int32_t> folded_ranked, merge_buffer;
+  // Scores' current run of the demographic context's ranking.
+  std::vector<int32_t> folded_ranked;
   std::vector<std::pair<int32_t, size_t>> group_best;  // (group, applied index), one hypothesis
   std::vector<int32_t> touched, ranked;
   std::vector<RankKey> keyed;
@@ -341,12 +341,14 @@ class Scores {
  public:
   // Every touched hypothesis has its `weight` and stamp set; the scratch's `touched` lists
   // those to rank here, in any order, and `context` (may be null) ranks the others: the
-  // uncapped ones only folded evidence touched (range_source kContext). `total` is 1 + the
-  // sum over all touched hypotheses of (weight - pretest). On return `touched` lists every
-  // touched hypothesis in rank order.
+  // uncapped ones only folded evidence touched (range_source kContext), in its `order`.
+  // `total` is 1 + the sum over all touched hypotheses of (weight - pretest). On return
+  // `touched` lists its hypotheses in rank order. The full ranking is merged lazily from
+  // three ordered streams (these, the context's, the untouched by pretest) as far as it is
+  // read, so a call that reads the first few ranks does not walk every folded hypothesis.
   Scores(const CompiledRuleSet& rs, Scratch& scratch, double total,
          const compiler::DemographicContext* context)
-      : rs_(rs), s_(scratch), total_(total) {
+      : rs_(rs), s_(scratch), total_(total), context_(context) {
     // Sorted on keys computed once per hypothesis (posterior, then the id's rank).
     auto& keyed = s_.keyed;
     keyed.clear();
@@ -356,38 +358,7 @@ class Scores {
       return a.id_rank < b.id_rank;
     });
     for (size_t i = 0; i < keyed.size(); ++i) s_.touched[i] = keyed[i].hypothesis;
-    if (context == nullptr || context->order.empty()) return;
-    // The compiler's order (weight descending, then id rank) is the posterior order but
-    // for weights that the division makes equal: re-sort each run of equal posteriors.
-    auto& folded = s_.folded_ranked;
-    folded.clear();
-    size_t run = 0;
-    double run_posterior = 0;
-    auto close_run = [&] {
-      auto by_id = [&](int32_t a, int32_t b) {
-        return rs_.hypotheses[a].id_rank < rs_.hypotheses[b].id_rank;
-      };
-      if (!std::is_sorted(folded.begin() + run, folded.end(), by_id)) {
-        std::sort(folded.begin() + run, folded.end(), by_id);
-      }
-    };
-    for (int32_t position : context->order) {
-      const int32_t h = context->hypotheses[position].hypothesis;
-      if (s_.range_source[h] != ItemSource::kContext) continue;  // ranked with `touched`
-      const double posterior = Posterior(h);
-      if (folded.empty() || posterior != run_posterior) {
-        if (folded.size() - run > 1) close_run();
-        run = folded.size();
-        run_posterior = posterior;
-      }
-      folded.push_back(h);
-    }
-    if (folded.size() - run > 1) close_run();
-    auto& out = s_.merge_buffer;
-    out.resize(s_.touched.size() + folded.size());
-    std::merge(s_.touched.begin(), s_.touched.end(), folded.begin(), folded.end(), out.begin(),
-               [&](int32_t a, int32_t b) { return Before(a, b); });
-    s_.touched.swap(out);
+    s_.folded_ranked.clear();
   }
 
   // Uncapped probability of `h` (the belief the value of tests is computed over).
@@ -408,20 +379,26 @@ class Scores {
     const size_t n = rs_.hypotheses.size();
     std::vector<int32_t>& ranked = s_.ranked;
     const std::vector<int32_t>& touched = s_.touched;
+    const std::vector<int32_t>& by_pretest = rs_.hypotheses_by_pretest;
     while (ranked.size() < std::min(count, n)) {
-      while (next_untouched_ < rs_.hypotheses_by_pretest.size() &&
-             Touched(rs_.hypotheses_by_pretest[next_untouched_])) {
+      while (next_untouched_ < by_pretest.size() && Touched(by_pretest[next_untouched_])) {
         ++next_untouched_;
       }
-      const bool have_touched = next_touched_ < touched.size();
-      const bool have_untouched = next_untouched_ < rs_.hypotheses_by_pretest.size();
-      if (have_touched &&
-          (!have_untouched ||
-           Before(touched[next_touched_], rs_.hypotheses_by_pretest[next_untouched_]))) {
-        ranked.push_back(touched[next_touched_++]);
-      } else {
-        ranked.push_back(rs_.hypotheses_by_pretest[next_untouched_++]);
-      }
+      // The next of the three streams' heads (Before is a total order).
+      int32_t best = -1;
+      size_t* advance = nullptr;
+      auto consider = [&](int32_t h, size_t* next) {
+        if (h >= 0 && (best < 0 || Before(h, best))) {
+          best = h;
+          advance = next;
+        }
+      };
+      consider(next_touched_ < touched.size() ? touched[next_touched_] : -1, &next_touched_);
+      consider(FoldedHead(), &next_folded_);
+      consider(next_untouched_ < by_pretest.size() ? by_pretest[next_untouched_] : -1,
+               &next_untouched_);
+      ++*advance;
+      ranked.push_back(best);
     }
     return ranked;
   }
@@ -443,12 +420,44 @@ class Scores {
     return rs_.hypotheses[a].id_rank < rs_.hypotheses[b].id_rank;
   }
 
+  // The next hypothesis of the context's stream (-1: none left). The compiler's order
+  // (weight descending, then id rank) is the posterior order but for weights that the
+  // division makes equal: each run of equal posteriors is read whole and re-sorted by id.
+  int32_t FoldedHead() const {
+    std::vector<int32_t>& run = s_.folded_ranked;
+    if (next_folded_ < run.size()) return run[next_folded_];
+    run.clear();
+    next_folded_ = 0;
+    if (context_ == nullptr) return -1;
+    const std::vector<int32_t>& order = context_->order;
+    double run_posterior = 0;
+    for (; next_context_ < order.size(); ++next_context_) {
+      const int32_t h = context_->hypotheses[order[next_context_]].hypothesis;
+      if (s_.range_source[h] != ItemSource::kContext) continue;  // ranked with `touched`
+      const double posterior = Posterior(h);
+      if (!run.empty() && posterior != run_posterior) break;
+      run.push_back(h);
+      run_posterior = posterior;
+    }
+    auto by_id = [&](int32_t a, int32_t b) {
+      return rs_.hypotheses[a].id_rank < rs_.hypotheses[b].id_rank;
+    };
+    if (run.size() > 1 && !std::is_sorted(run.begin(), run.end(), by_id)) {
+      std::sort(run.begin(), run.end(), by_id);
+    }
+    return run.empty() ? -1 : run[0];
+  }
+
   const CompiledRuleSet& rs_;
   Scratch& s_;
   const double total_;
-  // Lazily merged ranking (into s_.ranked).
+  const compiler::DemographicContext* const context_;
+  // Where each stream of the lazily merged ranking (into s_.ranked) has got to; the
+  // context's current run of equal posteriors is s_.folded_ranked.
   mutable size_t next_touched_ = 0;
   mutable size_t next_untouched_ = 0;
+  mutable size_t next_context_ = 0;  // into context_->order
+  mutable size_t next_folded_ = 0;   // into s_.folded_ranked
 };
 std::string Fmt(double v) { return absl::StrFormat("%.3g", v); }
 
