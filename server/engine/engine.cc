@@ -46,8 +46,20 @@ class EvaluationBuilder {
   // A warning whose field is the text from `field_begin` to `message_begin`, and whose
   // message is the rest.
   void AddWarning(cds::v1::Warning::Kind kind, uint32_t field_begin, uint32_t message_begin) {
-    e_.warnings_.push_back(
-        {kind, field_begin, message_begin, message_begin, text_size(), 0});
+    Evaluation::Warning& w = e_.warnings_.emplace_back();
+    w.kind = kind;
+    w.field.begin = field_begin;
+    w.field.end = w.message.begin = message_begin;
+    w.message.end = text_size();
+  }
+  // A warning whose field and message are strings that outlive the evaluation (the rule
+  // set's, or constants): referred to, not copied.
+  void AddWarning(cds::v1::Warning::Kind kind, const std::string* field,
+                  const std::string* message) {
+    Evaluation::Warning& w = e_.warnings_.emplace_back();
+    w.kind = kind;
+    w.field.rule_set_string = field;
+    w.message.rule_set_string = message;
   }
 
   Entry& AddEntry() {
@@ -927,24 +939,31 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
   return facts;
 }
 
+// A constant string for a warning to refer to (never destroyed).
+const std::string* Constant(const char* text) { return new std::string(text); }
+
 // Warns about missing data that the rule set's evidence would use.
 void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts, EvaluationBuilder& out) {
-  auto warn = [&out](absl::string_view field, absl::string_view message) {
-    const uint32_t field_begin = out.Append(field);
-    out.AddWarning(cds::v1::Warning::MISSING_KEY_DATA, field_begin, out.Append(message));
-  };
+  static const std::string* const kSex = Constant("patient.sex");
+  static const std::string* const kSexUnknown = Constant("sex is not known; the rule set weighs it");
+  static const std::string* const kAge = Constant("patient.age");
+  static const std::string* const kAgeUnknown = Constant("age is not known; the rule set weighs it");
+  static const std::string* const kFamily = Constant("patient.family_history");
+  static const std::string* const kNoFamily = Constant(
+      "no family history was recorded; affected relatives would change the suggestions");
+  static const std::string* const kMeasurements = Constant("patient.measurements");
+  constexpr auto kMissing = cds::v1::Warning::MISSING_KEY_DATA;
   if (facts.sex == cds::v1::UNKNOWN_SEX && !rs.rules_on_sex.empty()) {
-    warn("patient.sex", "sex is not known; the rule set weighs it");
+    out.AddWarning(kMissing, kSex, kSexUnknown);
   }
   if (std::isnan(facts.age_days) && !rs.rules_on_age.empty()) {
-    warn("patient.age", "age is not known; the rule set weighs it");
+    out.AddWarning(kMissing, kAge, kAgeUnknown);
   }
   if (facts.family == nullptr && !rs.rules_on_family.empty()) {
-    warn("patient.family_history",
-         "no family history was recorded; affected relatives would change the suggestions");
+    out.AddWarning(kMissing, kFamily, kNoFamily);
   }
   for (int32_t lab : rs.labs_weighed_by_evidence) {
-    if (!facts.HasLabs(lab)) warn("patient.measurements", rs.labs[lab].missing_warning);
+    if (!facts.HasLabs(lab)) out.AddWarning(kMissing, kMeasurements, &rs.labs[lab].missing_warning);
   }
 }
 

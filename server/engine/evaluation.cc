@@ -103,8 +103,8 @@ void Evaluation::ToProto(cds::v1::EvaluateResponse* response) const {
   for (const Warning& w : warnings_) {
     auto* out = response->add_warnings();
     out->set_kind(w.kind);
-    out->set_field(std::string(Text(w.field_begin, w.field_end)));
-    out->set_message(std::string(Text(w.message_begin, w.message_end)));
+    out->set_field(std::string(PieceText(w.field)));
+    out->set_message(std::string(PieceText(w.message)));
   }
   for (size_t r = 0; r < entries_.size(); ++r) {
     const Entry& entry = entries_[r];
@@ -297,8 +297,8 @@ size_t Evaluation::WireSize(const WireExtras& extras) {
   }
   for (Warning& warning : warnings_) {  // 4
     warning.size = Int32FieldSize(warning.kind) +
-                   StringFieldSize(warning.field_end - warning.field_begin) +
-                   StringFieldSize(warning.message_end - warning.message_begin);
+                   StringFieldSize(PieceText(warning.field).size()) +
+                   StringFieldSize(PieceText(warning.message).size());
     size += LengthDelimitedSize(warning.size);
   }
   if (extras.has_evaluated_at) size += LengthDelimitedSize(TimestampSize(extras));  // 5
@@ -353,8 +353,8 @@ void Evaluation::WriteWire(const WireExtras& extras, char* out) {
   for (const Warning& warning : warnings_) {
     out = WriteLengthPrefix(4, warning.size, out);
     out = WriteInt32Field(1, warning.kind, out);
-    out = WriteStringField(2, Text(warning.field_begin, warning.field_end), out);
-    out = WriteStringField(3, Text(warning.message_begin, warning.message_end), out);
+    out = WriteStringField(2, PieceText(warning.field), out);
+    out = WriteStringField(3, PieceText(warning.message), out);
   }
   if (extras.has_evaluated_at) {
     out = WriteLengthPrefix(5, TimestampSize(extras), out);

@@ -64,7 +64,8 @@ class Evaluation {
     kPieces,  // the pieces, concatenated
     kLabs,    // piece 0, then ": " and the others separated by "; "
   };
-  // A string of the rule set, or a range of text_ (which may move while it grows).
+  // A string that outlives the evaluation (the rule set's, or a constant), or a range of
+  // text_ (which may move while it grows).
   struct Piece {
     const std::string* rule_set_string = nullptr;
     uint32_t begin = 0;
@@ -95,7 +96,7 @@ class Evaluation {
   };
   struct Warning {
     cds::v1::Warning::Kind kind;
-    uint32_t field_begin, field_end, message_begin, message_end;  // into text_
+    Piece field, message;  // constant text is referred to, not copied
     size_t size;
   };
 
