@@ -266,6 +266,9 @@ struct CompiledAction {
   // What the test would reveal (empty for actions without an information value).
   std::vector<FactKey> reveals;
   double min_gain_bits = 0.01;
+  // Position of `id` among the action ids in ascending order (suggestions that tie on
+  // everything else are ordered on it without comparing strings).
+  int32_t id_rank = 0;
 };
 
 // An evidence item whose condition was decided for a patient: what scoring applies and

@@ -1651,14 +1651,8 @@ class Compilation {
         out_->labs_weighed_by_evidence.push_back(static_cast<int32_t>(lab));
       }
     }
-    {
-      std::vector<int32_t> by_id(out_->hypotheses.size());
-      for (size_t h = 0; h < by_id.size(); ++h) by_id[h] = static_cast<int32_t>(h);
-      std::sort(by_id.begin(), by_id.end(), [&](int32_t a, int32_t b) {
-        return out_->hypotheses[a].id < out_->hypotheses[b].id;
-      });
-      for (size_t r = 0; r < by_id.size(); ++r) out_->hypotheses[by_id[r]].id_rank = static_cast<int32_t>(r);
-    }
+    SetIdRanks(&out_->hypotheses);
+    SetIdRanks(&out_->actions);
     out_->hypotheses_by_pretest.clear();
     out_->pretest_sum = 0;
     for (size_t h = 0; h < out_->hypotheses.size(); ++h) {
@@ -1674,14 +1668,7 @@ class Compilation {
                 }
                 return x.id < y.id;
               });
-    {
-      std::vector<int32_t> by_id(out_->evidence.size());
-      for (size_t e = 0; e < by_id.size(); ++e) by_id[e] = static_cast<int32_t>(e);
-      std::sort(by_id.begin(), by_id.end(), [&](int32_t a, int32_t b) {
-        return out_->evidence[a].id < out_->evidence[b].id;
-      });
-      for (size_t r = 0; r < by_id.size(); ++r) out_->evidence[by_id[r]].id_rank = static_cast<int32_t>(r);
-    }
+    SetIdRanks(&out_->evidence);
     for (CompiledEvidence& ev : out_->evidence) {
       ev.log_lr_positive = std::log(ev.lr_positive);
       ev.log_lr_negative = std::log(ev.lr_negative);
@@ -1777,6 +1764,17 @@ class Compilation {
       out.comparison_entropy_bits = BernoulliEntropyBits(out.p_comparison);
     }
     return out;
+  }
+
+  // Sets each item's id_rank: its position among the items' ids in ascending order (the
+  // engine breaks ties on it without comparing strings).
+  template <typename T>
+  static void SetIdRanks(std::vector<T>* items) {
+    std::vector<int32_t> by_id(items->size());
+    for (size_t i = 0; i < by_id.size(); ++i) by_id[i] = static_cast<int32_t>(i);
+    std::sort(by_id.begin(), by_id.end(),
+              [&](int32_t a, int32_t b) { return (*items)[a].id < (*items)[b].id; });
+    for (size_t r = 0; r < by_id.size(); ++r) (*items)[by_id[r]].id_rank = static_cast<int32_t>(r);
   }
 
   // A fact the trigger index lists rules under: (kind, index) as in IndexRule.

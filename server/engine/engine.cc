@@ -179,6 +179,7 @@ struct Scratch {
     Grow(&evidence_bits, (rs.evidence.size() + 63) / 64);
     Grow(&action_bits, (rs.actions.size() + 63) / 64);
     Grow(&value_stamp, rs.actions.size());
+    Grow(&information_stamp, rs.actions.size());
     Grow(&values, rs.actions.size());
     Grow(&hypothesis_stamp, rs.hypotheses.size());
     Grow(&weight, rs.hypotheses.size());
@@ -193,7 +194,7 @@ struct Scratch {
     Grow(&detail, rs.conditions.size());
     Grow(&detail_truth, rs.conditions.size());
     NextEpoch(&epoch, {&concept_stamp, &family_concept_stamp, &lab_stamp, &value_stamp,
-                       &hypothesis_stamp, &detail_stamp});
+                       &information_stamp, &hypothesis_stamp, &detail_stamp});
     NewMemo();
     finding_facts.clear();
     lab_facts.clear();
@@ -307,6 +308,7 @@ struct Scratch {
   std::vector<Tri> detail_truth;
   // Information values of tests.
   std::vector<int32_t> information_candidates, fired;
+  std::vector<uint32_t> information_stamp;  // per action: listed in information_candidates
   std::vector<uint32_t> value_stamp;
   std::vector<InformationValue> values;
   // ValueOfTest's working arrays.
@@ -1275,10 +1277,9 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   for (size_t i = 0; i < leading.size(); ++i) {
     if (i > 0 && scores.Posterior(leading[i]) < kLeadingFloor) break;
     for (int32_t a : rs.information_actions_by_hypothesis[leading[i]]) {
-      if (std::find(information_candidates.begin(), information_candidates.end(), a) ==
-          information_candidates.end()) {
-        information_candidates.push_back(a);
-      }
+      if (scratch.information_stamp[a] == scratch.epoch) continue;
+      scratch.information_stamp[a] = scratch.epoch;
+      information_candidates.push_back(a);
     }
   }
   auto test_value = [&](int32_t a) -> const InformationValue* {
@@ -1314,7 +1315,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     if (x.urgency != y.urgency) return UrgencyOrder(x.urgency) < UrgencyOrder(y.urgency);
     if (x.priority != y.priority) return x.priority < y.priority;
     if (gain_of(a) != gain_of(b)) return gain_of(a) > gain_of(b);
-    return x.id < y.id;
+    return x.id_rank < y.id_rank;
   };
   std::sort(fired.begin(), fired.end(), action_less);
 
