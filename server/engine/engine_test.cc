@@ -387,6 +387,13 @@ TEST(EngineTest, ProbabilityTriggersFollowTheRanking) {
               IsEmpty());
 }
 
+// Shannon entropy in bits, computed here independently of the engine.
+double EntropyBits(const std::vector<double>& p) {
+  double h = 0;
+  for (double x : p) h -= x > 0 ? x * std::log2(x) : 0;
+  return h;
+}
+
 TEST(EngineTest, TestsAreRankedByExpectedInformationGain) {
   auto rs = Build(R"pb(
     hypotheses {
@@ -412,11 +419,7 @@ TEST(EngineTest, TestsAreRankedByExpectedInformationGain) {
   EXPECT_EQ(tests[1]->rule_id(), "ask_eczema");
   // By hand: belief (a, b, none) = (0.2, 0.2, 0.6); P(d | a) = 0.9, otherwise 0.1 (b has
   // no usable frequency, so it takes the comparison's).
-  auto entropy = [](std::vector<double> p) {
-    double h = 0;
-    for (double x : p) h -= x > 0 ? x * std::log2(x) : 0;
-    return h;
-  };
+  const auto entropy = EntropyBits;
   const double p_pos = 0.2 * 0.9 + 0.8 * 0.1;
   const double expected =
       entropy({0.2, 0.2, 0.6}) -
@@ -457,12 +460,7 @@ TEST(EngineTest, InformationGainOfSeveralFactsIsTheirJointOutcomes) {
   const std::vector<double> belief = {0.2, 0.3, 0.5};
   const std::vector<double> p_d = {0.9, 0.1, 0.1};
   const std::vector<double> p_e = {0.6, 0.7, 0.25};
-  auto entropy = [](const std::vector<double>& p) {
-    double h = 0;
-    for (double x : p) h -= x > 0 ? x * std::log2(x) : 0;
-    return h;
-  };
-  double expected = entropy(belief);
+  double expected = EntropyBits(belief);
   for (int d = 0; d < 2; ++d) {
     for (int e = 0; e < 2; ++e) {
       std::vector<double> joint(3);
@@ -472,7 +470,7 @@ TEST(EngineTest, InformationGainOfSeveralFactsIsTheirJointOutcomes) {
         p_outcome += joint[c];
       }
       for (double& x : joint) x /= p_outcome;
-      expected -= p_outcome * entropy(joint);
+      expected -= p_outcome * EntropyBits(joint);
     }
   }
   EXPECT_NEAR(test->expected_information_gain(), expected, 1e-12);
