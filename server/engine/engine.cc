@@ -947,9 +947,11 @@ const std::string* Constant(const char* text) { return new std::string(text); }
 // Warns about missing data that the rule set's evidence would use.
 void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts, EvaluationBuilder& out) {
   static const std::string* const kSex = Constant("patient.sex");
-  static const std::string* const kSexUnknown = Constant("sex is not known; the rule set weighs it");
+  static const std::string* const kSexUnknown =
+      Constant("sex is not known; the rule set weighs it");
   static const std::string* const kAge = Constant("patient.age");
-  static const std::string* const kAgeUnknown = Constant("age is not known; the rule set weighs it");
+  static const std::string* const kAgeUnknown =
+      Constant("age is not known; the rule set weighs it");
   static const std::string* const kFamily = Constant("patient.family_history");
   static const std::string* const kNoFamily = Constant(
       "no family history was recorded; affected relatives would change the suggestions");
@@ -965,7 +967,9 @@ void WarnMissingKeyData(const CompiledRuleSet& rs, const Facts& facts, Evaluatio
     out.AddWarning(kMissing, kFamily, kNoFamily);
   }
   for (int32_t lab : rs.labs_weighed_by_evidence) {
-    if (!facts.HasLabs(lab)) out.AddWarning(kMissing, kMeasurements, &rs.labs[lab].missing_warning);
+    if (!facts.HasLabs(lab)) {
+      out.AddWarning(kMissing, kMeasurements, &rs.labs[lab].missing_warning);
+    }
   }
 }
 
