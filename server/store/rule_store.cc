@@ -514,7 +514,9 @@ std::optional<bundle::Rejection> RuleStore::Insert(Candidate c, bool* created) {
            !ConflictLocked(label, entry.digest).has_value())) {
         versions[entry.version] = std::move(entry);
       } else {
-        log::Error("rule set ", label, ": keeping the version already loaded");
+        // Loaded, or REJECTED with content that differs from what was once accepted.
+        log::Error("rule set ", label, ": the existing record of this version is kept (",
+                   RuleSetInfo::State_Name(it->second.state), ")");
       }
     }
     return c.rejection;
