@@ -377,11 +377,10 @@ struct CompiledRuleSet {
   std::vector<std::vector<RuleRef>> rules_by_lab;         // per lab
   std::vector<std::vector<ProbabilityTrigger>> actions_by_hypothesis;  // per hypothesis
   // Walking the ranking for actions_by_hypothesis can stop at the first hypothesis at a rank
-  // >= trigger_max_in_top whose posterior is below trigger_floor: no trigger holds there or
-  // further down (posteriors only fall along the ranking). trigger_floor is the least
-  // at_least of the triggers without in_top (+inf when none).
+  // >= max_in_top whose posterior is below trigger_floor: no trigger holds there or further
+  // down (posteriors only fall along the ranking). trigger_floor is the least at_least of
+  // the triggers without in_top (+inf when none).
   double trigger_floor = std::numeric_limits<double>::infinity();
-  int32_t trigger_max_in_top = 0;
   std::vector<RuleRef> rules_on_sex;
   std::vector<RuleRef> rules_on_age;
   // What the engine evaluates when sex / age / family history / consanguinity is known:

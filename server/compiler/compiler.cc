@@ -1611,20 +1611,15 @@ class Compilation {
       }
     }
     out_->trigger_floor = std::numeric_limits<double>::infinity();
-    out_->trigger_max_in_top = 0;
+    auto key = [](const ProbabilityTrigger& t) { return std::tie(t.action, t.at_least, t.in_top); };
     for (auto& triggers : out_->actions_by_hypothesis) {
-      std::sort(triggers.begin(), triggers.end(), [](const auto& a, const auto& b) {
-        return std::tie(a.action, a.at_least, a.in_top) < std::tie(b.action, b.at_least, b.in_top);
-      });
+      std::sort(triggers.begin(), triggers.end(),
+                [&](const auto& a, const auto& b) { return key(a) < key(b); });
       triggers.erase(std::unique(triggers.begin(), triggers.end(),
-                                 [](const auto& a, const auto& b) {
-                                   return a.action == b.action && a.at_least == b.at_least &&
-                                          a.in_top == b.in_top;
-                                 }),
+                                 [&](const auto& a, const auto& b) { return key(a) == key(b); }),
                      triggers.end());
       for (const ProbabilityTrigger& t : triggers) {
         if (t.in_top == 0) out_->trigger_floor = std::min(out_->trigger_floor, t.at_least);
-        out_->trigger_max_in_top = std::max(out_->trigger_max_in_top, t.in_top);
       }
     }
     // What the engine evaluates when the patient-level fact is known.

@@ -1270,7 +1270,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   for (size_t r = 0; r < rs.hypotheses.size(); ++r) {
     const int32_t h = scores.Top(r + 1)[r];
     const double posterior = scores.Posterior(h);
-    if (r >= static_cast<size_t>(rs.trigger_max_in_top) && posterior < rs.trigger_floor) break;
+    if (r >= static_cast<size_t>(rs.max_in_top) && posterior < rs.trigger_floor) break;
     for (const compiler::ProbabilityTrigger& t : rs.actions_by_hypothesis[h]) {
       if (posterior >= t.at_least && (t.in_top == 0 || r < static_cast<size_t>(t.in_top))) {
         add_action(t.action);
