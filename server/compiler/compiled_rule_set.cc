@@ -144,7 +144,7 @@ DemographicContext BuildContext(const CompiledRuleSet& rs, const std::vector<int
     if (t == Truth::kUnknown) continue;
     const double lr = t == Truth::kTrue ? ev.lr_positive : ev.lr_negative;
     if (lr == 1.0) continue;
-    context.items.push_back(ApplyEvidence(e, ev, t == Truth::kTrue));
+    ApplyEvidence(e, ev, t == Truth::kTrue, context.items.emplace_back());
     if (ev.group < 0) continue;
     if (ev.hypothesis != group_hypothesis) {
       group_best.clear();

@@ -1173,7 +1173,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     if (t == Tri::kUnknown) continue;
     const double lr = t == Tri::kTrue ? ev.lr_positive : ev.lr_negative;
     if (lr == 1.0) continue;
-    applied.push_back(compiler::ApplyEvidence(e, ev, t == Tri::kTrue));
+    compiler::ApplyEvidence(e, ev, t == Tri::kTrue, applied.emplace_back());
     if (ev.group >= 0) {
       // Candidates are in evidence order, so one hypothesis' items are contiguous.
       if (ev.hypothesis != group_hypothesis) {
