@@ -138,12 +138,11 @@ DemographicContext BuildContext(const CompiledRuleSet& rs, const std::vector<int
   int32_t group_hypothesis = -1;
   for (size_t f = 0; f < folded.size(); ++f) {
     const int32_t e = folded[f];
-    const CompiledEvidence& ev = rs.evidence[e];
+    const EvidenceScore& ev = rs.evidence_scores[e];
     if (!(sex_known && kinds[f].sex) && !(age_known && kinds[f].age)) continue;
     const Truth t = EvalDemographic(rs, ev.condition, sex, age_days);
     if (t == Truth::kUnknown) continue;
-    const double lr = t == Truth::kTrue ? ev.lr_positive : ev.lr_negative;
-    if (lr == 1.0) continue;
+    if ((t == Truth::kTrue ? ev.log_lr_positive : ev.log_lr_negative) == 0) continue;  // LR 1
     ApplyEvidence(e, ev, t == Truth::kTrue, context.items.emplace_back());
     if (ev.group < 0) continue;
     if (ev.hypothesis != group_hypothesis) {

@@ -1695,6 +1695,17 @@ class Compilation {
             static_cast<int32_t>(r);
       }
     }
+    out_->evidence_scores.clear();
+    for (const CompiledEvidence& ev : out_->evidence) {
+      EvidenceScore& score = out_->evidence_scores.emplace_back();
+      score.condition = ev.condition;
+      score.hypothesis = ev.hypothesis;
+      score.group = ev.group;
+      score.explain_rank_positive = ev.explain_rank_positive;
+      score.explain_rank_negative = ev.explain_rank_negative;
+      score.log_lr_positive = ev.log_lr_positive;
+      score.log_lr_negative = ev.log_lr_negative;
+    }
     // Per fact, the single-leaf evidence with a frequency, in evidence order (so each
     // hypothesis' items are contiguous).
     std::vector<std::vector<int32_t>> leaf_by_concept(out_->concepts.size());

@@ -1168,11 +1168,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   auto& group_best = scratch.group_best;  // of the current hypothesis
   int32_t group_hypothesis = -1;
   for (int32_t e : evidence_candidates) {
-    const compiler::CompiledEvidence& ev = rs.evidence[e];
+    const compiler::EvidenceScore& ev = rs.evidence_scores[e];
     const Tri t = evaluator.Eval(ev.condition);
     if (t == Tri::kUnknown) continue;
-    const double lr = t == Tri::kTrue ? ev.lr_positive : ev.lr_negative;
-    if (lr == 1.0) continue;
+    if ((t == Tri::kTrue ? ev.log_lr_positive : ev.log_lr_negative) == 0) continue;  // LR 1
     compiler::ApplyEvidence(e, ev, t == Tri::kTrue, applied.emplace_back());
     if (ev.group >= 0) {
       // Candidates are in evidence order, so one hypothesis' items are contiguous.
