@@ -2,7 +2,9 @@
 // EvaluateOnce against a store loaded from the bundled rules.
 
 #include <chrono>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <set>
 #include <thread>
 #include <vector>
@@ -12,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/support/server_interceptor.h"
+#include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
 #include "server/service/decision_service.h"
 #include "server/service/grpc_status.h"
@@ -51,6 +54,24 @@ TEST(DecisionServiceTest, EvaluationIdsAreDistinctVersion4Uuids) {
     seen.insert(id);
   }
   EXPECT_EQ(seen.size(), 1000u);
+}
+
+// The benchmarks' typical patient (30 findings, 5 labs, 3 relatives) parses within the
+// handler's stack block: no heap block for the arena on every call.
+TEST(DecisionServiceTest, TypicalRequestParsesWithinTheStackBlock) {
+  std::ifstream file(std::string(CDS_SOURCE_DIR) + "/bench/typical_patient.textproto");
+  std::stringstream text;
+  text << file.rdbuf();
+  cds::v1::EvaluateRequest typical;
+  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(text.str(), typical.mutable_patient()));
+  const std::string bytes = typical.SerializeAsString();
+  grpc::Slice slice(bytes);
+  const grpc::ByteBuffer buffer(&slice, 1);
+  StackArenaRequest<cds::v1::EvaluateRequest> request;
+  ASSERT_TRUE(request.Parse(buffer).ok());
+  EXPECT_EQ(request.request().patient().findings_size(), 30);
+  EXPECT_EQ(request.arena().SpaceAllocated(),
+            StackArenaRequest<cds::v1::EvaluateRequest>::kFirstBlockSize);
 }
 
 class EvaluateOnceTest : public ::testing::Test {

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/security/authz.h"
@@ -53,10 +54,10 @@ audit::AuditRecord Auditor::EvaluationRecord(const cds::v1::EvaluateRequest& req
     absl::StrAppend(&record.rule_set, response.rule_set_name, "@", response.rule_set_version);
     record.digest = std::string(response.digest);
     record.evaluation_id = std::string(response.evaluation_id);
-    for (int i = 0; i < response.top_suggestion_count; ++i) {
-      if (i > 0) record.top_suggestions.push_back(',');
-      absl::StrAppend(&record.top_suggestions, response.top_suggestions[i]);
-    }
+    // Joined in one allocation (appending grew the string once or twice per call).
+    record.top_suggestions = absl::StrJoin(
+        response.top_suggestions.begin(),
+        response.top_suggestions.begin() + response.top_suggestion_count, ",");
   } else {
     record.rule_set = request.rule_set();
   }
