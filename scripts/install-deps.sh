@@ -11,7 +11,7 @@ PACKAGES=(
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc grpc-proto
   libprotobuf-dev protobuf-compiler
   libabsl-dev
-  libssl-dev libsqlite3-dev libcpp-httplib-dev libtcmalloc-minimal4
+  libssl-dev libsqlite3-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio
   python3-yaml systemd
