@@ -2,9 +2,7 @@
 // EvaluateOnce against a store loaded from the bundled rules.
 
 #include <chrono>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <set>
 #include <thread>
 #include <vector>
@@ -19,6 +17,7 @@
 #include "server/service/decision_service.h"
 #include "server/service/grpc_status.h"
 #include "server/store/rule_store.h"
+#include "tests/test_util.h"
 
 namespace cds::service {
 namespace {
@@ -59,11 +58,11 @@ TEST(DecisionServiceTest, EvaluationIdsAreDistinctVersion4Uuids) {
 // The benchmarks' typical patient (30 findings, 5 labs, 3 relatives) parses within the
 // handler's stack block: no heap block for the arena on every call.
 TEST(DecisionServiceTest, TypicalRequestParsesWithinTheStackBlock) {
-  std::ifstream file(std::string(CDS_SOURCE_DIR) + "/bench/typical_patient.textproto");
-  std::stringstream text;
-  text << file.rdbuf();
+  const std::string text =
+      cds::testing::ReadFileOrEmpty(std::string(CDS_SOURCE_DIR) + "/bench/typical_patient.textproto");
+  ASSERT_FALSE(text.empty());
   cds::v1::EvaluateRequest typical;
-  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(text.str(), typical.mutable_patient()));
+  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(text, typical.mutable_patient()));
   const std::string bytes = typical.SerializeAsString();
   grpc::Slice slice(bytes);
   const grpc::ByteBuffer buffer(&slice, 1);
