@@ -225,6 +225,34 @@ TEST(CompilerTest, EvidenceIsNumberedHypothesisByHypothesis) {
   }
 }
 
+// The scoring loop's packed copy (evidence_scores) says what the evidence says.
+TEST(CompilerTest, EvidenceScoresMirrorTheEvidence) {
+  const CompileResult result = CompileText(std::string(kMetadata) + R"pb(
+    concepts { id: "c" codes { system: "HPO" code: "HP:0000001" } }
+    concepts { id: "d" codes { system: "HPO" code: "HP:0000002" } }
+    hypotheses { id: "a" title: "A" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
+      evidence { id: "e1" when { finding { concept: "c" } } likelihood_ratios { positive: 4 negative: 0.5 } provenance { reference_ids: "SRC" } group: "g" }
+      evidence { id: "e2" when { finding { concept: "d" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } group: "g" }
+      evidence { id: "e3" when { sex: MALE } likelihood_ratios { positive: 3 } provenance { reference_ids: "SRC" } } }
+  )pb");
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  const CompiledRuleSet& rs = *result.rule_set;
+  ASSERT_EQ(rs.evidence_scores.size(), rs.evidence.size());
+  for (size_t i = 0; i < rs.evidence.size(); ++i) {
+    const CompiledEvidence& ev = rs.evidence[i];
+    const EvidenceScore& score = rs.evidence_scores[i];
+    EXPECT_EQ(score.condition, ev.condition) << ev.id;
+    EXPECT_EQ(score.hypothesis, ev.hypothesis) << ev.id;
+    EXPECT_EQ(score.group, ev.group) << ev.id;
+    EXPECT_EQ(score.explain_rank_positive, ev.explain_rank_positive) << ev.id;
+    EXPECT_EQ(score.explain_rank_negative, ev.explain_rank_negative) << ev.id;
+    EXPECT_EQ(score.log_lr_positive, std::log(ev.lr_positive)) << ev.id;
+    EXPECT_EQ(score.log_lr_negative, std::log(ev.lr_negative)) << ev.id;
+  }
+  EXPECT_EQ(rs.evidence_scores[0].log_lr_negative, std::log(0.5));
+  EXPECT_GE(rs.evidence_scores[0].group, 0);
+}
+
 TEST(CompilerTest, DigestDependsOnContentNotOrder) {
   std::vector<SourceFile> a = {{"a", "1"}, {"b", "2"}};
   std::vector<SourceFile> b = {{"b", "2"}, {"a", "1"}};
