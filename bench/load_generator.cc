@@ -74,6 +74,10 @@ ABSL_FLAG(int, noop_pid, 0, "PID of the no-op server, for its CPU time (0: not m
 ABSL_FLAG(std::string, patient, "bench/typical_patient.textproto",
           "cds.v1.Patient or cds.v1.EvaluateRequest in text format: the request sent.");
 ABSL_FLAG(std::string, rule_set, "ipex", "Rule set for a file holding a bare Patient.");
+ABSL_FLAG(int, distinct_patients, 1,
+          "Send the patient under this many distinct references (REF-1, REF-2, ...), in turn: "
+          "1 sends the file as it is. Many patients make the audit trail's per-patient index "
+          "work as it would with real traffic.");
 ABSL_FLAG(std::string, in_flight, "1,64", "Comma-separated numbers of calls in flight.");
 ABSL_FLAG(int, channels, 4, "Channels (TCP connections) per target; at most in_flight.");
 ABSL_FLAG(absl::Duration, warmup, absl::Seconds(1), "Warm-up before each measurement.");
@@ -96,6 +100,9 @@ ABSL_FLAG(std::string, publish_label, "stable",
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// The requests the calls send, in turn (the same patient under distinct references).
+using Requests = std::vector<cds::v1::EvaluateRequest>;
 
 struct Target {
   std::string name;
@@ -176,10 +183,10 @@ double Median(std::vector<double> values) {
 // sequential, so each slot records into its own vector without locking.
 class Run {
  public:
-  Run(Target& target, const cds::v1::EvaluateRequest& request, int in_flight,
-      Clock::time_point measure_start, Clock::time_point measure_end)
+  Run(Target& target, const Requests& requests, int in_flight, Clock::time_point measure_start,
+      Clock::time_point measure_end)
       : target_(target),
-        request_(request),
+        requests_(requests),
         measure_start_(measure_start),
         measure_end_(measure_end),
         slots_(in_flight) {}
@@ -188,6 +195,7 @@ class Run {
     active_ = static_cast<int>(slots_.size());
     for (size_t i = 0; i < slots_.size(); ++i) {
       slots_[i].stub = target_.stubs[i % target_.stubs.size()].get();
+      slots_[i].next_request = i;
       Issue(&slots_[i]);
     }
   }
@@ -218,6 +226,7 @@ class Run {
     std::string last_version;
     std::set<std::string> versions;
     int64_t version_switches = 0;
+    size_t next_request = 0;  // index into requests_; slots interleave
   };
 
   // One call; deletes itself when done (the callback API's reactor pattern).
@@ -230,7 +239,10 @@ class Run {
           arena_(ArenaOptions()),
           response_(google::protobuf::Arena::CreateMessage<cds::v1::EvaluateResponse>(&arena_)) {
       context_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-      slot->stub->async()->Evaluate(&context_, &run->request_, response_, this);
+      const cds::v1::EvaluateRequest& request =
+          run->requests_[slot->next_request % run->requests_.size()];
+      slot->next_request += run->slots_.size();
+      slot->stub->async()->Evaluate(&context_, &request, response_, this);
       StartCall();
     }
     void OnDone(const grpc::Status& status) override {
@@ -287,7 +299,7 @@ class Run {
   }
 
   Target& target_;
-  const cds::v1::EvaluateRequest& request_;
+  const Requests& requests_;
   const Clock::time_point measure_start_;
   const Clock::time_point measure_end_;
   std::vector<Slot> slots_;
@@ -297,15 +309,14 @@ class Run {
 };
 
 // `during`, when set, runs on its own thread over the measured window.
-Sample Measure(Target& target, const cds::v1::EvaluateRequest& request, int in_flight,
-               std::string* first_error,
+Sample Measure(Target& target, const Requests& requests, int in_flight, std::string* first_error,
                const std::function<void(Clock::time_point, Clock::time_point)>& during = {}) {
   const auto to_chrono = [](absl::Duration d) {
     return std::chrono::nanoseconds(absl::ToInt64Nanoseconds(d));
   };
   const Clock::time_point measure_start = Clock::now() + to_chrono(absl::GetFlag(FLAGS_warmup));
   const Clock::time_point measure_end = measure_start + to_chrono(absl::GetFlag(FLAGS_duration));
-  Run run(target, request, in_flight, measure_start, measure_end);
+  Run run(target, requests, in_flight, measure_start, measure_end);
   run.Start();
   std::thread during_thread;
   if (during) during_thread = std::thread(during, measure_start, measure_end);
@@ -344,16 +355,16 @@ Sample Measure(Target& target, const cds::v1::EvaluateRequest& request, int in_f
 
 // Patients per second on one EvaluateStream: a writer thread sends as fast as flow control
 // lets it, the reader counts results for the measured window.
-double MeasureStream(Target& target, const cds::v1::EvaluateRequest& request, int64_t* errors,
+double MeasureStream(Target& target, const Requests& requests, int64_t* errors,
                      double* server_cpu_us_per_patient) {
   grpc::ClientContext context;
   auto stream = target.stubs[0]->EvaluateStream(&context);
   std::atomic<bool> stop{false};
-  cds::v1::StreamEvaluateRequest message;
-  *message.mutable_request() = request;
+  std::vector<cds::v1::StreamEvaluateRequest> messages(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) *messages[i].mutable_request() = requests[i];
   std::thread writer([&] {
-    while (!stop.load(std::memory_order_relaxed)) {
-      if (!stream->Write(message)) return;
+    for (size_t i = 0; !stop.load(std::memory_order_relaxed); ++i) {
+      if (!stream->Write(messages[i % messages.size()])) return;
     }
     stream->WritesDone();
   });
@@ -578,7 +589,7 @@ std::string MillisJson(std::vector<int64_t> ns) {
 
 // Steady state against publishing, alternated for --rounds at one in-flight setting.
 // Returns the JSON object "rule_updates"; false when the publisher could not be set up.
-bool MeasureRuleUpdates(Target& target, const cds::v1::EvaluateRequest& request, int in_flight,
+bool MeasureRuleUpdates(Target& target, const Requests& requests, int in_flight,
                         std::string* json) {
   std::string error;
   std::unique_ptr<Publisher> publisher = Publisher::Create(
@@ -606,8 +617,8 @@ bool MeasureRuleUpdates(Target& target, const cds::v1::EvaluateRequest& request,
       const int phase = round % 2 == 0 ? k : 1 - k;
       std::string first_error;
       const int64_t before = publisher->stats().labelled;
-      Sample s = phase == 0 ? Measure(target, request, in_flight, &first_error)
-                            : Measure(target, request, in_flight, &first_error,
+      Sample s = phase == 0 ? Measure(target, requests, in_flight, &first_error)
+                            : Measure(target, requests, in_flight, &first_error,
                                       [&](Clock::time_point start, Clock::time_point end) {
                                         publisher->Run(start, end);
                                       });
@@ -714,6 +725,21 @@ int main(int argc, char** argv) {
               << " is not a cds.v1.Patient or cds.v1.EvaluateRequest in text format\n";
     return 2;
   }
+  const int distinct_patients = absl::GetFlag(FLAGS_distinct_patients);
+  if (distinct_patients < 1) {
+    std::cerr << "load_generator: --distinct_patients must be at least 1\n";
+    return 2;
+  }
+  Requests requests;
+  if (distinct_patients == 1) {
+    requests.push_back(request);
+  } else {
+    for (int i = 1; i <= distinct_patients; ++i) {
+      requests.push_back(request);
+      requests.back().mutable_patient()->set_reference(
+          absl::StrCat(request.patient().reference(), "-", i));
+    }
+  }
 
   std::vector<int> in_flight_values;
   for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_in_flight), ',')) {
@@ -748,7 +774,7 @@ int main(int argc, char** argv) {
 
   if (absl::GetFlag(FLAGS_publish_every) > absl::ZeroDuration()) {
     std::string rule_updates;
-    if (!MeasureRuleUpdates(targets[0], request, in_flight_values[0], &rule_updates)) return 1;
+    if (!MeasureRuleUpdates(targets[0], requests, in_flight_values[0], &rule_updates)) return 1;
     const std::string json = absl::StrCat(
         "{\"request_bytes\": ", request.ByteSizeLong(), ", \"warmup_s\": ",
         absl::ToDoubleSeconds(absl::GetFlag(FLAGS_warmup)), ", \"duration_s\": ",
@@ -773,7 +799,7 @@ int main(int argc, char** argv) {
       for (size_t t : order) {
         Target& target = targets[t];
         std::string first_error;
-        Sample s = Measure(target, request, in_flight, &first_error);
+        Sample s = Measure(target, requests, in_flight, &first_error);
         samples[t].push_back(s);
         std::cerr << absl::StrFormat(
             "in_flight=%d round=%d %-4s qps=%.0f p50=%.1fus p99=%.1fus errors=%d "
@@ -831,7 +857,7 @@ int main(int argc, char** argv) {
   if (absl::GetFlag(FLAGS_stream_duration) > absl::ZeroDuration()) {
     int64_t errors = 0;
     double server_cpu = -1;
-    const double rate = MeasureStream(targets[0], request, &errors, &server_cpu);
+    const double rate = MeasureStream(targets[0], requests, &errors, &server_cpu);
     std::printf(
         "one EvaluateStream to the real server: %.0f patients/s, %lld error(s), server CPU "
         "%.1f us/patient\n",
@@ -843,7 +869,8 @@ int main(int argc, char** argv) {
   }
 
   const std::string json =
-      absl::StrCat("{\"request_bytes\": ", request.ByteSizeLong(), ", \"warmup_s\": ",
+      absl::StrCat("{\"request_bytes\": ", request.ByteSizeLong(), ", \"distinct_patients\": ",
+                   distinct_patients, ", \"warmup_s\": ",
                    absl::ToDoubleSeconds(absl::GetFlag(FLAGS_warmup)), ", \"duration_s\": ",
                    absl::ToDoubleSeconds(absl::GetFlag(FLAGS_duration)), ", \"configs\": [",
                    absl::StrJoin(json_configs, ", "), "]", stream_json, "}\n");

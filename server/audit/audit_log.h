@@ -131,4 +131,10 @@ struct AuditQuery {
 absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& path,
                                                           const AuditQuery& query);
 
+namespace internal {
+// The SELECT that QuerySqliteAudit runs: by patient, one block of the patient index at a
+// time; otherwise along the ids. Exposed for a test of SQLite's plan for it.
+std::string AuditSelectSql(bool by_patient);
+}  // namespace internal
+
 }  // namespace cds::audit
