@@ -6,13 +6,14 @@
 # measured in the same run, one after the other, so that their figures can be compared.
 #
 # Usage: bench/audit_cost.sh LOAD_GENERATOR SERVER_BINARY [SERVER_BINARY...]
-#        (env: ROUNDS=3, WARMUP=1s, DURATION=3s, IN_FLIGHT=1,64, REPEAT=1)
+#        (env: ROUNDS=3, WARMUP=1s, DURATION=3s, IN_FLIGHT=1,64, REPEAT=1, PATIENTS=10000)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LOADGEN=$1
 shift
 ROUNDS=${ROUNDS:-3}
+PATIENTS=${PATIENTS:-10000}  # distinct patient references, in turn (bench/run.sh)
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -61,7 +62,7 @@ for repeat in $(seq 1 "${REPEAT:-1}"); do
     echo "== $binary (audited = real, not audited = noop), repeat $repeat"
     "${PIN_CLIENT[@]}" "$LOADGEN" --real "127.0.0.1:$AUDITED_PORT" --real_pid "$AUDITED_PID" \
       --noop "127.0.0.1:$PLAIN_PORT" --noop_pid "$PLAIN_PID" \
-      --patient "$ROOT/bench/typical_patient.textproto" --in_flight "${IN_FLIGHT:-1,64}" \
+      --patient "$ROOT/bench/typical_patient.textproto" --distinct_patients "$PATIENTS" --in_flight "${IN_FLIGHT:-1,64}" \
       --channels 4 --rounds "$ROUNDS" --warmup "${WARMUP:-1s}" --duration "${DURATION:-3s}" \
       2> /dev/null
     kill "$AUDITED_PID" "$PLAIN_PID"

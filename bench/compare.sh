@@ -11,6 +11,7 @@
 set -euo pipefail
 OLD_BUILD=$1 OLD_SRC=$2 NEW_BUILD=$3 NEW_SRC=$4
 ROUNDS=${ROUNDS:-3}
+PATIENTS=${PATIENTS:-10000}  # distinct patient references, in turn (bench/run.sh)
 W=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -65,7 +66,7 @@ for r in $(seq "$ROUNDS"); do
   for side in old new; do
     port=$(eval echo "\$${side}_PORT") pid=$(eval echo "\$${side}_PID")
     "${PIN_CLIENT[@]}" "$NEW_BUILD/bench/load_generator" --real "127.0.0.1:$port" --real_pid "$pid" \
-      --patient "$NEW_SRC/bench/typical_patient.textproto" --in_flight 1,64 --channels 4 \
+      --patient "$NEW_SRC/bench/typical_patient.textproto" --distinct_patients "$PATIENTS" --in_flight 1,64 --channels 4 \
       --rounds 1 --warmup 1s --duration 3s --stream_duration 3s > "$W/load.$side.$r.txt" 2>&1
     echo "$side round $r:"
     grep -E "^in_flight|EvaluateStream" "$W/load.$side.$r.txt" | sed 's/^/  /'

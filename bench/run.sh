@@ -12,13 +12,16 @@
 # a test.
 #
 # Usage: bench/run.sh            (env: BUILD_DIR, OUT_DIR, ROUNDS=5, WARMUP=1s, DURATION=3s,
-#                                 PUBLISH_EVERY=100ms, KEEP_VERSIONS=10)
+#                                 PUBLISH_EVERY=100ms, KEEP_VERSIONS=10, PATIENTS=10000)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${BUILD_DIR:-$ROOT/build/release}  # under build/, which git ignores
 OUT=${OUT_DIR:-$ROOT/bench}
 ROUNDS=${ROUNDS:-5}
+# The typical patient is sent under this many references, in turn, as a hospital's calls
+# would name many patients (one reference flatters the audit trail's per-patient index).
+PATIENTS=${PATIENTS:-10000}
 WARMUP=${WARMUP:-1s}
 DURATION=${DURATION:-3s}
 WORK=$(mktemp -d)
@@ -81,7 +84,7 @@ echo "== load: real (pid $REAL_PID) against noop (pid $NOOP_PID), $ROUNDS rounds
 "${PIN_CLIENT[@]}" "$BUILD/bench/load_generator" \
   --real "127.0.0.1:$REAL_PORT" --real_pid "$REAL_PID" \
   --noop "127.0.0.1:$NOOP_PORT" --noop_pid "$NOOP_PID" \
-  --patient "$ROOT/bench/typical_patient.textproto" --in_flight 1,64 --channels 4 \
+  --patient "$ROOT/bench/typical_patient.textproto" --distinct_patients "$PATIENTS" --in_flight 1,64 --channels 4 \
   --rounds "$ROUNDS" --warmup "$WARMUP" --duration "$DURATION" --stream_duration "$DURATION" \
   --json_out "$WORK/load.json" | tee "$WORK/load.txt"
 REAL_RSS_AFTER=$(rss_kib "$REAL_PID")
@@ -103,7 +106,7 @@ UPD_PID=$PID UPD_PORT=$PORT
 UPD_RSS_BEFORE=$(rss_kib "$UPD_PID")
 NEWEST_SIGNED=$(ls "$ROOT/rules/ipex" | sort -V | tail -1)
 "${PIN_CLIENT[@]}" "$BUILD/bench/load_generator" --real "127.0.0.1:$UPD_PORT" --real_pid "$UPD_PID" \
-  --patient "$ROOT/bench/typical_patient.textproto" --in_flight 64 --channels 4 \
+  --patient "$ROOT/bench/typical_patient.textproto" --distinct_patients "$PATIENTS" --in_flight 64 --channels 4 \
   --rounds "$ROUNDS" --warmup "$WARMUP" --duration "$DURATION" \
   --publish_every "${PUBLISH_EVERY:-100ms}" --publish_key "$UPD/bench.key" \
   --publish_source "$ROOT/rules/ipex/$NEWEST_SIGNED" --publish_label stable \
@@ -141,7 +144,7 @@ MEM_CALLS=(0)
 total=0
 for burst in $(seq 1 "${MEMORY_BURSTS:-4}"); do
   "${PIN_CLIENT[@]}" "$BUILD/bench/load_generator" --real "127.0.0.1:$MEM_PORT" \
-    --patient "$ROOT/bench/typical_patient.textproto" --in_flight 64 --channels 4 --rounds 1 \
+    --patient "$ROOT/bench/typical_patient.textproto" --distinct_patients "$PATIENTS" --in_flight 64 --channels 4 --rounds 1 \
     --warmup 0s --duration "${MEMORY_BURST:-8s}" --json_out "$WORK/mem$burst.json" > /dev/null 2>&1
   calls=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['configs'][0]['real']['median']['calls'])" "$WORK/mem$burst.json")
   total=$((total + calls))
@@ -194,7 +197,8 @@ for b in report["engine"]:
     md.append(f"| {b['name']} | {b['real_time']:.1f} {b['time_unit']} | {b['label']} |")
 md += ["", "## Server against its no-op baseline (bench/load_generator)", "",
        "The real server audits every call (--audit_db, SQLite); the no-op one does not evaluate. "
-       f"Request {load['request_bytes']} bytes (bench/typical_patient.textproto); "
+       f"Request {load['request_bytes']} bytes (bench/typical_patient.textproto, sent under "
+       f"{load.get('distinct_patients', 1)} patient references in turn); "
        f"{load['warmup_s']} s warm-up then {load['duration_s']} s measured per target and round; "
        "medians over rounds; ratios are medians of each round's real/no-op pair.", "",
        "| in flight | server | QPS | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | server CPU µs/call | client CPU µs/call |",
