@@ -4,6 +4,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sqlite3.h>
 #include <unistd.h>
 
@@ -70,6 +71,13 @@ constexpr char kInsert[] =
 
 // Records imported per transaction at most, and how many waiting wake the importer early.
 constexpr size_t kImportBatch = 1024;
+// The importer offers the core to any runnable thread after this many inserts. A whole
+// batch takes some 3 ms of CPU, and a call's thread woken meanwhile on the same core did
+// not always preempt it (Linux's EEVDF lets the running thread reach its fair share first):
+// at 1 call in flight on one core, p99.9 was 2.4 ms against 1.1 ms unaudited; yielding every
+// 32 records (~100 µs) brought it to 1.2 ms, CPU and throughput unchanged (audit_cost.md).
+// Lowering the importer's priority instead could starve it when calls keep the core busy.
+constexpr size_t kYieldEvery = 32;
 
 // The database side: the table, and one fsynced transaction per batch of journaled records.
 class Importer {
@@ -165,6 +173,7 @@ class Importer {
     sqlite3_reset(begin_);
     if (begun != SQLITE_DONE) return false;
     for (size_t i = from; i < to; ++i) {
+      if ((i - from) % kYieldEvery == kYieldEvery - 1) sched_yield();  // returns at once when idle
       const AuditRecord& r = records[i];
       sqlite3_reset(insert_);
       sqlite3_bind_int64(insert_, 1, r.id);
