@@ -210,13 +210,22 @@ for c in load["configs"]:
         md.append(f"| {c['in_flight']} | {name} | {m['qps']:.0f} | {m['p50_us']:.1f} | {m['p90_us']:.1f} | "
                   f"{m['p99_us']:.1f} | {m['p999_us']:.1f} | {m['errors']} | "
                   f"{m['server_cpu_us_per_call']:.1f} | {m['client_cpu_us_per_call']:.1f} |")
-md += ["", "| in flight | QPS real/noop | p50 real/noop | p50 real−noop | p99 real/noop | server CPU real−noop |",
-       "|---|---|---|---|---|---|"]
+md += ["", "Each cell: the median of the rounds' real/no-op pairs, then [the lowest .. the highest "
+       "pair]: how far one pair of rounds can stray on this machine.", "",
+       "| in flight | QPS real/noop | p50 real−noop | p99 real/noop | server CPU real−noop |",
+       "|---|---|---|---|---|"]
+def spread(c, f, fmt):
+    pairs = [f(r, n) for r, n in zip(c["real"]["rounds"], c["noop"]["rounds"])]
+    return f"[{format(min(pairs), fmt)} .. {format(max(pairs), fmt)}]" if pairs else ""
 for c in load["configs"]:
     r = c.get("real_vs_noop")
     if r:
-        md.append(f"| {c['in_flight']} | {r['qps_ratio']:.3f} | {r['p50_ratio']:.3f} | {r['p50_delta_us']:+.1f} µs | "
-                  f"{r['p99_ratio']:.3f} | {r['server_cpu_delta_us_per_call']:+.1f} µs/call |")
+        qps = spread(c, lambda a, b: a["qps"] / b["qps"] if b["qps"] else 0, ".3f")
+        p50 = spread(c, lambda a, b: a["p50_us"] - b["p50_us"], "+.1f")
+        p99 = spread(c, lambda a, b: a["p99_us"] / b["p99_us"] if b["p99_us"] else 0, ".3f")
+        cpu = spread(c, lambda a, b: a["server_cpu_us_per_call"] - b["server_cpu_us_per_call"], "+.1f")
+        md.append(f"| {c['in_flight']} | {r['qps_ratio']:.3f} {qps} | {r['p50_delta_us']:+.1f} µs {p50} | "
+                  f"{r['p99_ratio']:.3f} {p99} | {r['server_cpu_delta_us_per_call']:+.1f} µs/call {cpu} |")
 if "stream" in load:
     s = load["stream"]
     unary = {c["in_flight"]: c["real"]["median"] for c in load["configs"] if "real" in c}
