@@ -8,6 +8,7 @@
 # Usage: bench/audit_cost.sh LOAD_GENERATOR SERVER_BINARY [SERVER_BINARY...]
 #        (env: ROUNDS=3, WARMUP=1s, DURATION=3s, IN_FLIGHT=1,64, REPEAT=1, PATIENTS=10000)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/wait_for_port.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LOADGEN=$1
@@ -38,16 +39,7 @@ start_server() {
     --poll_interval 0 --drain 0s --insecure_dev "$@" 2> "$log" &
   PID=$!
   PIDS+=("$PID")
-  PORT=""
-  for _ in $(seq 1 300); do
-    PORT=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)
-    [ -n "$PORT" ] && return 0
-    kill -0 "$PID" 2> /dev/null || break
-    sleep 0.1
-  done
-  echo "cds-server did not start:" >&2
-  cat "$log" >&2
-  exit 1
+  wait_for_port "$log" "$PID" || exit 1
 }
 
 for repeat in $(seq 1 "${REPEAT:-1}"); do

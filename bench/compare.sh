@@ -9,6 +9,7 @@
 #        (env: ROUNDS=3; both builds need engine_benchmark and cds-server, the new one
 #        load_generator)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/wait_for_port.sh"
 OLD_BUILD=$1 OLD_SRC=$2 NEW_BUILD=$3 NEW_SRC=$4
 ROUNDS=${ROUNDS:-3}
 PATIENTS=${PATIENTS:-10000}  # distinct patient references, in turn (bench/run.sh)
@@ -49,15 +50,10 @@ start() {  # side build source
   "${PIN_SERVER[@]}" "$2/server/cds-server" --listen 127.0.0.1:0 --rules_dir "$3/rules" \
     --poll_interval 0 --drain 0s --insecure_dev --audit_db "$W/$1.db" --audit_key_file "$W/key" \
     2> "$W/$1.log" &
-  PIDS+=($!)
-  local port=""
-  for _ in $(seq 300); do
-    port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$W/$1.log" | head -1)
-    [ -n "$port" ] && break
-    sleep 0.1
-  done
-  [ -n "$port" ] || { cat "$W/$1.log" >&2; exit 1; }
-  eval "${1}_PORT=$port ${1}_PID=$!"
+  local pid=$!
+  PIDS+=("$pid")
+  wait_for_port "$W/$1.log" "$pid" || exit 1
+  eval "${1}_PORT=$PORT ${1}_PID=$pid"
 }
 start old "$OLD_BUILD" "$OLD_SRC"
 start new "$NEW_BUILD" "$NEW_SRC"

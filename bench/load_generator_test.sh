@@ -4,6 +4,7 @@
 # references (the audit trail holds that many pseudonyms). Checks the tool, not its speed.
 # Usage: load_generator_test.sh SOURCE_DIR CDS_SERVER CDSCTL LOAD_GENERATOR
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/wait_for_port.sh"
 SRC=$1 SERVER_BIN=$2 CDSCTL=$3 LOAD_GENERATOR=$4
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cds_load_generator_XXXXXX")
 PIDS=()
@@ -20,13 +21,7 @@ start() {  # NAME FLAGS...: sets PORT and PID
     --drain 0s "$@" 2> "$WORK/$name.log" &
   PID=$!
   PIDS+=("$PID")
-  for _ in $(seq 1 600); do
-    grep -q "listening on" "$WORK/$name.log" && break
-    kill -0 "$PID" 2>/dev/null || { cat "$WORK/$name.log"; exit 1; }
-    sleep 0.1
-  done
-  PORT=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\).*/\1/p' "$WORK/$name.log" | head -1)
-  [ -n "$PORT" ] || { echo "no port"; cat "$WORK/$name.log"; exit 1; }
+  wait_for_port "$WORK/$name.log" "$PID" || exit 1
 }
 start real --audit_db "$WORK/audit.db" --audit_key_file "$WORK/audit.key"
 REAL_PORT=$PORT REAL_PID=$PID

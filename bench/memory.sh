@@ -9,6 +9,7 @@
 # Usage: bench/memory.sh   (env: CALLS=1000000, HEAP_CALLS=50000, BUILD_DIR=build/release,
 #                          SKIP_BUILD=1 to use the binaries already in BUILD_DIR, OUT_DIR=bench)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/wait_for_port.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${BUILD_DIR:-$ROOT/build/release}
@@ -58,13 +59,7 @@ start_server() {  # LOG [PREFIX...] -- starts cds-server (optionally under PREFI
     --audit_key_file "$WORK/audit.key" 2> "$log" &
   PID=$!
   PIDS+=("$PID")
-  for _ in $(seq 1 600); do
-    PORT=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\).*/\1/p' "$log" | head -1)
-    [ -n "$PORT" ] && return 0
-    sleep 0.1
-  done
-  cat "$log" >&2
-  exit 1
+  wait_for_port "$log" "$PID" || exit 1
 }
 rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 

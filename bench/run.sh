@@ -14,6 +14,7 @@
 # Usage: bench/run.sh            (env: BUILD_DIR, OUT_DIR, ROUNDS=5, WARMUP=1s, DURATION=3s,
 #                                 PUBLISH_EVERY=100ms, KEEP_VERSIONS=10, PATIENTS=10000)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/wait_for_port.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${BUILD_DIR:-$ROOT/build/release}  # under build/, which git ignores
@@ -58,16 +59,7 @@ start_server() {
     --poll_interval 0 --drain 0s --insecure_dev "$@" 2> "$log" &
   PID=$!
   PIDS+=("$PID")
-  PORT=""
-  for _ in $(seq 1 300); do
-    PORT=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)
-    [ -n "$PORT" ] && return 0
-    kill -0 "$PID" 2> /dev/null || break
-    sleep 0.1
-  done
-  echo "cds-server did not start:" >&2
-  cat "$log" >&2
-  exit 1
+  wait_for_port "$log" "$PID" || exit 1
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 

@@ -15,6 +15,7 @@
 # Usage: bench/soak.sh     (env: SOAK_TIME=10m, BUILD_DIR=build/release, OUT_DIR=bench,
 #                          SKIP_BUILD=1 to use the binaries already in BUILD_DIR)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/wait_for_port.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${BUILD_DIR:-$ROOT/build/release}
@@ -61,12 +62,7 @@ head -c 32 /dev/urandom > "$WORK/audit.key"
   --metrics_listen 127.0.0.1:0 --grace_period 5s 2> "$WORK/server.log" &
 SERVER_PID=$!
 PIDS+=("$SERVER_PID")
-for _ in $(seq 1 300); do
-  grep -q "listening on" "$WORK/server.log" && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log"; exit 1; }
-  sleep 0.1
-done
-PORT=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\).*/\1/p' "$WORK/server.log" | head -1)
+wait_for_port "$WORK/server.log" "$SERVER_PID" || exit 1
 MPORT=$(sed -n 's/.*metrics on http:[^ ]*:\([0-9][0-9]*\)\/metrics.*/\1/p' "$WORK/server.log" | head -1)
 SERVER=127.0.0.1:$PORT
 echo "== soak of $SOAK_TIME against $SERVER (pid $SERVER_PID), metrics on $MPORT"

@@ -5,6 +5,7 @@
 # 1.0.1, stable rolled back to 1.0.0.
 # Usage: worked_example_test.sh SOURCE_DIR CDS_SERVER CDSCTL
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../bench/wait_for_port.sh"
 SRC=$1
 SERVER_BIN=$2
 CDSCTL=$3
@@ -30,13 +31,7 @@ cd "$WORK"
 "$SERVER_BIN" --listen 127.0.0.1:0 --insecure_dev --rules_dir rules --state_dir state --poll_interval 0s \
   --drain 0s 2> server.log &
 SERVER_PID=$!
-for _ in $(seq 1 600); do
-  grep -q "listening on" server.log && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { cat server.log; exit 1; }
-  sleep 0.1
-done
-PORT=$(sed -n 's/.*listening on [^ ]*:\([0-9][0-9]*\).*/\1/p' server.log | head -1)
-[ -n "$PORT" ] || { echo "no port"; cat server.log; exit 1; }
+wait_for_port server.log "$SERVER_PID" || exit 1
 export SERVER="127.0.0.1:$PORT"
 
 # The README's block, exactly.
