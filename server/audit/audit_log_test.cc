@@ -280,23 +280,27 @@ TEST(SqliteAuditTest, TheJournalMovesToANewFileAndTheOldOneGoesOnceImported) {
   EXPECT_EQ(FileSize(JournalPath(db.path())), 0);
 }
 
-// The rule sets of the database's records that start with `prefix`.
-std::multiset<std::string> RuleSetsIn(const std::string& path, const std::string& prefix) {
-  std::multiset<std::string> rule_sets;
+// The first column of every row `sql` selects from the database at `path` (read-only).
+std::multiset<std::string> TextColumn(const std::string& path, const std::string& sql) {
+  std::multiset<std::string> values;
   sqlite3* db = nullptr;
   if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK) {
     sqlite3_stmt* stmt = nullptr;
-    const std::string sql =
-        absl::StrCat("SELECT rule_set FROM audit WHERE rule_set LIKE '", prefix, "%'");
     if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK) {
       while (sqlite3_step(stmt) == SQLITE_ROW) {
-        rule_sets.insert(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0)));
+        values.insert(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0)));
       }
     }
     sqlite3_finalize(stmt);
   }
   sqlite3_close(db);
-  return rule_sets;
+  return values;
+}
+
+// The rule sets of the database's records that start with `prefix`.
+std::multiset<std::string> RuleSetsIn(const std::string& path, const std::string& prefix) {
+  return TextColumn(path,
+                    absl::StrCat("SELECT rule_set FROM audit WHERE rule_set LIKE '", prefix, "%'"));
 }
 
 // A server killed (SIGKILL: no destructor, no flush) while it records, its journal moving
@@ -475,20 +479,8 @@ std::vector<int64_t> IdsOf(const absl::StatusOr<std::vector<AuditRecord>>& recor
 }
 
 // The names of the audit table's indexes.
-std::set<std::string> IndexesOf(const std::string& path) {
-  std::set<std::string> names;
-  sqlite3* db = nullptr;
-  sqlite3_stmt* stmt = nullptr;
-  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK &&
-      sqlite3_prepare_v2(db, "SELECT name FROM sqlite_master WHERE type = 'index'", -1, &stmt,
-                         nullptr) == SQLITE_OK) {
-    while (sqlite3_step(stmt) == SQLITE_ROW) {
-      names.insert(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0)));
-    }
-  }
-  sqlite3_finalize(stmt);
-  sqlite3_close(db);
-  return names;
+std::multiset<std::string> IndexesOf(const std::string& path) {
+  return TextColumn(path, "SELECT name FROM sqlite_master WHERE type = 'index'");
 }
 
 // A patient's records are looked up block by block of 16 384 ids, under the first 8 hex
@@ -574,7 +566,7 @@ TEST(SqliteAuditTest, OpeningReplacesTheOldPseudonymIndex) {
   SqliteAuditOptions options;
   options.path = db.path();
   ASSERT_TRUE(OpenSqliteAudit(options).ok());
-  EXPECT_EQ(IndexesOf(db.path()), (std::set<std::string>{"audit_time", "audit_patient"}));
+  EXPECT_EQ(IndexesOf(db.path()), (std::multiset<std::string>{"audit_time", "audit_patient"}));
   EXPECT_EQ(IdsOf(QuerySqliteAudit(db.path(), query)), (std::vector<int64_t>{1, 20000}));
 }
 
