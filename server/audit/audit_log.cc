@@ -32,7 +32,7 @@ namespace {
 // would write its sqlite_sequence page in every commit; databases made with it still work).
 //
 // Records by patient are found through `audit_patient`, an index on (block of 16 384 ids,
-// first 8 hex digits of the pseudonym): a query seeks each block in turn (PatientBlocks).
+// first 8 hex digits of the pseudonym): a query seeks each block in turn (QuerySqliteAudit).
 // A plain index on the pseudonym (audit_pseudonym, before) put every insert at a random
 // place in one ever-growing B-tree: with many patients it cost the importer some 9 µs a
 // record, rising with the table, and a call 7 µs of server CPU at 64 in flight
@@ -881,7 +881,7 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
        ++block) {
     sqlite3_reset(stmt);
     sqlite3_bind_int(stmt, 6, query.limit - static_cast<int>(records.size()));
-    sqlite3_bind_int64(stmt, 8, block);
+    if (by_patient) sqlite3_bind_int64(stmt, 8, block);
     int step;
     while ((step = sqlite3_step(stmt)) == SQLITE_ROW) {
       AuditRecord r;
