@@ -39,8 +39,12 @@ namespace {
 // (bench/audit_cost.md); no query used it either. Within the newest block the inserts stay
 // in a small, cached part of the index, whatever the table's size.
 constexpr int kPatientBlockBits = 14;
-constexpr char kPatientBlock[] = "id >> 14";
-constexpr char kPatientKey[] = "substr(pseudonym, 1, 8)";
+constexpr int kPatientKeyDigits = 8;
+// The index's two columns as SQL expressions; a query must spell them exactly so.
+std::string PatientBlockSql() { return absl::StrCat("id >> ", kPatientBlockBits); }
+std::string PatientKeySql() {
+  return absl::StrCat("substr(pseudonym, 1, ", kPatientKeyDigits, ")");
+}
 constexpr char kSchema[] = R"sql(
 CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY,
@@ -60,8 +64,8 @@ DROP INDEX IF EXISTS audit_pseudonym;
 )sql";
 
 std::string PatientIndexSql() {
-  return absl::StrCat("CREATE INDEX IF NOT EXISTS audit_patient ON audit(", kPatientBlock, ", ",
-                      kPatientKey, ");");
+  return absl::StrCat("CREATE INDEX IF NOT EXISTS audit_patient ON audit(", PatientBlockSql(),
+                      ", ", PatientKeySql(), ");");
 }
 
 constexpr char kInsert[] =
@@ -778,7 +782,7 @@ std::string AuditSelectSql(bool by_patient) {
       "top_suggestions, status_code, latency_us, id FROM audit WHERE time_us >= ?1 "
       "AND time_us < ?2 AND (?3 = '' OR caller = ?3) "
       "AND (?4 = '' OR rule_set = ?4 OR substr(rule_set, 1, length(?4) + 1) = ?4 || '@') ",
-      by_patient ? absl::StrCat("AND ", kPatientBlock, " = ?8 AND ", kPatientKey,
+      by_patient ? absl::StrCat("AND ", PatientBlockSql(), " = ?8 AND ", PatientKeySql(),
                                 " = ?9 AND +pseudonym = ?5 ")
                  : "AND (?5 = '' OR pseudonym = ?5) ",
       "AND id > ?7 ORDER BY id LIMIT ?6");
@@ -862,7 +866,7 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   sqlite3_bind_text(stmt, 4, query.rule_set.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_text(stmt, 5, query.pseudonym.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_int64(stmt, 7, query.after_id);
-  const std::string patient_key = query.pseudonym.substr(0, 8);
+  const std::string patient_key = query.pseudonym.substr(0, kPatientKeyDigits);
   if (by_patient) sqlite3_bind_text(stmt, 9, patient_key.c_str(), -1, SQLITE_STATIC);
   std::vector<AuditRecord> records;
   auto text = [stmt](int i) {
