@@ -45,8 +45,7 @@ for config in load["configs"]:
         assert m["errors"] == 0 and m["calls"] > 0, (config["in_flight"], name, m)
         assert m["server_cpu_us_per_call"] > 0, (config["in_flight"], name, m)
     assert "real_vs_noop" in config, config
-text = open(sys.argv[2]).read()
-records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+records = [json.loads(line) for line in open(sys.argv[2])]  # cdsctl audit --json: one per line
 pseudonyms = {r.get("pseudonym", "") for r in records}
 assert len(records) > 7 and len(pseudonyms) == 7, (len(records), len(pseudonyms))
 print(f"ok: {len(records)} audited calls, {len(pseudonyms)} patients")
