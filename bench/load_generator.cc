@@ -62,9 +62,12 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "cds/v1/service.grpc.pb.h"
-#include "google/protobuf/arena.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/text_format.h"
+#include "google/protobuf/wire_format_lite.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/support/proto_buffer_reader.h"
 #include "server/bundle/bundle.h"
 
 ABSL_FLAG(std::string, real, "", "Address of the real server (HOST:PORT).");
@@ -101,14 +104,71 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The requests the calls send, in turn (the same patient under distinct references).
-using Requests = std::vector<cds::v1::EvaluateRequest>;
+constexpr char kEvaluateMethod[] = "/cds.v1.DecisionSupport/Evaluate";
+constexpr char kEvaluateStreamMethod[] = "/cds.v1.DecisionSupport/EvaluateStream";
+
+// The requests the calls send, in turn (the same patient under distinct references),
+// serialized once. The client sends and reads bytes: parsing each 17 KB response (hundreds
+// of fields) cost the client more CPU than the server spent on the call, so a parsing client
+// measured itself (one stream was bound by the client's core, and 64 calls in flight by its
+// CPU per call). It reads only what it reports: the status, the rule-set version, and
+// whether a stream's result is a response or an error.
+struct Requests {
+  std::vector<grpc::ByteBuffer> unary;   // cds.v1.EvaluateRequest
+  std::vector<grpc::ByteBuffer> stream;  // cds.v1.StreamEvaluateRequest
+  size_t size() const { return unary.size(); }
+};
+
+grpc::ByteBuffer Serialized(const google::protobuf::MessageLite& message) {
+  const std::string bytes = message.SerializeAsString();
+  grpc::Slice slice(bytes);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+// Positions `in` at the payload of the first length-delimited field `number` of the
+// message it reads, and returns the payload's length; nullopt if there is none.
+std::optional<uint32_t> FindField(google::protobuf::io::CodedInputStream& in, int number) {
+  using google::protobuf::internal::WireFormatLite;
+  for (uint32_t tag = in.ReadTag(); tag != 0; tag = in.ReadTag()) {
+    if (WireFormatLite::GetTagFieldNumber(tag) == number &&
+        WireFormatLite::GetTagWireType(tag) == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      uint32_t length = 0;
+      if (!in.ReadVarint32(&length)) return std::nullopt;
+      return length;
+    }
+    if (!WireFormatLite::SkipField(&in, tag)) return std::nullopt;
+  }
+  return std::nullopt;
+}
+
+// EvaluateResponse.rule_set (2) .version (2), read from the bytes.
+std::string ResponseVersion(const grpc::ByteBuffer& response) {
+  grpc::ByteBuffer copy(response);  // shares the slices; the reader consumes the copy
+  grpc::ProtoBufferReader reader(&copy);
+  google::protobuf::io::CodedInputStream in(&reader);
+  std::string version;
+  const std::optional<uint32_t> rule_set = FindField(in, 2);
+  if (!rule_set) return version;
+  in.PushLimit(static_cast<int>(*rule_set));
+  if (const std::optional<uint32_t> length = FindField(in, 2)) {
+    in.ReadString(&version, static_cast<int>(*length));
+  }
+  return version;
+}
+
+// Whether a StreamEvaluateResponse carries a response (3) rather than an error (4).
+bool IsStreamResult(const grpc::ByteBuffer& result) {
+  grpc::ByteBuffer copy(result);
+  grpc::ProtoBufferReader reader(&copy);
+  google::protobuf::io::CodedInputStream in(&reader);
+  return FindField(in, 3).has_value();
+}
 
 struct Target {
   std::string name;
   std::string address;
   int pid = 0;
-  std::vector<std::unique_ptr<cds::v1::DecisionSupport::Stub>> stubs;
+  std::vector<std::unique_ptr<grpc::GenericStub>> stubs;  // one per channel
 };
 
 // One target, one in-flight setting, one round.
@@ -219,7 +279,7 @@ class Run {
 
  private:
   struct Slot {
-    cds::v1::DecisionSupport::Stub* stub = nullptr;
+    grpc::GenericStub* stub = nullptr;
     std::vector<int64_t> latencies_ns;
     int64_t errors = 0;
     std::string first_error;
@@ -232,17 +292,13 @@ class Run {
   // One call; deletes itself when done (the callback API's reactor pattern).
   class Call final : public grpc::ClientUnaryReactor {
    public:
-    Call(Run* run, Slot* slot)
-        : run_(run),
-          slot_(slot),
-          start_(Clock::now()),
-          arena_(ArenaOptions()),
-          response_(google::protobuf::Arena::CreateMessage<cds::v1::EvaluateResponse>(&arena_)) {
+    Call(Run* run, Slot* slot) : run_(run), slot_(slot), start_(Clock::now()) {
       context_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-      const cds::v1::EvaluateRequest& request =
-          run->requests_[slot->next_request % run->requests_.size()];
+      const grpc::ByteBuffer& request =
+          run->requests_.unary[slot->next_request % run->requests_.size()];
       slot->next_request += run->slots_.size();
-      slot->stub->async()->Evaluate(&context_, &request, response_, this);
+      slot->stub->PrepareUnaryCall(&context_, kEvaluateMethod, grpc::StubOptions(), &request,
+                                   &response_, this);
       StartCall();
     }
     void OnDone(const grpc::Status& status) override {
@@ -251,7 +307,7 @@ class Run {
         if (status.ok()) {
           slot_->latencies_ns.push_back(
               std::chrono::duration_cast<std::chrono::nanoseconds>(end - start_).count());
-          const std::string& version = response_->rule_set().version();
+          const std::string version = ResponseVersion(response_);
           if (version != slot_->last_version) {
             if (!slot_->last_version.empty()) ++slot_->version_switches;
             slot_->last_version = version;
@@ -279,16 +335,7 @@ class Run {
     Slot* slot_;
     const Clock::time_point start_;
     grpc::ClientContext context_;
-    // The response is parsed onto an arena, as a careful client would: on the heap its
-    // hundreds of small fields cost the client more CPU than the server spends on the call.
-    static google::protobuf::ArenaOptions ArenaOptions() {
-      google::protobuf::ArenaOptions options;
-      options.start_block_size = 32 * 1024;
-      options.max_block_size = 32 * 1024;
-      return options;
-    }
-    google::protobuf::Arena arena_;
-    cds::v1::EvaluateResponse* const response_;
+    grpc::ByteBuffer response_;
   };
 
   void Issue(Slot* slot) { new Call(this, slot); }
@@ -353,51 +400,105 @@ Sample Measure(Target& target, const Requests& requests, int in_flight, std::str
   return sample;
 }
 
-// Patients per second on one EvaluateStream: a writer thread sends as fast as flow control
-// lets it, the reader counts results for the measured window.
-double MeasureStream(Target& target, const Requests& requests, int64_t* errors,
-                     double* server_cpu_us_per_patient) {
-  grpc::ClientContext context;
-  auto stream = target.stubs[0]->EvaluateStream(&context);
-  std::atomic<bool> stop{false};
-  std::vector<cds::v1::StreamEvaluateRequest> messages(requests.size());
-  for (size_t i = 0; i < requests.size(); ++i) *messages[i].mutable_request() = requests[i];
-  std::thread writer([&] {
-    for (size_t i = 0; !stop.load(std::memory_order_relaxed); ++i) {
-      if (!stream->Write(messages[i % messages.size()])) return;
+// Patients per second on one EvaluateStream: the client writes as fast as flow control lets
+// it (one write outstanding) and counts the results read in the measured window.
+class StreamRun final : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  StreamRun(const Target& target, const std::vector<grpc::ByteBuffer>& messages)
+      : target_(target),
+        messages_(messages),
+        measure_start_(absl::Now() + absl::GetFlag(FLAGS_warmup)),
+        measure_end_(measure_start_ + absl::GetFlag(FLAGS_stream_duration)) {}
+
+  // Runs the stream to its end.
+  void Run() {
+    target_.stubs[0]->PrepareBidiStreamingCall(&context_, kEvaluateStreamMethod,
+                                               grpc::StubOptions(), this);
+    StartRead(&result_);
+    StartWrite(&messages_[0]);
+    StartCall();
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return done_; });
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) return;  // the stream is over: OnDone has its status
+    if (stop_.load(std::memory_order_relaxed)) {
+      StartWritesDone();
+      return;
     }
-    stream->WritesDone();
-  });
-  const absl::Time measure_start = absl::Now() + absl::GetFlag(FLAGS_warmup);
-  const absl::Time measure_end = measure_start + absl::GetFlag(FLAGS_stream_duration);
-  // Read into one message, reused: Clear keeps its sub-messages and strings for the next.
-  cds::v1::StreamEvaluateResponse response;
-  int64_t counted = 0;
-  double server_before = -1;
-  double server_after = -1;
-  while (stream->Read(&response)) {
+    ++written_;
+    StartWrite(&messages_[written_ % messages_.size()]);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;
     const absl::Time now = absl::Now();
-    if (now >= measure_end) {
-      if (server_after < 0) server_after = ProcessCpuMicros(target.pid);
-      stop.store(true);
+    if (now >= measure_end_) {
+      if (server_after_ < 0) {
+        server_after_ = ProcessCpuMicros(target_.pid);
+        client_after_ = SelfCpuMicros();
+      }
+      stop_.store(true, std::memory_order_relaxed);
+    } else if (now >= measure_start_) {
+      if (server_before_ < 0) {
+        server_before_ = ProcessCpuMicros(target_.pid);
+        client_before_ = SelfCpuMicros();
+      }
+      ++counted_;
+      if (!IsStreamResult(result_) && errors_++ == 0) {
+        // The first error, parsed for its status (errors are rare and small).
+        cds::v1::StreamEvaluateResponse parsed;
+        grpc::ProtoBufferReader reader(&result_);
+        if (parsed.ParseFromZeroCopyStream(&reader)) {
+          first_error_ = absl::StrCat(parsed.error().code(), ": ", parsed.error().message());
+        }
+      }
     }
-    if (now < measure_start || now >= measure_end) continue;
-    if (server_before < 0) server_before = ProcessCpuMicros(target.pid);
-    ++counted;
-    if (!response.has_response()) ++*errors;
+    StartRead(&result_);
   }
-  *server_cpu_us_per_patient = server_before >= 0 && server_after >= 0 && counted > 0
-                                   ? (server_after - server_before) / static_cast<double>(counted)
-                                   : -1;
-  writer.join();
-  const grpc::Status status = stream->Finish();
-  if (!status.ok()) {
-    std::cerr << "stream ended with " << status.error_code() << ": " << status.error_message()
-              << "\n";
-    ++*errors;
+
+  void OnDone(const grpc::Status& status) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    status_ = status;
+    done_ = true;
+    done_cv_.notify_all();
   }
-  return static_cast<double>(counted) / absl::ToDoubleSeconds(absl::GetFlag(FLAGS_stream_duration));
-}
+
+  // After Run.
+  int64_t counted() const { return counted_; }
+  int64_t errors() const { return errors_ + (status_.ok() ? 0 : 1); }
+  const grpc::Status& status() const { return status_; }
+  const std::string& first_error() const { return first_error_; }
+  double server_cpu_us_per_patient() const { return PerPatient(server_before_, server_after_); }
+  double client_cpu_us_per_patient() const { return PerPatient(client_before_, client_after_); }
+
+ private:
+  double PerPatient(double before, double after) const {
+    return before >= 0 && after >= 0 && counted_ > 0
+               ? (after - before) / static_cast<double>(counted_)
+               : -1;
+  }
+
+  const Target& target_;
+  const std::vector<grpc::ByteBuffer>& messages_;
+  const absl::Time measure_start_;
+  const absl::Time measure_end_;
+  grpc::ClientContext context_;
+  std::atomic<bool> stop_{false};
+  size_t written_ = 0;  // the write side's
+  // The read side's:
+  grpc::ByteBuffer result_;
+  int64_t counted_ = 0;
+  int64_t errors_ = 0;
+  std::string first_error_;
+  double server_before_ = -1, server_after_ = -1;
+  double client_before_ = -1, client_after_ = -1;
+  std::mutex mu_;
+  std::condition_variable done_cv_;
+  bool done_ = false;  // guarded by mu_
+  grpc::Status status_;
+};
 
 std::string SampleJson(const Sample& s) {
   return absl::StrFormat(
@@ -731,14 +832,15 @@ int main(int argc, char** argv) {
     return 2;
   }
   Requests requests;
-  if (distinct_patients == 1) {
-    requests.push_back(request);
-  } else {
-    for (int i = 1; i <= distinct_patients; ++i) {
-      requests.push_back(request);
-      requests.back().mutable_patient()->set_reference(
-          absl::StrCat(request.patient().reference(), "-", i));
+  for (int i = 1; i <= distinct_patients; ++i) {
+    cds::v1::StreamEvaluateRequest message;
+    cds::v1::EvaluateRequest& one = *message.mutable_request();
+    one = request;
+    if (distinct_patients > 1) {
+      one.mutable_patient()->set_reference(absl::StrCat(request.patient().reference(), "-", i));
     }
+    requests.unary.push_back(Serialized(one));
+    requests.stream.push_back(Serialized(message));
   }
 
   std::vector<int> in_flight_values;
@@ -766,7 +868,7 @@ int main(int argc, char** argv) {
       grpc::ChannelArguments args;
       // Distinct arguments give each channel its own TCP connection.
       args.SetInt("cds.load_generator.channel", i);
-      target.stubs.push_back(cds::v1::DecisionSupport::NewStub(grpc::CreateCustomChannel(
+      target.stubs.push_back(std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
           target.address, grpc::InsecureChannelCredentials(), args)));
     }
   }
@@ -855,17 +957,28 @@ int main(int argc, char** argv) {
 
   std::string stream_json;
   if (absl::GetFlag(FLAGS_stream_duration) > absl::ZeroDuration()) {
-    int64_t errors = 0;
-    double server_cpu = -1;
-    const double rate = MeasureStream(targets[0], requests, &errors, &server_cpu);
+    StreamRun stream(targets[0], requests.stream);
+    stream.Run();
+    if (!stream.status().ok()) {
+      std::cerr << "stream ended with " << stream.status().error_code() << ": "
+                << stream.status().error_message() << "\n";
+    }
+    if (!stream.first_error().empty()) {
+      std::cerr << "the stream's first error: " << stream.first_error() << "\n";
+    }
+    const double rate = static_cast<double>(stream.counted()) /
+                        absl::ToDoubleSeconds(absl::GetFlag(FLAGS_stream_duration));
+    const int64_t errors = stream.errors();
+    const double server_cpu = stream.server_cpu_us_per_patient();
+    const double client_cpu = stream.client_cpu_us_per_patient();
     std::printf(
         "one EvaluateStream to the real server: %.0f patients/s, %lld error(s), server CPU "
-        "%.1f us/patient\n",
-        rate, static_cast<long long>(errors), server_cpu);
+        "%.1f us/patient, client CPU %.1f us/patient\n",
+        rate, static_cast<long long>(errors), server_cpu, client_cpu);
     stream_json = absl::StrFormat(
         R"(, "stream": {"patients_per_second": %.1f, "errors": %d, )"
-        R"("server_cpu_us_per_patient": %.1f})",
-        rate, errors, server_cpu);
+        R"("server_cpu_us_per_patient": %.1f, "client_cpu_us_per_patient": %.1f})",
+        rate, errors, server_cpu, client_cpu);
   }
 
   const std::string json =
