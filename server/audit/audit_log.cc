@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -18,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -75,12 +77,15 @@ constexpr char kInsert[] =
 
 // Records imported per transaction at most, and how many waiting wake the importer early.
 constexpr size_t kImportBatch = 1024;
-// The importer offers the core to any runnable thread after this many inserts. A whole
-// batch takes some 3 ms of CPU, and a call's thread woken meanwhile on the same core did
-// not always preempt it (Linux's EEVDF lets the running thread reach its fair share first):
-// at 1 call in flight on one core, p99.9 was 2.4 ms against 1.1 ms unaudited; yielding every
-// 32 records (~100 µs) brought it to 1.2 ms, CPU and throughput unchanged (audit_cost.md).
-// Lowering the importer's priority instead could starve it when calls keep the core busy.
+// The importer offers the core to any runnable thread after this many inserts, while it is
+// keeping up. A whole batch takes some 3 ms of CPU, and a call's thread woken meanwhile on
+// the same core did not always preempt it (Linux's EEVDF lets the running thread reach its
+// fair share first): at 1 call in flight on one core, p99.9 was 2.4 ms against 1.1 ms
+// unaudited; yielding every 32 records (~100 µs) brought it to 1.2 ms (audit_cost.md). But
+// each yield also gives up the rest of the importer's slice: on a core the calls keep busy
+// (one stream at full speed) it then got ~8% of the core where it needed ~14%, and the
+// backlog reached max_queued (calls refused unaudited). So it yields only while less than
+// a batch waits behind the one it imports. (A lower priority would starve it the same way.)
 constexpr size_t kYieldEvery = 32;
 
 // The database side: the table, and one fsynced transaction per batch of journaled records.
@@ -157,12 +162,14 @@ class Importer {
   }
 
   // Inserts `records` (with their ids; ids already there are skipped) in transactions of at
-  // most kImportBatch records. On failure the records of the failed
-  // transaction and after are not in the database.
-  absl::Status Import(const std::vector<AuditRecord>& records) {
+  // most kImportBatch records, offering the core to other threads every kYieldEvery inserts
+  // while `may_yield()`. On failure the records of the failed transaction and after are not
+  // in the database.
+  absl::Status Import(const std::vector<AuditRecord>& records,
+                      absl::FunctionRef<bool()> may_yield = [] { return false; }) {
     for (size_t from = 0; from < records.size(); from += kImportBatch) {
       const size_t to = std::min(records.size(), from + kImportBatch);
-      if (!Transaction(records, from, to)) {
+      if (!Transaction(records, from, to, may_yield)) {
         return absl::UnavailableError("audit trail cannot be written");
       }
     }
@@ -172,12 +179,15 @@ class Importer {
  private:
   Importer() = default;
 
-  bool Transaction(const std::vector<AuditRecord>& records, size_t from, size_t to) {
+  bool Transaction(const std::vector<AuditRecord>& records, size_t from, size_t to,
+                   absl::FunctionRef<bool()> may_yield) {
     const int begun = sqlite3_step(begin_);
     sqlite3_reset(begin_);
     if (begun != SQLITE_DONE) return false;
     for (size_t i = from; i < to; ++i) {
-      if ((i - from) % kYieldEvery == kYieldEvery - 1) sched_yield();  // returns at once when idle
+      if ((i - from) % kYieldEvery == kYieldEvery - 1 && may_yield()) {
+        sched_yield();  // returns at once when nothing else is runnable
+      }
       const AuditRecord& r = records[i];
       sqlite3_reset(insert_);
       sqlite3_bind_int64(insert_, 1, r.id);
@@ -373,6 +383,7 @@ class JournalAuditSink final : public AuditSink {
         journal_bytes_ += static_cast<int64_t>(encoded_.size());
         const size_t before = unimported_.size();
         for (Item& item : batch_) unimported_.push_back(std::move(item.record));
+        unimported_count_.store(unimported_.size(), std::memory_order_relaxed);
         if (before < import_batch_ && unimported_.size() >= import_batch_) import_cv_.Signal();
       }
       mu_.Unlock();
@@ -466,9 +477,12 @@ class JournalAuditSink final : public AuditSink {
     if (unimported_.empty()) return;
     std::vector<AuditRecord>& records = import_buffer_;  // keeps its capacity
     records.swap(unimported_);
+    unimported_count_.store(0, std::memory_order_relaxed);
     importing_ = records.size();
     mu_.Unlock();
-    const absl::Status status = importer_->Import(records);
+    const absl::Status status = importer_->Import(records, [this] {
+      return unimported_count_.load(std::memory_order_relaxed) < import_batch_;
+    });
     mu_.Lock();
     importing_ = 0;
     database_ok_ = status.ok();
@@ -478,6 +492,7 @@ class JournalAuditSink final : public AuditSink {
       // In id order: the ones that failed, then any journaled meanwhile.
       for (AuditRecord& r : unimported_) records.push_back(std::move(r));
       unimported_.swap(records);
+      unimported_count_.store(unimported_.size(), std::memory_order_relaxed);
     }
     records.clear();
   }
@@ -589,6 +604,8 @@ class JournalAuditSink final : public AuditSink {
   int64_t next_id_ ABSL_GUARDED_BY(mu_);
   int64_t journal_bytes_ ABSL_GUARDED_BY(mu_);
   std::vector<AuditRecord> unimported_ ABSL_GUARDED_BY(mu_);  // journaled, id order
+  // unimported_.size(), for the importer to read without mu_ while it imports.
+  std::atomic<size_t> unimported_count_{0};
   size_t importing_ ABSL_GUARDED_BY(mu_) = 0;  // records in the importer's hands
   int64_t imported_through_ ABSL_GUARDED_BY(mu_);  // every id up to it is imported
   std::vector<AuditRecord> import_buffer_;      // the importer's, between rounds empty
