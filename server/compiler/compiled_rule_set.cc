@@ -144,6 +144,7 @@ DemographicContext BuildContext(const CompiledRuleSet& rs, const std::vector<int
     if (t == Truth::kUnknown) continue;
     if ((t == Truth::kTrue ? ev.log_lr_positive : ev.log_lr_negative) == 0) continue;  // LR 1
     ApplyEvidence(e, ev, t == Truth::kTrue, context.items.emplace_back());
+    context.items.back().explain_rank = ExplainRank(rs.evidence[e], t == Truth::kTrue);
     if (ev.group < 0) continue;
     if (ev.hypothesis != group_hypothesis) {
       group_best.clear();

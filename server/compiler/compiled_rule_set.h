@@ -215,17 +215,24 @@ struct CompiledEvidence {
 
 // The fields of CompiledEvidence the scoring loop reads, packed apart from the rest
 // (CompiledRuleSet::evidence_scores, same index): per candidate the loop then touches one
-// 40-byte entry, where the 200-byte CompiledEvidence spreads them over three cache lines.
+// 32-byte entry, aligned so that it never straddles two cache lines, where the 200-byte
+// CompiledEvidence spreads them over three. A call with cold caches reads most of this
+// array from memory (most items are candidates), so nothing only explanations need is
+// here: those read CompiledEvidence for the few items they list.
 // Derived once the evidence is complete (Compilation::BuildTriggerIndex).
-struct EvidenceScore {
+struct alignas(32) EvidenceScore {
   ConditionId condition = -1;
   int32_t hypothesis = -1;
   int32_t group = -1;
-  int32_t explain_rank_positive = 0;
-  int32_t explain_rank_negative = 0;
+  // When the condition is a single finding leaf with no onset range (most evidence): its
+  // concept, whose value the engine then takes from the patient's facts on the concept
+  // (TRUE if one is present, else FALSE if one is excluded, else unknown) without reading
+  // the condition; -1 otherwise.
+  int32_t finding_concept = -1;
   double log_lr_positive = 0;  // 0 exactly when the LR is 1 (the outcome moves nothing)
   double log_lr_negative = 0;
 };
+static_assert(sizeof(EvidenceScore) == 32, "one per half cache line");
 
 // A fact a test's result makes known.
 struct FactKey {
@@ -291,7 +298,10 @@ struct CompiledAction {
 struct AppliedEvidence {
   int32_t evidence = -1;
   int32_t hypothesis = -1;    // the item's (copied: grouping by it reads no CompiledEvidence)
-  int32_t explain_rank = 0;   // the outcome's CompiledEvidence::explain_rank_*
+  // The outcome's CompiledEvidence::explain_rank_* (ExplainRank): set by whoever lists the
+  // item in an explanation (the engine, or the compiler for a demographic context's items),
+  // not by ApplyEvidence, so that scoring reads no CompiledEvidence.
+  int32_t explain_rank = 0;
   bool matched = false;     // condition TRUE (else FALSE)
   bool superseded = false;  // a stronger item of its correlated group counts instead
   double log_lr = 0;
@@ -307,8 +317,12 @@ inline void ApplyEvidence(int32_t e, const EvidenceScore& ev, bool matched,
   item.hypothesis = ev.hypothesis;
   item.matched = matched;
   item.superseded = false;
-  item.explain_rank = matched ? ev.explain_rank_positive : ev.explain_rank_negative;
   item.log_lr = matched ? ev.log_lr_positive : ev.log_lr_negative;
+}
+
+// Where an explanation lists the `matched` (or not) outcome of `ev` (AppliedEvidence).
+inline int32_t ExplainRank(const CompiledEvidence& ev, bool matched) {
+  return matched ? ev.explain_rank_positive : ev.explain_rank_negative;
 }
 
 // The order explanations list a hypothesis' items in: counted before superseded, then

@@ -1701,8 +1701,10 @@ class Compilation {
       score.condition = ev.condition;
       score.hypothesis = ev.hypothesis;
       score.group = ev.group;
-      score.explain_rank_positive = ev.explain_rank_positive;
-      score.explain_rank_negative = ev.explain_rank_negative;
+      const CompiledCondition& c = out_->conditions[ev.condition];
+      if (c.kind == CompiledCondition::Kind::kFinding && c.ages.unbounded()) {
+        score.finding_concept = c.ref;
+      }
       score.log_lr_positive = ev.log_lr_positive;
       score.log_lr_negative = ev.log_lr_negative;
     }

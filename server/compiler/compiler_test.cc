@@ -244,8 +244,10 @@ TEST(CompilerTest, EvidenceScoresMirrorTheEvidence) {
     EXPECT_EQ(score.condition, ev.condition) << ev.id;
     EXPECT_EQ(score.hypothesis, ev.hypothesis) << ev.id;
     EXPECT_EQ(score.group, ev.group) << ev.id;
-    EXPECT_EQ(score.explain_rank_positive, ev.explain_rank_positive) << ev.id;
-    EXPECT_EQ(score.explain_rank_negative, ev.explain_rank_negative) << ev.id;
+    const CompiledCondition& c = rs.conditions[ev.condition];
+    EXPECT_EQ(score.finding_concept,
+              c.kind == CompiledCondition::Kind::kFinding && c.ages.unbounded() ? c.ref : -1)
+        << ev.id;
     EXPECT_EQ(score.log_lr_positive, std::log(ev.lr_positive)) << ev.id;
     EXPECT_EQ(score.log_lr_negative, std::log(ev.lr_negative)) << ev.id;
   }

@@ -172,6 +172,7 @@ struct Scratch {
     Grow(&concept_stamp, rs.concepts.size());
     Grow(&concept_head, rs.concepts.size());
     Grow(&concept_tail, rs.concepts.size());
+    Grow(&concept_presence, rs.concepts.size());
     Grow(&family_concept_stamp, rs.concepts.size());
     Grow(&lab_stamp, rs.labs.size());
     Grow(&lab_head, rs.labs.size());
@@ -223,11 +224,18 @@ struct Scratch {
     if (concept_stamp[c] != epoch) {
       concept_stamp[c] = epoch;
       concept_head[c] = i;
+      concept_presence[c] = Tri::kUnknown;
       concepts_present.push_back(c);
     } else {
       finding_facts[concept_tail[c]].next = i;
     }
     concept_tail[c] = i;
+    // What a finding leaf with any onset makes of the concept's facts (EvalFinding).
+    if (fact.status == Finding::PRESENT) {
+      concept_presence[c] = Tri::kTrue;
+    } else if (fact.status == Finding::EXCLUDED && concept_presence[c] != Tri::kTrue) {
+      concept_presence[c] = Tri::kFalse;
+    }
   }
   void AddLab(int32_t l, LabFact fact) {
     const int32_t i = static_cast<int32_t>(lab_facts.size());
@@ -275,6 +283,7 @@ struct Scratch {
   uint32_t memo_epoch = 0;
   std::vector<uint32_t> concept_stamp, lab_stamp;
   std::vector<int32_t> concept_head, concept_tail, lab_head, lab_tail;
+  std::vector<Tri> concept_presence;  // valid where concept_stamp is (Facts::Presence)
   std::vector<FindingFact> finding_facts;
   std::vector<LabFact> lab_facts;
   std::vector<int32_t> concepts_present, labs_present;  // in order of first fact
@@ -342,6 +351,11 @@ struct Facts {
   bool HasLabs(int32_t l) const { return scratch->HasLab(l); }
   // First fact on a concept or lab (-1: none); follow FindingFact::next / LabFact::next.
   int32_t FirstFinding(int32_t c) const { return HasFindings(c) ? scratch->concept_head[c] : -1; }
+  // The value of a finding leaf on concept `c` with no onset range (EvidenceScore::
+  // finding_concept), kept as the facts are added.
+  Tri Presence(int32_t c) const {
+    return HasFindings(c) ? scratch->concept_presence[c] : Tri::kUnknown;
+  }
   int32_t FirstLab(int32_t l) const { return HasLabs(l) ? scratch->lab_head[l] : -1; }
   const FindingFact& finding(int32_t i) const { return scratch->finding_facts[i]; }
   const LabFact& lab(int32_t i) const { return scratch->lab_facts[i]; }
@@ -588,13 +602,19 @@ class Evaluator {
   void CollectFindingCodes(ConditionId id, std::vector<int>* finding_indices) const {
     const CompiledCondition& c = rs_.conditions[id];
     if (c.kind == CompiledCondition::Kind::kFinding) {
-      for (int32_t i = facts_.FirstFinding(c.ref); i >= 0; i = facts_.finding(i).next) {
-        const FindingFact& f = facts_.finding(i);
-        if (f.status != Finding::UNKNOWN) finding_indices->push_back(f.index);
-      }
+      CollectConceptCodes(c.ref, finding_indices);
       return;
     }
     for (ConditionId child : c.children) CollectFindingCodes(child, finding_indices);
+  }
+
+  // The patient's codes on concept `c` (in patient order, each once): those a finding leaf
+  // on it shows.
+  void CollectConceptCodes(int32_t c, std::vector<int>* finding_indices) const {
+    for (int32_t i = facts_.FirstFinding(c); i >= 0; i = facts_.finding(i).next) {
+      const FindingFact& f = facts_.finding(i);
+      if (f.status != Finding::UNKNOWN) finding_indices->push_back(f.index);
+    }
   }
 
   // Describes the deciding measurement of each lab leaf under `id` that had data, e.g.
@@ -1169,7 +1189,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   int32_t group_hypothesis = -1;
   for (int32_t e : evidence_candidates) {
     const compiler::EvidenceScore& ev = rs.evidence_scores[e];
-    const Tri t = evaluator.Eval(ev.condition);
+    // Most conditions are one finding leaf: decided from the concept's facts, without
+    // reading the condition or its memo (a cold call's cache misses).
+    const Tri t = ev.finding_concept >= 0 ? facts.Presence(ev.finding_concept)
+                                          : evaluator.Eval(ev.condition);
     if (t == Tri::kUnknown) continue;
     if ((t == Tri::kTrue ? ev.log_lr_positive : ev.log_lr_negative) == 0) continue;  // LR 1
     compiler::ApplyEvidence(e, ev, t == Tri::kTrue, applied.emplace_back());
@@ -1409,6 +1432,9 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     items.clear();
     if (scores.Touched(h)) {
       items.assign(applied.data() + scratch.range_begin[h], applied.data() + scratch.range_end[h]);
+      for (Applied& item : items) {
+        item.explain_rank = compiler::ExplainRank(rs.evidence[item.evidence], item.matched);
+      }
       if (context != nullptr) {
         items.insert(items.end(), context->items.data() + scratch.context_begin[h],
                      context->items.data() + scratch.context_end[h]);
@@ -1417,6 +1443,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     std::sort(items.begin(), items.end(), compiler::ExplainsBefore);
     for (const Applied& applied_item : items) {
       const compiler::CompiledEvidence& ev = rs.evidence[applied_item.evidence];
+      // From the scoring entry, which the call has just read: ev's condition is on another
+      // cache line than the fields read here.
+      const compiler::EvidenceScore& score = rs.evidence_scores[applied_item.evidence];
+      const ConditionId condition = score.condition;
       EvaluationBuilder::Item& item = out.AddItem();
       item.evidence = applied_item.evidence;
       item.effect = applied_item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED;
@@ -1429,19 +1459,24 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
         item.description = EvaluationBuilder::Description::kLabs;
         auto& lab_details = scratch.reasons;
         lab_details.clear();
-        evaluator.CollectLabDetails(ev.condition, &lab_details);
+        evaluator.CollectLabDetails(condition, &lab_details);
         out.AddPiece(&ev.description, true);
         for (const std::string* detail : lab_details) add_piece(detail);
       }
       auto& finding_indices = scratch.finding_indices;
       finding_indices.clear();
-      evaluator.CollectFindingCodes(ev.condition, &finding_indices);
       // A single finding leaf (most evidence) lists its concept's facts, which are in
-      // patient order and distinct already.
-      if (rs.conditions[ev.condition].kind != CompiledCondition::Kind::kFinding) {
-        std::sort(finding_indices.begin(), finding_indices.end());
-        finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
-                              finding_indices.end());
+      // patient order and distinct already (read without the condition when it has no
+      // onset range).
+      if (score.finding_concept >= 0) {
+        evaluator.CollectConceptCodes(score.finding_concept, &finding_indices);
+      } else {
+        evaluator.CollectFindingCodes(condition, &finding_indices);
+        if (rs.conditions[condition].kind != CompiledCondition::Kind::kFinding) {
+          std::sort(finding_indices.begin(), finding_indices.end());
+          finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
+                                finding_indices.end());
+        }
       }
       out.SetCodes(item, finding_indices);
     }

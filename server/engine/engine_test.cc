@@ -146,10 +146,18 @@ TEST(EngineTest, FindingCondition) {
   EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0002028" } status: EXCLUDED })pb"), 0.5);
   EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE findings { term { system: "HPO" code: "HP:0002028" } status: UNKNOWN })pb"), 1);
   EXPECT_EQ(AppliedLr(*rs, "sex: MALE"), 1);
-  // Present under one code beats excluded under another.
+  // Present under one code beats excluded under another, in either order (the engine
+  // keeps a concept's value as its facts come in: EvidenceScore::finding_concept).
   EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE
     findings { term { system: "HPO" code: "HP:0002028" } status: EXCLUDED }
     findings { term { system: "HPO" code: "HP:0002041" } status: PRESENT })pb"), 4);
+  EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE
+    findings { term { system: "HPO" code: "HP:0002041" } status: PRESENT }
+    findings { term { system: "HPO" code: "HP:0002028" } status: EXCLUDED }
+    findings { term { system: "HPO" code: "HP:0002028" } status: UNKNOWN })pb"), 4);
+  EXPECT_EQ(AppliedLr(*rs, R"pb(sex: MALE
+    findings { term { system: "HPO" code: "HP:0002028" } status: UNKNOWN }
+    findings { term { system: "HPO" code: "HP:0002041" } status: EXCLUDED })pb"), 0.5);
 }
 
 TEST(EngineTest, FindingOnsetCondition) {
