@@ -233,11 +233,31 @@ TEST(CompilerTest, EvidenceScoresMirrorTheEvidence) {
     hypotheses { id: "a" title: "A" pretest_probability: 0.1 pretest_provenance { assumption: true note: "x" }
       evidence { id: "e1" when { finding { concept: "c" } } likelihood_ratios { positive: 4 negative: 0.5 } provenance { reference_ids: "SRC" } group: "g" }
       evidence { id: "e2" when { finding { concept: "d" } } likelihood_ratios { positive: 2 } provenance { reference_ids: "SRC" } group: "g" }
-      evidence { id: "e3" when { sex: MALE } likelihood_ratios { positive: 3 } provenance { reference_ids: "SRC" } } }
+      evidence { id: "e3" when { sex: MALE } likelihood_ratios { positive: 3 } provenance { reference_ids: "SRC" } }
+      evidence { id: "e4" when { finding { concept: "d" onset { to { days: 183 } } } } likelihood_ratios { positive: 5 } provenance { reference_ids: "SRC" } } }
   )pb");
   ASSERT_TRUE(result.ok()) << result.IssuesToString();
   const CompiledRuleSet& rs = *result.rule_set;
   ASSERT_EQ(rs.evidence_scores.size(), rs.evidence.size());
+  // finding_concept: the concept of a finding leaf with any onset; -1 with an onset range or
+  // another kind of condition.
+  auto score_of = [&](const std::string& id) -> const EvidenceScore& {
+    for (size_t i = 0; i < rs.evidence.size(); ++i) {
+      if (rs.evidence[i].id == id) return rs.evidence_scores[i];
+    }
+    ADD_FAILURE() << "no evidence " << id;
+    return rs.evidence_scores[0];
+  };
+  auto concept_index = [&](const std::string& id) {
+    for (size_t c = 0; c < rs.concepts.size(); ++c) {
+      if (rs.concepts[c].id == id) return static_cast<int32_t>(c);
+    }
+    return int32_t{-2};
+  };
+  EXPECT_EQ(score_of("a/e1").finding_concept, concept_index("c"));
+  EXPECT_EQ(score_of("a/e2").finding_concept, concept_index("d"));
+  EXPECT_EQ(score_of("a/e3").finding_concept, -1);
+  EXPECT_EQ(score_of("a/e4").finding_concept, -1);
   for (size_t i = 0; i < rs.evidence.size(); ++i) {
     const CompiledEvidence& ev = rs.evidence[i];
     const EvidenceScore& score = rs.evidence_scores[i];
