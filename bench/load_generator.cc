@@ -141,27 +141,32 @@ std::optional<uint32_t> FindField(google::protobuf::io::CodedInputStream& in, in
   return std::nullopt;
 }
 
+// A serialized message's fields, read in place (the copy shares the slices; the reader
+// consumes the copy).
+struct BytesReader {
+  explicit BytesReader(const grpc::ByteBuffer& bytes) : copy(bytes), reader(&copy), in(&reader) {}
+  grpc::ByteBuffer copy;
+  grpc::ProtoBufferReader reader;
+  google::protobuf::io::CodedInputStream in;
+};
+
 // EvaluateResponse.rule_set (2) .version (2), read from the bytes.
 std::string ResponseVersion(const grpc::ByteBuffer& response) {
-  grpc::ByteBuffer copy(response);  // shares the slices; the reader consumes the copy
-  grpc::ProtoBufferReader reader(&copy);
-  google::protobuf::io::CodedInputStream in(&reader);
+  BytesReader bytes(response);
   std::string version;
-  const std::optional<uint32_t> rule_set = FindField(in, 2);
+  const std::optional<uint32_t> rule_set = FindField(bytes.in, 2);
   if (!rule_set) return version;
-  in.PushLimit(static_cast<int>(*rule_set));
-  if (const std::optional<uint32_t> length = FindField(in, 2)) {
-    in.ReadString(&version, static_cast<int>(*length));
+  bytes.in.PushLimit(static_cast<int>(*rule_set));
+  if (const std::optional<uint32_t> length = FindField(bytes.in, 2)) {
+    bytes.in.ReadString(&version, static_cast<int>(*length));
   }
   return version;
 }
 
 // Whether a StreamEvaluateResponse carries a response (3) rather than an error (4).
 bool IsStreamResult(const grpc::ByteBuffer& result) {
-  grpc::ByteBuffer copy(result);
-  grpc::ProtoBufferReader reader(&copy);
-  google::protobuf::io::CodedInputStream in(&reader);
-  return FindField(in, 3).has_value();
+  BytesReader bytes(result);
+  return FindField(bytes.in, 3).has_value();
 }
 
 struct Target {
