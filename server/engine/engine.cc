@@ -602,19 +602,13 @@ class Evaluator {
   void CollectFindingCodes(ConditionId id, std::vector<int>* finding_indices) const {
     const CompiledCondition& c = rs_.conditions[id];
     if (c.kind == CompiledCondition::Kind::kFinding) {
-      CollectConceptCodes(c.ref, finding_indices);
+      for (int32_t i = facts_.FirstFinding(c.ref); i >= 0; i = facts_.finding(i).next) {
+        const FindingFact& f = facts_.finding(i);
+        if (f.status != Finding::UNKNOWN) finding_indices->push_back(f.index);
+      }
       return;
     }
     for (ConditionId child : c.children) CollectFindingCodes(child, finding_indices);
-  }
-
-  // The patient's codes on concept `c` (in patient order, each once): those a finding leaf
-  // on it shows.
-  void CollectConceptCodes(int32_t c, std::vector<int>* finding_indices) const {
-    for (int32_t i = facts_.FirstFinding(c); i >= 0; i = facts_.finding(i).next) {
-      const FindingFact& f = facts_.finding(i);
-      if (f.status != Finding::UNKNOWN) finding_indices->push_back(f.index);
-    }
   }
 
   // Describes the deciding measurement of each lab leaf under `id` that had data, e.g.
@@ -1445,8 +1439,7 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       const compiler::CompiledEvidence& ev = rs.evidence[applied_item.evidence];
       // From the scoring entry, which the call has just read: ev's condition is on another
       // cache line than the fields read here.
-      const compiler::EvidenceScore& score = rs.evidence_scores[applied_item.evidence];
-      const ConditionId condition = score.condition;
+      const ConditionId condition = rs.evidence_scores[applied_item.evidence].condition;
       EvaluationBuilder::Item& item = out.AddItem();
       item.evidence = applied_item.evidence;
       item.effect = applied_item.matched ? cds::v1::Evidence::MATCHED : cds::v1::Evidence::NOT_MATCHED;
@@ -1465,18 +1458,13 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
       }
       auto& finding_indices = scratch.finding_indices;
       finding_indices.clear();
+      evaluator.CollectFindingCodes(condition, &finding_indices);
       // A single finding leaf (most evidence) lists its concept's facts, which are in
-      // patient order and distinct already (read without the condition when it has no
-      // onset range).
-      if (score.finding_concept >= 0) {
-        evaluator.CollectConceptCodes(score.finding_concept, &finding_indices);
-      } else {
-        evaluator.CollectFindingCodes(condition, &finding_indices);
-        if (rs.conditions[condition].kind != CompiledCondition::Kind::kFinding) {
-          std::sort(finding_indices.begin(), finding_indices.end());
-          finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
-                                finding_indices.end());
-        }
+      // patient order and distinct already.
+      if (rs.conditions[condition].kind != CompiledCondition::Kind::kFinding) {
+        std::sort(finding_indices.begin(), finding_indices.end());
+        finding_indices.erase(std::unique(finding_indices.begin(), finding_indices.end()),
+                              finding_indices.end());
       }
       out.SetCodes(item, finding_indices);
     }
