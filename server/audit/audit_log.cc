@@ -798,7 +798,11 @@ std::string AuditSelectSql(bool by_patient) {
       by_patient ? absl::StrCat("AND ", PatientBlockSql(), " = ?8 AND ", PatientKeySql(),
                                 " = ?9 AND +pseudonym = ?5 ")
                  : "AND (?5 = '' OR pseudonym = ?5) ",
-      "AND id > ?7 ORDER BY id LIMIT ?6");
+      "AND id > ?7 AND id <= ?10 ORDER BY id LIMIT ?6");
+}
+
+std::string AuditWindowSql() {
+  return "SELECT MIN(id), MAX(id) FROM audit WHERE time_us >= ?1 AND time_us < ?2";
 }
 
 }  // namespace internal
@@ -859,11 +863,16 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   const std::string sql = internal::AuditSelectSql(by_patient);
   sqlite3_stmt* stmt = nullptr;
   sqlite3_stmt* max_id = nullptr;
+  sqlite3_stmt* window = nullptr;
   if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) != SQLITE_OK ||
       sqlite3_prepare_v2(db, "SELECT COALESCE(MAX(id), 0) FROM audit", -1, &max_id, nullptr) !=
+          SQLITE_OK ||
+      sqlite3_prepare_v2(db, internal::AuditWindowSql().c_str(), -1, &window, nullptr) !=
           SQLITE_OK) {
     const std::string message = sqlite3_errmsg(db);
     sqlite3_finalize(stmt);
+    sqlite3_finalize(max_id);
+    sqlite3_finalize(window);
     sqlite3_close(db);
     return absl::FailedPreconditionError(absl::StrCat(path, " is not an audit database: ", message));
   }
@@ -878,7 +887,6 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   sqlite3_bind_text(stmt, 3, query.caller.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_text(stmt, 4, query.rule_set.c_str(), -1, SQLITE_TRANSIENT);
   sqlite3_bind_text(stmt, 5, query.pseudonym.c_str(), -1, SQLITE_TRANSIENT);
-  sqlite3_bind_int64(stmt, 7, query.after_id);
   const std::string patient_key = query.pseudonym.substr(0, kPatientKeyDigits);
   if (by_patient) sqlite3_bind_text(stmt, 9, patient_key.c_str(), -1, SQLITE_STATIC);
   std::vector<AuditRecord> records;
@@ -890,10 +898,28 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   sqlite3_exec(db, "BEGIN", nullptr, nullptr, nullptr);
   int rc = sqlite3_step(max_id);
   const int64_t imported = rc == SQLITE_ROW ? sqlite3_column_int64(max_id, 0) : 0;
+  // A time window: the ids its rows have, from the time index (ids follow the clock only
+  // roughly, so the lowest and highest of the window's rows, not the first and last found);
+  // the rows are then read along the ids between them instead of from the first one.
+  int64_t first_id = std::max<int64_t>(query.after_id, 0) + 1;
+  int64_t last_id = imported;
+  if (rc == SQLITE_ROW && (since_us != INT64_MIN || until_us != INT64_MAX)) {
+    sqlite3_bind_int64(window, 1, since_us);
+    sqlite3_bind_int64(window, 2, until_us);
+    rc = sqlite3_step(window);
+    if (rc == SQLITE_ROW && sqlite3_column_type(window, 0) == SQLITE_NULL) {
+      last_id = 0;  // no row in the window
+    } else if (rc == SQLITE_ROW) {
+      first_id = std::max<int64_t>(first_id, sqlite3_column_int64(window, 0));
+      last_id = std::min<int64_t>(last_id, sqlite3_column_int64(window, 1));
+    }
+  }
+  sqlite3_bind_int64(stmt, 7, first_id - 1);
+  sqlite3_bind_int64(stmt, 10, last_id);
   // The blocks to look in, in id order; without the patient index, the one statement.
-  int64_t block = by_patient ? (std::max<int64_t>(query.after_id, 0) + 1) >> kPatientBlockBits : 0;
-  const int64_t last_block = by_patient ? imported >> kPatientBlockBits : 0;
-  for (; rc == SQLITE_ROW && block <= last_block &&
+  int64_t block = by_patient ? first_id >> kPatientBlockBits : 0;
+  const int64_t last_block = by_patient ? last_id >> kPatientBlockBits : 0;
+  for (; rc == SQLITE_ROW && first_id <= last_id && block <= last_block &&
          static_cast<int>(records.size()) < query.limit;
        ++block) {
     sqlite3_reset(stmt);
@@ -919,6 +945,7 @@ absl::StatusOr<std::vector<AuditRecord>> QuerySqliteAudit(const std::string& pat
   }
   sqlite3_exec(db, "COMMIT", nullptr, nullptr, nullptr);
   sqlite3_finalize(max_id);
+  sqlite3_finalize(window);
   sqlite3_finalize(stmt);
   sqlite3_close(db);
   if (rc != SQLITE_ROW) return absl::UnavailableError("the audit database cannot be read");

@@ -135,6 +135,9 @@ namespace internal {
 // The SELECT that QuerySqliteAudit runs: by patient, one block of the patient index at a
 // time; otherwise along the ids. Exposed for a test of SQLite's plan for it.
 std::string AuditSelectSql(bool by_patient);
+// The ids of the rows in a time window (?1, ?2), from the time index: the select above then
+// reads only the ids between them.
+std::string AuditWindowSql();
 }  // namespace internal
 
 }  // namespace cds::audit

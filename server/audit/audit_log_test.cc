@@ -462,12 +462,14 @@ bool Exec(const std::string& path, const std::string& sql) {
   return ok;
 }
 
-std::string InsertAt(int64_t id, const std::string& pseudonym) {
+// A row with id `id`, recorded at `time_us` (by default, `id` µs after the epoch).
+std::string InsertAt(int64_t id, const std::string& pseudonym, int64_t time_us = -1) {
   return absl::StrCat(
       "INSERT INTO audit (id, time_us, caller, method, rule_set, digest, pseudonym, "
       "evaluation_id, top_suggestions, status_code, latency_us) VALUES (",
-      id, ", ", id, ", 'alice', '/cds.v1.DecisionSupport/Evaluate', 'ipex@1.1.0', '', '",
-      pseudonym, "', '', '', 0, 1);");
+      id, ", ", time_us < 0 ? id : time_us,
+      ", 'alice', '/cds.v1.DecisionSupport/Evaluate', 'ipex@1.1.0', '', '", pseudonym,
+      "', '', '', 0, 1);");
 }
 
 std::vector<int64_t> IdsOf(const absl::StatusOr<std::vector<AuditRecord>>& records) {
@@ -543,6 +545,96 @@ TEST(SqliteAuditTest, TheQueryByPatientSeeksTheIndex) {
   sqlite3_close(handle);
   EXPECT_TRUE(absl::StrContains(plan, "USING INDEX audit_patient (<expr>=? AND <expr>=?"))
       << plan;
+}
+
+// A time window is looked up in the time index and then read along the ids between its
+// lowest and highest: the same records as reading every row, also where the clock went
+// back (ids follow it only roughly), with paging, by patient, and for an empty window.
+TEST(SqliteAuditTest, TimeWindowsFindTheSameRecordsAsReadingEveryRow) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  options.sync_interval = absl::Hours(1);
+  ASSERT_TRUE(OpenSqliteAudit(options).ok());  // the schema
+  const std::string patient = "ab12cd34" + std::string(56, '0');
+  // Times of ids 1..40000: 10 µs apart, except that the clock steps back 500 µs at id
+  // 20000 and ids 30000..30009 carry times from far back and far ahead.
+  auto time_of = [](int64_t id) -> int64_t {
+    if (id >= 30000 && id < 30005) return 15;
+    if (id >= 30005 && id < 30010) return 1000000;
+    return id * 10 - (id >= 20000 ? 500 : 0);
+  };
+  std::string rows = "BEGIN;";
+  for (int64_t id = 1; id <= 40000; ++id) {
+    rows += InsertAt(id, id % 7 == 0 ? patient : "", time_of(id));
+  }
+  ASSERT_TRUE(Exec(db.path(), rows + "COMMIT;"));
+
+  struct Window {
+    int64_t since, until;
+  };
+  for (const Window w : {Window{15, 16}, Window{199800, 200000}, Window{199950, 200050},
+                         Window{999999, 1000001}, Window{0, 40}, Window{400000, 500000},
+                         Window{-1, 350000}, Window{250000, -1}}) {
+    for (const bool by_patient : {false, true}) {
+      AuditQuery query;
+      if (w.since >= 0) query.since = absl::FromUnixMicros(w.since);
+      if (w.until >= 0) query.until = absl::FromUnixMicros(w.until);
+      if (by_patient) query.pseudonym = patient;
+      query.limit = 100000;
+      std::vector<int64_t> expected;
+      for (int64_t id = 1; id <= 40000; ++id) {
+        const int64_t t = time_of(id);
+        if ((w.since < 0 || t >= w.since) && (w.until < 0 || t < w.until) &&
+            (!by_patient || id % 7 == 0)) {
+          expected.push_back(id);
+        }
+      }
+      const std::string where = absl::StrCat("window [", w.since, ", ", w.until, ")",
+                                             by_patient ? " by patient" : "");
+      EXPECT_EQ(IdsOf(QuerySqliteAudit(db.path(), query)), expected) << where;
+      // Paged: three records at a time, from the middle of the window.
+      if (expected.size() > 4) {
+        query.after_id = expected[1];
+        query.limit = 3;
+        EXPECT_EQ(IdsOf(QuerySqliteAudit(db.path(), query)),
+                  std::vector<int64_t>(expected.begin() + 2, expected.begin() + 5))
+            << where;
+      }
+    }
+  }
+}
+
+// The window's ids come from the time index alone (a covering index: no row is read), and
+// the rows are then read along the ids between them.
+TEST(SqliteAuditTest, TheTimeWindowSeeksTheTimeIndex) {
+  TempDb db;
+  SqliteAuditOptions options;
+  options.path = db.path();
+  ASSERT_TRUE(OpenSqliteAudit(options).ok());
+  sqlite3* handle = nullptr;
+  ASSERT_EQ(sqlite3_open_v2(db.path().c_str(), &handle, SQLITE_OPEN_READONLY, nullptr),
+            SQLITE_OK);
+  auto plan_of = [handle](const std::string& sql) {
+    sqlite3_stmt* stmt = nullptr;
+    std::string plan;
+    if (sqlite3_prepare_v2(handle, ("EXPLAIN QUERY PLAN " + sql).c_str(), -1, &stmt, nullptr) !=
+        SQLITE_OK) {
+      return std::string(sqlite3_errmsg(handle));
+    }
+    while (sqlite3_step(stmt) == SQLITE_ROW) {
+      plan += reinterpret_cast<const char*>(sqlite3_column_text(stmt, 3));
+      plan += "\n";
+    }
+    sqlite3_finalize(stmt);
+    return plan;
+  };
+  const std::string window = plan_of(internal::AuditWindowSql());
+  const std::string rows = plan_of(internal::AuditSelectSql(/*by_patient=*/false));
+  sqlite3_close(handle);
+  EXPECT_TRUE(absl::StrContains(window, "USING COVERING INDEX audit_time (time_us>? AND time_us<?)"))
+      << window;
+  EXPECT_TRUE(absl::StrContains(rows, "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)")) << rows;
 }
 
 // A database from before the patient index: queries by patient still find its records (by
