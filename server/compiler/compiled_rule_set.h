@@ -450,6 +450,8 @@ struct CompiledRuleSet {
   double pretest_sum = 0;
   // The largest `in_top` of any probability condition (how deep ranks must be known).
   int32_t max_in_top = 0;
+  // The most correlated-evidence groups of any hypothesis (the engine's per-group scratch).
+  int32_t max_group_count = 0;
 
   // Folded demographic evidence (FoldDemographicEvidence): an item is folded when its
   // condition has only sex and age leaves and every item of its correlated group (if any)

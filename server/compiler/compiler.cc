@@ -1182,6 +1182,7 @@ class Compilation {
         out_->evidence.push_back(std::move(compiled_ev));
       }
       compiled.group_count = static_cast<int32_t>(groups.size());
+      out_->max_group_count = std::max(out_->max_group_count, compiled.group_count);
       if (h.evidence().empty()) Warn(kRuleSetFile, at, h.id(), "hypothesis has no evidence");
     }
     if (pretest_sum >= 1) {

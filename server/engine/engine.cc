@@ -189,6 +189,8 @@ struct Scratch {
     Grow(&range_source, rs.hypotheses.size());
     Grow(&context_begin, rs.hypotheses.size());
     Grow(&context_end, rs.hypotheses.size());
+    Grow(&group_stamp, static_cast<size_t>(rs.max_group_count));
+    Grow(&group_best, static_cast<size_t>(rs.max_group_count));
     Grow(&condition_stamp, rs.conditions.size());
     Grow(&condition_value, rs.conditions.size());
     Grow(&detail_stamp, rs.conditions.size());
@@ -213,6 +215,7 @@ struct Scratch {
   }
   // Forgets memoised condition values (once the scores exist, probability leaves change).
   void NewMemo() { NextEpoch(&memo_epoch, {&condition_stamp}); }
+  void NewGroups() { NextEpoch(&group_epoch, {&group_stamp}); }
 
   bool HasConcept(int32_t c) const { return concept_stamp[c] == epoch; }
   bool HasLab(int32_t l) const { return lab_stamp[l] == epoch; }
@@ -306,7 +309,11 @@ struct Scratch {
   std::vector<Applied> applied;
   // Scores' current run of the demographic context's ranking.
   std::vector<int32_t> folded_ranked;
-  std::vector<std::pair<int32_t, size_t>> group_best;  // (group, applied index), one hypothesis
+  // Per correlated group of the hypothesis being scored: the applied index of its strongest
+  // item so far, valid where group_stamp is group_epoch (advanced per hypothesis).
+  uint32_t group_epoch = 0;
+  std::vector<uint32_t> group_stamp;
+  std::vector<uint32_t> group_best;
   std::vector<int32_t> touched, ranked;
   std::vector<RankKey> keyed;
   // Memoised condition values and lab descriptions.
@@ -1179,7 +1186,6 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
   // the strongest item counts.
   Scratch::TakeBits(scratch.evidence_bits, rs.evidence.size(), &evidence_candidates);
   std::vector<Applied>& applied = scratch.applied;
-  auto& group_best = scratch.group_best;  // of the current hypothesis
   int32_t group_hypothesis = -1;
   for (int32_t e : evidence_candidates) {
     const compiler::EvidenceScore& ev = rs.evidence_scores[e];
@@ -1193,18 +1199,20 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
     if (ev.group >= 0) {
       // Candidates are in evidence order, so one hypothesis' items are contiguous.
       if (ev.hypothesis != group_hypothesis) {
-        group_best.clear();
+        scratch.NewGroups();
         group_hypothesis = ev.hypothesis;
       }
-      auto it = std::find_if(group_best.begin(), group_best.end(),
-                             [&](const auto& g) { return g.first == ev.group; });
-      if (it == group_best.end()) {
-        group_best.emplace_back(ev.group, applied.size() - 1);
+      const uint32_t last = static_cast<uint32_t>(applied.size() - 1);
+      uint32_t& best_at = scratch.group_best[static_cast<size_t>(ev.group)];
+      uint32_t& stamp = scratch.group_stamp[static_cast<size_t>(ev.group)];
+      if (stamp != scratch.group_epoch) {
+        stamp = scratch.group_epoch;
+        best_at = last;
       } else {
-        Applied& best = applied[it->second];
+        Applied& best = applied[best_at];
         if (std::fabs(applied.back().log_lr) > std::fabs(best.log_lr)) {
           best.superseded = true;
-          it->second = applied.size() - 1;
+          best_at = last;
         } else {
           applied.back().superseded = true;
         }
