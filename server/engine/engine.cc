@@ -1442,7 +1442,10 @@ absl::Status Evaluate(const CompiledRuleSet& rs, const cds::v1::Patient& patient
                      context->items.data() + scratch.context_end[h]);
       }
     }
-    std::sort(items.begin(), items.end(), compiler::ExplainsBefore);
+    // Through a lambda: a function pointer's comparisons are not inlined into the sort.
+    std::sort(items.begin(), items.end(), [](const Applied& x, const Applied& y) {
+      return compiler::ExplainsBefore(x, y);
+    });
     for (const Applied& applied_item : items) {
       const compiler::CompiledEvidence& ev = rs.evidence[applied_item.evidence];
       // From the scoring entry, which the call has just read: ev's condition is on another
