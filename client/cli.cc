@@ -1,7 +1,10 @@
 #include "client/cli.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -410,27 +413,37 @@ int ScreenCommand(const Options& options, std::ostream& out, std::ostream& err) 
     err << "cdsctl: usage: cdsctl screen FILE.jsonl [--server HOST:PORT] [--rule-set NAME]\n";
     return kUsage;
   }
-  absl::StatusOr<std::string> content = ReadFile(options.positional[1]);
-  if (!content.ok()) {
-    err << "cdsctl: " << content.status().message() << "\n";
+  // Read as it is screened (the file can hold a whole unit's patients); counted first, for
+  // the call's deadline.
+  const std::string& path = options.positional[1];
+  std::error_code dir_error;
+  if (std::filesystem::is_directory(path, dir_error)) {
+    err << "cdsctl: cannot read " << path << ": is a directory\n";
     return kBadInput;
   }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    err << "cdsctl: cannot read " << path << ": " << std::strerror(errno) << "\n";
+    return kBadInput;
+  }
+  const int64_t lines = CountScreenLines(in);
+  in.clear();
+  in.seekg(0);
   ScreenDefaults defaults;
   defaults.rule_set = kDefaultRuleSet;
   defaults.rule_set_override = options.rule_set;
   defaults.version = options.version;
   defaults.label = options.label;
-  const std::vector<ScreenItem> items = ParseScreenInput(*content, defaults);
 
   Connection connection(options);
   auto stub = cds::v1::DecisionSupport::NewStub(connection.channel());
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(
-      absl::Now() + options.deadline * static_cast<double>(1 + items.size() / 100)));
+      absl::Now() + options.deadline * static_cast<double>(1 + lines / 100)));
   ScreenSummary summary;
-  const grpc::Status status = Screen(*stub, &context, items, out, &summary);
+  const grpc::Status status = Screen(*stub, &context, in, defaults, out, &summary);
   if (!status.ok()) return connection.Report(status, err);
-  err << "cdsctl: screened " << items.size() << " line(s): " << summary.ok << " ok, "
+  err << "cdsctl: screened " << summary.lines << " line(s): " << summary.ok << " ok, "
       << summary.patient_errors << " refused by the server, " << summary.bad_lines
       << " malformed\n";
   if (summary.bad_lines > 0) return kBadInput;

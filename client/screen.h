@@ -4,12 +4,13 @@
 // DecisionSupport.EvaluateStream and writes one JSON result per input line, in order.
 
 #include <cstdint>
+#include <istream>
 #include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
 
-#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "cds/v1/service.grpc.pb.h"
 #include "cds/v1/service.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -31,22 +32,32 @@ struct ScreenDefaults {
   std::optional<std::string> label;
 };
 
-// Parses `content` (JSON Lines: a cds.v1.Patient or cds.v1.EvaluateRequest per line; blank
-// lines skipped). A malformed line becomes an item with `error`, not a failure.
-std::vector<ScreenItem> ParseScreenInput(const std::string& content,
-                                         const ScreenDefaults& defaults);
+// Line `line_number` of the input (a cds.v1.Patient or cds.v1.EvaluateRequest in JSON) as
+// an item: its request with `defaults` applied, or the error naming the line.
+ScreenItem ParseScreenLine(absl::string_view line, int line_number,
+                           const ScreenDefaults& defaults);
+
+// How many lines of `in` are not blank (the lines `Screen` reports on).
+int64_t CountScreenLines(std::istream& in);
 
 struct ScreenSummary {
+  int64_t lines = 0;           // non-blank lines read
   int64_t ok = 0;
   int64_t patient_errors = 0;  // refused by the server, one by one
   int64_t bad_lines = 0;       // not sent: the line does not parse
 };
 
-// Sends every parsed item on one EvaluateStream call (made with `context`) and writes one
-// line of JSON per item to `out`, in input order: the StreamEvaluateResponse (correlationId
-// = the line number) with `response` or `error`. Returns the stream's final status.
+// At most this many lines are read ahead of the results written: a screen's memory does
+// not grow with its file.
+inline constexpr size_t kScreenLinesAhead = 256;
+
+// Reads `in` (JSON Lines: a cds.v1.Patient or cds.v1.EvaluateRequest per line; blank lines
+// skipped; a malformed line gets its error, not a failure) as it goes, sends each request
+// on one EvaluateStream call (made with `context`) and writes one line of JSON per
+// non-blank line to `out`, in input order: the StreamEvaluateResponse (correlationId = the
+// line number) with `response` or `error`. Returns the stream's final status.
 grpc::Status Screen(cds::v1::DecisionSupport::Stub& stub, grpc::ClientContext* context,
-                    const std::vector<ScreenItem>& items, std::ostream& out,
+                    std::istream& in, const ScreenDefaults& defaults, std::ostream& out,
                     ScreenSummary* summary);
 
 }  // namespace cds::cli

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -176,9 +177,11 @@ CommandResult RunCommand(const std::vector<std::string>& args) {
     _exit(127);
   }
   int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  struct rusage usage = {};
+  while (wait4(pid, &status, 0, &usage) < 0 && errno == EINTR) {
   }
   result.exit_code = DecodeWaitStatus(status);
+  result.max_rss_kib = usage.ru_maxrss;
   result.out = ReadFileOrEmpty(out_path);
   result.err = ReadFileOrEmpty(err_path);
   return result;

@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <condition_variable>
+#include <cstdint>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -62,6 +63,7 @@ struct CommandResult {
   int exit_code = -1;  // 128 + signal number when killed by a signal
   std::string out;
   std::string err;
+  int64_t max_rss_kib = 0;  // the command's peak resident memory (getrusage's ru_maxrss)
 };
 
 // Runs argv[0] (a path) with its arguments, waits for it and returns its output.
