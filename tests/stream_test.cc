@@ -373,8 +373,8 @@ TEST_F(StreamTest, ScreenReadsItsFileAsItGoes) {
     }
     return testing::RunCommand({CDSCTL_BINARY, "screen", file, "--server", server_.address()});
   };
-  const testing::CommandResult small = screen(2000, "small.jsonl");  // 20 MB
-  const testing::CommandResult big = screen(8000, "big.jsonl");      // 80 MB
+  const testing::CommandResult small = screen(1000, "small.jsonl");  // 10 MB
+  const testing::CommandResult big = screen(4000, "big.jsonl");      // 40 MB
   for (const testing::CommandResult* result : {&small, &big}) {
     EXPECT_EQ(result->exit_code, 3) << result->err;  // lines that do not parse
     std::vector<std::string> lines = absl::StrSplit(result->out, '\n', absl::SkipEmpty());
@@ -387,15 +387,15 @@ TEST_F(StreamTest, ScreenReadsItsFileAsItGoes) {
     EXPECT_EQ(last.correlation_id(), std::to_string(lines.size()));
     EXPECT_TRUE(last.has_response());
   }
-  EXPECT_TRUE(absl::StrContains(big.err, "2 ok, 0 refused by the server, 8000 malformed"))
+  EXPECT_TRUE(absl::StrContains(big.err, "2 ok, 0 refused by the server, 4000 malformed"))
       << big.err;
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
   // Sanitizers keep freed memory aside (ASan's quarantine) and shadow it: resident memory
   // says nothing about the program there.
   GTEST_SKIP() << "resident memory not compared under sanitizers";
 #endif
-  // 60 MB more input; reading it whole would add at least that.
-  EXPECT_LT(big.max_rss_kib - small.max_rss_kib, 16 * 1024)
+  // 30 MB more input; reading it whole would add at least that.
+  EXPECT_LT(big.max_rss_kib - small.max_rss_kib, 12 * 1024)
       << "small " << small.max_rss_kib << " KiB, big " << big.max_rss_kib << " KiB";
 }
 
