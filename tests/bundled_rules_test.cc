@@ -5,13 +5,16 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "google/protobuf/text_format.h"
 #include "gtest/gtest.h"
 #include "server/compiler/compiler.h"
 #include "server/compiler/source_loader.h"
 #include "server/engine/case_runner.h"
 #include "server/engine/engine.h"
+#include "server/ontology/hpo_number.h"
 
 namespace cds {
 namespace {
@@ -46,6 +49,37 @@ TEST_P(BundledRuleSetTest, CompilesAndPassesItsCases) {
     std::string failures;
     for (const std::string& f : c.failures) failures += "\n  " + f;
     EXPECT_TRUE(c.passed) << failures;
+  }
+}
+
+// The engine looks a patient's HPO codes up by term number: those indexes hold exactly the
+// HPO keys of the string-keyed ones, with the same concepts, and nothing else.
+TEST_P(BundledRuleSetTest, HpoIndexesMirrorTheCodeIndexes) {
+  absl::StatusOr<compiler::RuleSetSource> source = compiler::LoadRuleSetDir(GetParam());
+  ASSERT_TRUE(source.ok()) << source.status();
+  const compiler::CompileResult result = compiler::Compile(*source);
+  ASSERT_TRUE(result.ok()) << result.IssuesToString();
+  const compiler::CompiledRuleSet& rs = *result.rule_set;
+  for (const bool excluded : {false, true}) {
+    const auto& by_code = excluded ? rs.concepts_by_excluded_code : rs.concepts_by_code;
+    const compiler::HpoConceptIndex& by_number =
+        excluded ? rs.excluded_concepts_by_hpo : rs.concepts_by_hpo;
+    size_t hpo_keys = 0;
+    for (const auto& [key, concepts] : by_code) {
+      const int32_t number =
+          absl::StartsWith(key, "HPO|") ? ontology::HpoNumber(key.substr(4)) : -1;
+      if (number < 0) continue;
+      ++hpo_keys;
+      const auto found = by_number.Find(number);
+      ASSERT_TRUE(found.has_value()) << key;
+      EXPECT_EQ(std::vector<int32_t>(found->begin(), found->end()), concepts) << key;
+    }
+    EXPECT_GT(hpo_keys, 100u);
+    // Every number it answers for is one of those keys.
+    for (int32_t number = 0; number < 7000000; number += 7) {
+      if (!by_number.Find(number).has_value()) continue;
+      EXPECT_TRUE(by_code.contains(absl::StrFormat("HPO|HP:%07d", number))) << number;
+    }
   }
 }
 

@@ -199,6 +199,22 @@ double BernoulliEntropyBits(double p) {
   return -(p * std::log2(p) + (1 - p) * std::log2(1 - p));
 }
 
+void HpoConceptIndex::Build(
+    const absl::flat_hash_map<std::string, std::vector<int32_t>>& by_code) {
+  for (const auto& [key, concepts] : by_code) {
+    if (!absl::StartsWith(key, "HPO|")) continue;
+    const int32_t number = ontology::HpoNumber(absl::string_view(key).substr(4));
+    if (number < 0) continue;
+    if (concepts.size() == 1) {
+      map_.Insert(number, concepts[0]);
+      continue;
+    }
+    map_.Insert(number, ~static_cast<int32_t>(lists_.size()));
+    lists_.push_back(static_cast<int32_t>(concepts.size()));
+    lists_.insert(lists_.end(), concepts.begin(), concepts.end());
+  }
+}
+
 std::string CodeKey(const std::string& system, const std::string& code) {
   return absl::StrCat(system, "|", code);
 }

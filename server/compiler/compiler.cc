@@ -325,6 +325,8 @@ class Compilation {
       FoldDemographicEvidence(out_.get());
       out_->digest = DigestFiles(source_.files);
       BuildWireFragments(out_.get());
+      out_->concepts_by_hpo.Build(out_->concepts_by_code);
+      out_->excluded_concepts_by_hpo.Build(out_->concepts_by_excluded_code);
       result.rule_set = std::move(out_);
     }
     return result;

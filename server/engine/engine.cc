@@ -15,8 +15,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "server/common/status_macros.h"
 #include "server/engine/patient_check.h"
+#include "server/ontology/hpo_number.h"
 
 namespace cds::engine {
 
@@ -856,16 +858,23 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
     const Finding& f = patient.findings(i);
     if (f.status() == Finding::UNKNOWN) continue;
     const CodeKeyBuffer code_key(f.term().system(), f.term().code());
-    const absl::string_view key = code_key.key();
-    const auto& index =
-        f.status() == Finding::EXCLUDED ? rs.concepts_by_excluded_code : rs.concepts_by_code;
-    auto it = index.find(key);
+    // HPO codes (most of a patient's) by term number; the others by key.
+    const int32_t hpo = code_key.system() == "HPO" ? ontology::HpoNumber(f.term().code()) : -1;
+    auto concepts_of = [&](bool excluded) -> std::optional<absl::Span<const int32_t>> {
+      if (hpo >= 0) return (excluded ? rs.excluded_concepts_by_hpo : rs.concepts_by_hpo).Find(hpo);
+      const auto& index = excluded ? rs.concepts_by_excluded_code : rs.concepts_by_code;
+      auto it = index.find(code_key.key());
+      if (it == index.end()) return std::nullopt;
+      return absl::Span<const int32_t>(it->second);
+    };
+    const std::optional<absl::Span<const int32_t>> concepts =
+        concepts_of(f.status() == Finding::EXCLUDED);
     if (rs.ontology != nullptr && code_key.system() == "HPO") {
       // With an ontology, only ids it does not know are worth a warning: a known term that
       // no rule uses is simply not evidence for this differential. Every HPO code in the
       // indexes came from the ontology (the compiler indexes HPO codes through it), so
       // only a code they lack needs the ontology's answer.
-      if (it == index.end()) {
+      if (!concepts.has_value()) {
         if (!rs.ontology->Knows(f.term().code())) {
           const uint32_t field = out.Append("patient.findings[", i, "].term");
           const uint32_t message =
@@ -875,8 +884,8 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
         }
         continue;
       }
-    } else if (it == index.end()) {
-      if (f.status() == Finding::PRESENT || !rs.concepts_by_code.contains(key)) {
+    } else if (!concepts.has_value()) {
+      if (f.status() == Finding::PRESENT || !concepts_of(/*excluded=*/false).has_value()) {
         const uint32_t field = out.Append("patient.findings[", i, "].term");
         const uint32_t message = out.Append("code ", f.term().code(), " is not known to rule set ",
                                             rs.name, " ", rs.version, "; it did not affect the result");
@@ -885,7 +894,7 @@ Facts BuildFacts(const CompiledRuleSet& rs, const cds::v1::Patient& patient, Scr
       continue;
     }
     const compiler::AgeDays onset = compiler::ToDays(f.onset());
-    for (int32_t concept_index : it->second) {
+    for (int32_t concept_index : *concepts) {
       scratch.AddFinding(concept_index, FindingFact{f.status(), onset.set ? onset.days : kNan, i, -1});
     }
   }

@@ -102,6 +102,11 @@ absl::StatusOr<std::shared_ptr<const Ontology>> Ontology::Parse(absl::string_vie
       if (target >= 0) onto->aliases_[target].push_back(alt);
     }
   }
+  for (const auto* ids : {&onto->by_id_, &onto->redirects_}) {
+    for (const auto& [id, term] : *ids) {
+      if (const int32_t number = HpoNumber(id); number >= 0) onto->known_numbers_.Insert(number, 0);
+    }
+  }
   return std::shared_ptr<const Ontology>(std::move(onto));
 }
 
@@ -120,6 +125,9 @@ std::optional<int32_t> Ontology::Resolve(absl::string_view id) const {
 }
 
 bool Ontology::Knows(absl::string_view id) const {
+  if (const int32_t number = HpoNumber(id); number >= 0) {
+    return known_numbers_.Find(number) != nullptr;
+  }
   return by_id_.contains(id) || redirects_.contains(id);
 }
 

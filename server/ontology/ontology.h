@@ -14,6 +14,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "server/ontology/hpo_number.h"
 
 namespace cds::ontology {
 
@@ -61,6 +62,8 @@ class Ontology {
   absl::flat_hash_map<std::string, int32_t> by_id_;
   // Alternative or obsolete id -> live term (-1 for obsolete without replacement).
   absl::flat_hash_map<std::string, int32_t> redirects_;
+  // The ids of both maps spelled "HP:" and seven digits, by number (Knows per patient code).
+  HpoNumberMap known_numbers_;
 };
 
 }  // namespace cds::ontology

@@ -1,7 +1,14 @@
 #include "server/ontology/ontology.h"
 
 #include <algorithm>
+#include <fstream>
+#include <set>
+#include <string>
+#include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -67,6 +74,66 @@ TEST(OntologyTest, LoadsTheShippedRelease) {
   const auto below = Ids(o, o.DescendantsOrSelf(*diarrhea));
   EXPECT_NE(std::find(below.begin(), below.end(), "HP:0004385"), below.end());
   EXPECT_NE(std::find(below.begin(), below.end(), "HP:0002028"), below.end());
+}
+
+TEST(HpoNumberTest, OnlyTheExactSpellingHasANumber) {
+  EXPECT_EQ(HpoNumber("HP:0001234"), 1234);
+  EXPECT_EQ(HpoNumber("HP:0000000"), 0);
+  EXPECT_EQ(HpoNumber("HP:6001202"), 6001202);
+  for (const char* other : {"HP:001234", "HP:00012345", "hp:0001234", "HP0001234", "HP:000123a",
+                            "HP:-001234", "HPO:001234", "", "HP:"}) {
+    EXPECT_EQ(HpoNumber(other), -1) << other;
+  }
+}
+
+TEST(HpoNumberTest, MapFindsWhatWasInsertedAndNothingElse) {
+  HpoNumberMap map;
+  EXPECT_EQ(map.Find(5), nullptr);  // empty
+  for (int32_t n = 0; n < 3000; n += 3) map.Insert(n, n * 2);
+  map.Insert(6, -7);  // replaced
+  EXPECT_EQ(map.size(), 1000u);
+  for (int32_t n = 0; n < 3100; ++n) {
+    const int32_t* value = map.Find(n);
+    if (n % 3 != 0 || n >= 3000) {
+      EXPECT_EQ(value, nullptr) << n;
+    } else {
+      ASSERT_NE(value, nullptr) << n;
+      EXPECT_EQ(*value, n == 6 ? -7 : n * 2);
+    }
+  }
+  EXPECT_EQ(map.Find(-1), nullptr);
+}
+
+// Knows looks "HP:nnnnnnn" ids up by number: it knows exactly the ids the shipped table
+// lists (primary, alternative, obsolete), checked against the table itself.
+TEST(OntologyTest, KnowsEveryIdOfTheShippedReleaseAndNoOther) {
+  const std::string path = std::string(CDS_SOURCE_DIR) + "/rules/ontology/hp-2025-03-03.tsv";
+  auto loaded = Ontology::Load(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const Ontology& o = **loaded;
+  std::set<std::string> listed;  // column 1 (id) and column 4 (alternative ids)
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#' || absl::StartsWith(line, "id\t")) continue;
+    const std::vector<std::string> columns = absl::StrSplit(line, '\t');
+    ASSERT_GE(columns.size(), 4u) << line;
+    listed.insert(columns[0]);
+    for (absl::string_view alt : absl::StrSplit(columns[3], ',', absl::SkipEmpty())) {
+      listed.emplace(alt);
+    }
+  }
+  ASSERT_GT(listed.size(), 19000u);
+  for (const std::string& id : listed) EXPECT_TRUE(o.Knows(id)) << id;
+  int unknown = 0;
+  for (int32_t n = 0; n < 7000000; n += 37) {  // ~190 000 numbers across the whole range
+    const std::string id = absl::StrFormat("HP:%07d", n);
+    EXPECT_EQ(o.Knows(id), listed.count(id) > 0) << id;
+    unknown += listed.count(id) == 0 ? 1 : 0;
+  }
+  EXPECT_GT(unknown, 180000);
+  EXPECT_FALSE(o.Knows("hp:0002014"));  // not the exact spelling: looked up as a string
+  EXPECT_TRUE(o.Knows("HP:0002014"));
 }
 
 }  // namespace
