@@ -283,38 +283,40 @@ struct FactFrequencies {
 // Entropy in bits of a Bernoulli(p): 0 at p = 0 or 1.
 double BernoulliEntropyBits(double p);
 
+// The fields a call reads (ranking, actions) come first, in the entry's first cache line;
+// the text only responses and explanations need follows.
 struct CompiledHypothesis {
-  std::string id;
-  std::string title;
-  cds::v1::Code code;
-  std::string detail;
   double pretest_probability = 0;
   std::optional<double> max_probability;
-  std::vector<int32_t> evidence;  // indices into CompiledRuleSet::evidence
-  std::vector<cds::v1::Reference> references;
-  int32_t group_count = 0;
   // Position of `id` among the rule set's hypothesis ids in ascending order: ranks break
   // ties on it without comparing strings.
   int32_t id_rank = 0;
+  int32_t group_count = 0;
+  std::string id;
+  std::string title;
+  cds::v1::Code code;
+  std::string detail;
+  std::vector<int32_t> evidence;  // indices into CompiledRuleSet::evidence
+  std::vector<cds::v1::Reference> references;
 };
 
 struct CompiledAction {
-  std::string id;
   cds::v1::SuggestionKind kind = cds::v1::TEST;
-  cds::v1::Code code;
-  std::string title;
-  std::string detail;
   cds::v1::Urgency urgency = cds::v1::INFO;
   int32_t priority = 0;
   ConditionId condition = -1;  // -1: fires whenever the test is informative
-  std::vector<cds::v1::Reference> references;
-  std::string source;
-  // What the test would reveal (empty for actions without an information value).
-  std::vector<FactKey> reveals;
   double min_gain_bits = 0.01;
   // Position of `id` among the action ids in ascending order (suggestions that tie on
   // everything else are ordered on it without comparing strings).
   int32_t id_rank = 0;
+  // What the test would reveal (empty for actions without an information value).
+  std::vector<FactKey> reveals;
+  std::string id;
+  cds::v1::Code code;
+  std::string title;
+  std::string detail;
+  std::vector<cds::v1::Reference> references;
+  std::string source;
 };
 
 // An evidence item whose condition was decided for a patient: what scoring applies and
