@@ -482,11 +482,15 @@ class JournalAuditSink final : public AuditSink {
       absl::MutexLock lock(&mu_);
       return unimported_.size() < import_batch_;
     });
+    const int64_t last_id = records.back().id;
+    // Imported records are freed before taking mu_ again (a batch's thousands of strings),
+    // not under the lock every call's RecordAsync takes.
+    if (status.ok()) records.clear();
     mu_.Lock();
     importing_ = 0;
     database_ok_ = status.ok();
     if (status.ok()) {
-      imported_through_ = records.back().id;
+      imported_through_ = last_id;
     } else {
       // In id order: the ones that failed, then any journaled meanwhile.
       for (AuditRecord& r : unimported_) records.push_back(std::move(r));
