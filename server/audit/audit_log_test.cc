@@ -521,6 +521,27 @@ TEST(SqliteAuditTest, FindsAPatientsRecordsInEveryBlock) {
   EXPECT_EQ(IdsOf((*sink)->Query(query)), (std::vector<int64_t>{50000, 50003}));
 }
 
+// SQLite's EXPLAIN QUERY PLAN of `sql` on the database at `path`, one step per line (or the
+// error that kept it from preparing).
+std::string QueryPlanOf(const std::string& path, const std::string& sql) {
+  sqlite3* handle = nullptr;
+  std::string plan;
+  sqlite3_stmt* stmt = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &handle, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK ||
+      sqlite3_prepare_v2(handle, ("EXPLAIN QUERY PLAN " + sql).c_str(), -1, &stmt, nullptr) !=
+          SQLITE_OK) {
+    plan = sqlite3_errmsg(handle);
+  } else {
+    while (sqlite3_step(stmt) == SQLITE_ROW) {
+      plan += reinterpret_cast<const char*>(sqlite3_column_text(stmt, 3));
+      plan += "\n";
+    }
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(handle);
+  return plan;
+}
+
 // SQLite's plan for the query by patient seeks both columns of the patient index (its
 // constant propagation can quietly leave the second unused: then every query reads a whole
 // block of the table).
@@ -529,20 +550,7 @@ TEST(SqliteAuditTest, TheQueryByPatientSeeksTheIndex) {
   SqliteAuditOptions options;
   options.path = db.path();
   ASSERT_TRUE(OpenSqliteAudit(options).ok());
-  sqlite3* handle = nullptr;
-  ASSERT_EQ(sqlite3_open_v2(db.path().c_str(), &handle, SQLITE_OPEN_READONLY, nullptr),
-            SQLITE_OK);
-  sqlite3_stmt* stmt = nullptr;
-  const std::string sql = "EXPLAIN QUERY PLAN " + internal::AuditSelectSql(/*by_patient=*/true);
-  ASSERT_EQ(sqlite3_prepare_v2(handle, sql.c_str(), -1, &stmt, nullptr), SQLITE_OK)
-      << sqlite3_errmsg(handle);
-  std::string plan;
-  while (sqlite3_step(stmt) == SQLITE_ROW) {
-    plan += reinterpret_cast<const char*>(sqlite3_column_text(stmt, 3));
-    plan += "\n";
-  }
-  sqlite3_finalize(stmt);
-  sqlite3_close(handle);
+  const std::string plan = QueryPlanOf(db.path(), internal::AuditSelectSql(/*by_patient=*/true));
   EXPECT_TRUE(absl::StrContains(plan, "USING INDEX audit_patient (<expr>=? AND <expr>=?"))
       << plan;
 }
@@ -612,26 +620,8 @@ TEST(SqliteAuditTest, TheTimeWindowSeeksTheTimeIndex) {
   SqliteAuditOptions options;
   options.path = db.path();
   ASSERT_TRUE(OpenSqliteAudit(options).ok());
-  sqlite3* handle = nullptr;
-  ASSERT_EQ(sqlite3_open_v2(db.path().c_str(), &handle, SQLITE_OPEN_READONLY, nullptr),
-            SQLITE_OK);
-  auto plan_of = [handle](const std::string& sql) {
-    sqlite3_stmt* stmt = nullptr;
-    std::string plan;
-    if (sqlite3_prepare_v2(handle, ("EXPLAIN QUERY PLAN " + sql).c_str(), -1, &stmt, nullptr) !=
-        SQLITE_OK) {
-      return std::string(sqlite3_errmsg(handle));
-    }
-    while (sqlite3_step(stmt) == SQLITE_ROW) {
-      plan += reinterpret_cast<const char*>(sqlite3_column_text(stmt, 3));
-      plan += "\n";
-    }
-    sqlite3_finalize(stmt);
-    return plan;
-  };
-  const std::string window = plan_of(internal::AuditWindowSql());
-  const std::string rows = plan_of(internal::AuditSelectSql(/*by_patient=*/false));
-  sqlite3_close(handle);
+  const std::string window = QueryPlanOf(db.path(), internal::AuditWindowSql());
+  const std::string rows = QueryPlanOf(db.path(), internal::AuditSelectSql(/*by_patient=*/false));
   EXPECT_TRUE(absl::StrContains(window, "USING COVERING INDEX audit_time (time_us>? AND time_us<?)"))
       << window;
   EXPECT_TRUE(absl::StrContains(rows, "USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)")) << rows;
